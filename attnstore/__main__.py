@@ -1,0 +1,3 @@
+from attnstore.cli import cli
+
+cli()

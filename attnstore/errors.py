@@ -1,0 +1,69 @@
+"""One error hierarchy for attnstore.
+
+Every error raised on bad input derives from :class:`AttnStoreError` and, where it fits, from the
+builtin a caller would expect (``FileNotFoundError``, ``ValueError``, ``KeyError``), so
+``except ValueError`` keeps working. Messages say what was expected, what came, and how to fix it.
+The CLI is the only place that turns these into exit codes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AttnStoreError",
+    "CorpusError",
+    "FormatVersionError",
+    "IncompatibleStoreError",
+    "MatrixNotFoundError",
+    "ModelError",
+    "QueryError",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "UnknownCodecError",
+]
+
+
+class AttnStoreError(Exception):
+    """Base class of every error attnstore raises on purpose."""
+
+
+class StoreNotFoundError(AttnStoreError, FileNotFoundError):
+    """The path is not an attnstore store."""
+
+
+class StoreExistsError(AttnStoreError, FileExistsError):
+    """A store (or something else) already occupies the output path."""
+
+
+class FormatVersionError(AttnStoreError, ValueError):
+    """The store was written by a format version this code cannot read."""
+
+
+class IncompatibleStoreError(AttnStoreError, ValueError):
+    """Appending to a store whose settings differ from the requested ones."""
+
+
+class UnknownCodecError(AttnStoreError, ValueError):
+    """A codec id that is not registered."""
+
+    def __init__(self, codec_id: str, known: list[str]) -> None:
+        self.codec_id = codec_id
+        super().__init__(f"Unknown codec {codec_id!r}. Expected one of: {', '.join(known)}.")
+
+
+class CorpusError(AttnStoreError, ValueError):
+    """The corpus cannot be read as documents."""
+
+
+class ModelError(AttnStoreError, ValueError):
+    """The model cannot be loaded or cannot return attention weights."""
+
+
+class QueryError(AttnStoreError, ValueError):
+    """The SQL is malformed, not read-only, or its parameters do not fit."""
+
+
+class MatrixNotFoundError(AttnStoreError, KeyError):
+    """No stored matrix for the requested (doc_id, layer, head)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

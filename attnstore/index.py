@@ -1,0 +1,94 @@
+"""The Parquet tables of a store: their schemas and the one writer of their files.
+
+Tables (column specs in ``schemas/tables/*.json``; a test keeps code and spec equal):
+
+- ``docs``: one row per input document, skipped ones included (``skipped`` says why).
+- ``tokens``: one row per stored token.
+- ``heads``: one row per (document, layer, head) with the pattern scores of ``shared/spec/scores.md``.
+
+Files are immutable parts named after the segment they describe and written under a temporary name
+then renamed, so a reader never sees half a file. Rows are sorted by ``doc_id`` (then layer, head)
+so DuckDB's row-group statistics prune point look-ups.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from attnstore.scores import SCORE_COLUMNS
+
+__all__ = ["SCHEMAS", "TABLES", "empty_table", "table_from_columns", "write_part"]
+
+DOCS: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        pa.field("n_tokens_input", pa.int32(), nullable=False),
+        pa.field("truncated", pa.bool_(), nullable=False),
+        pa.field("skipped", pa.string()),
+        pa.field("n_chars", pa.int64(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("segment", pa.string()),
+        pa.field("offset", pa.int64()),
+    ]
+)
+
+TOKENS: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("pos", pa.int32(), nullable=False),
+        pa.field("token_id", pa.int32(), nullable=False),
+        pa.field("token", pa.string(), nullable=False),
+    ]
+)
+
+HEADS: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("head", pa.int16(), nullable=False),
+        pa.field("kv_head", pa.int16(), nullable=False),
+        pa.field("n_tokens", pa.int32(), nullable=False),
+        *(pa.field(name, pa.float64()) for name in SCORE_COLUMNS),
+        pa.field("n_queries", pa.int32(), nullable=False),
+        pa.field("n_duplicate", pa.int32(), nullable=False),
+        pa.field("n_induction", pa.int32(), nullable=False),
+    ]
+)
+
+SCHEMAS: Final[dict[str, pa.Schema]] = {"docs": DOCS, "tokens": TOKENS, "heads": HEADS}
+TABLES: Final = tuple(SCHEMAS)
+
+
+def table_from_columns(name: str, columns: dict[str, Any]) -> pa.Table:
+    """Build table ``name`` from column arrays; NaN in float columns becomes NULL."""
+    schema = SCHEMAS[name]
+    arrays = []
+    for field in schema:
+        values = columns[field.name]
+        if pa.types.is_floating(field.type):
+            values = np.asarray(values, dtype=np.float64)
+            arrays.append(pa.array(values, type=field.type, mask=np.isnan(values)))
+        else:
+            arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def empty_table(name: str) -> pa.Table:
+    return SCHEMAS[name].empty_table()
+
+
+def write_part(table: pa.Table, path: Path) -> None:
+    """Write one immutable Parquet part: temporary name, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
