@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-def open(path: str) -> Store:  # noqa: A001 - the natural verb, as zarr.open / h5py.File
+def open(path: str) -> Store:
     """Open a store read-only."""
     from attnstore.store import Store
 

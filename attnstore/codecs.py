@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CODECS", "PRESETS", "Codec", "FixedPoint", "Float", "get_codec"]
 
-# float32 itself cannot represent q/scale exactly; the decoded value may be off by half an ulp of
-# a number ≤ 1, i.e. ≤ 2**-25. It is added to every stated bound so the bound is a true bound.
-_F32_SLACK = 2.0**-24
+# Encoding (p · scale) and decoding (q / scale) run in float32, and each rounding may move a value
+# ≤ 1 by up to an ulp (2**-23) of the scaled or decoded number; 2**-22 covers both, so every stated
+# bound is a true bound rather than an idealised one.
+_F32_SLACK = 2.0**-22
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class FixedPoint(Codec):
 
     def _encode_numpy(self, probs: np.ndarray) -> np.ndarray:
         scaled = np.clip(probs.astype(np.float32, copy=False), 0.0, 1.0) * np.float32(self.scale)
-        return np.rint(scaled).astype(self.dtype)
+        codes: np.ndarray = np.rint(scaled).astype(self.dtype)
+        return codes
 
     def _encode_torch(self, probs: torch.Tensor) -> np.ndarray:
         import torch

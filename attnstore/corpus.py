@@ -50,12 +50,16 @@ def parse_probe(spec: str) -> InductionProbe:
     """``probe:induction?n=50&reps=2`` → :class:`InductionProbe`."""
     parts = urlsplit(spec)
     if parts.scheme != "probe" or parts.path != "induction":
-        raise CorpusError(f"Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]'. Got {spec!r}.")
+        raise CorpusError(
+            f"Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]'. Got {spec!r}."
+        )
     known = {"n", "reps", "count", "seed"}
     values: dict[str, int] = {}
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key not in known:
-            raise CorpusError(f"Unknown probe option {key!r} in {spec!r}. Expected: {sorted(known)}.")
+            raise CorpusError(
+                f"Unknown probe option {key!r} in {spec!r}. Expected: {sorted(known)}."
+            )
         try:
             values[key] = int(value)
         except ValueError:
@@ -71,7 +75,7 @@ def _decode_line(raw: bytes, where: str) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise CorpusError(
-            f"{where} is not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 4]!r}). "
+            f"{where} is not valid UTF-8 (byte {err.start}: {raw[err.start : err.start + 4]!r}). "
             "Re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
         ) from None
     if "\x00" in text:
@@ -111,11 +115,12 @@ def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
-    except Exception as err:
+    except (OSError, pa.ArrowException) as err:
         raise CorpusError(f"Cannot read {path} as Parquet: {err}") from None
     names = pf.schema_arrow.names
     if field not in names:
@@ -152,7 +157,9 @@ def read_corpus(spec: str | None, *, text_field: str = "text") -> Iterator[Docum
     if spec == DEFAULT_CORPUS:
         return _read_pydoc()
     if spec.startswith("probe:"):
-        raise CorpusError("The induction probe needs a tokenizer; use attnstore.extract.probe_documents.")
+        raise CorpusError(
+            "The induction probe needs a tokenizer; use attnstore.capture.probe_documents."
+        )
     path = Path(spec)
     if not path.exists():
         raise CorpusError(
@@ -168,5 +175,7 @@ def read_corpus(spec: str | None, *, text_field: str = "text") -> Iterator[Docum
         ".parquet": lambda: _read_parquet(path, text_field),
     }
     if suffix not in readers:
-        raise CorpusError(f"Unknown corpus type {suffix!r} for {spec!r}. Expected one of {sorted(readers)}.")
+        raise CorpusError(
+            f"Unknown corpus type {suffix!r} for {spec!r}. Expected one of {sorted(readers)}."
+        )
     return readers[suffix]()  # type: ignore[no-any-return]

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from attnstore.scores import SCORE_COLUMNS
 
-__all__ = ["SCHEMAS", "TABLES", "empty_table", "table_from_columns", "write_part"]
+__all__ = ["SCHEMAS", "SORT_KEYS", "TABLES", "empty_table", "table_from_columns", "write_part"]
 
 DOCS: Final = pa.schema(
     [
@@ -63,11 +63,17 @@ HEADS: Final = pa.schema(
 )
 
 SCHEMAS: Final[dict[str, pa.Schema]] = {"docs": DOCS, "tokens": TOKENS, "heads": HEADS}
+#: Row order inside every part (lets DuckDB prune row groups on point look-ups).
+SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
+    "docs": ("doc_id",),
+    "tokens": ("doc_id", "pos"),
+    "heads": ("doc_id", "layer", "head"),
+}
 TABLES: Final = tuple(SCHEMAS)
 
 
 def table_from_columns(name: str, columns: dict[str, Any]) -> pa.Table:
-    """Build table ``name`` from column arrays; NaN in float columns becomes NULL."""
+    """Build table ``name`` from column arrays, sorted; NaN in float columns becomes NULL."""
     schema = SCHEMAS[name]
     arrays = []
     for field in schema:
@@ -77,7 +83,8 @@ def table_from_columns(name: str, columns: dict[str, Any]) -> pa.Table:
             arrays.append(pa.array(values, type=field.type, mask=np.isnan(values)))
         else:
             arrays.append(pa.array(values, type=field.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    return table.sort_by([(k, "ascending") for k in SORT_KEYS[name]]) if table.num_rows else table
 
 
 def empty_table(name: str) -> pa.Table:

@@ -109,9 +109,7 @@ def read_manifest(root: Path) -> Manifest:
             "Create one with `attnstore extract --out PATH`."
         )
     if not root.is_dir():
-        raise StoreNotFoundError(
-            f"Expected a store folder at {str(root)!r}. Got a file instead."
-        )
+        raise StoreNotFoundError(f"Expected a store folder at {str(root)!r}. Got a file instead.")
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise StoreNotFoundError(
@@ -123,7 +121,7 @@ def read_manifest(root: Path) -> Manifest:
         raise StoreNotFoundError(f"Cannot read {str(path)!r} as JSON: {err}.") from err
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise StoreNotFoundError(
-            f"{str(path)!r} is not an attnstore manifest: expected \"format\": \"{FORMAT_NAME}\"."
+            f'{str(path)!r} is not an attnstore manifest: expected "format": "{FORMAT_NAME}".'
         )
     parse_format_version(doc.get("format_version"))
     return doc  # type: ignore[return-value]

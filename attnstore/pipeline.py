@@ -27,7 +27,7 @@ from attnstore.store import Store, StoreWriter
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from attnstore.extract import Extractor, Tokenized
+    from attnstore.capture import Extractor, Tokenized
     from attnstore.store import Segment
 
 __all__ = ["DEFAULT_MAX_LENGTH", "ExtractReport", "extract"]
@@ -66,7 +66,7 @@ class _Writer(threading.Thread):
                 try:
                     self.writer.commit(segment)
                     self.commits += 1
-                except BaseException as err:  # reported in the main thread
+                except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                     self.error = err
 
     def put(self, segment: Segment) -> None:
@@ -149,7 +149,7 @@ def extract(
     """
     import time
 
-    from attnstore.extract import Extractor, load_model, probe_documents
+    from attnstore.capture import Extractor, load_model, probe_documents
 
     started = time.perf_counter()
     if batch_size < 1:
@@ -160,8 +160,10 @@ def extract(
     corpus = corpus or DEFAULT_CORPUS
     # Validate the corpus before the (slow) model load: a missing file fails in milliseconds.
     probe = parse_probe(corpus) if corpus.startswith("probe:") else None
-    doc_iter: Iterator[Document] | None = None if probe else read_corpus(corpus, text_field=text_field)
-    loaded = load_model(model, device=device, dtype=dtype)
+    doc_iter: Iterator[Document] | None = (
+        None if probe else read_corpus(corpus, text_field=text_field)
+    )
+    loaded = load_model(model, device=device, dtype=dtype, progress=progress is True)
     if max_length is None:  # 512, or the model's whole context when that is shorter
         max_length = min(DEFAULT_MAX_LENGTH, loaded.max_positions or DEFAULT_MAX_LENGTH)
     extractor = Extractor(loaded, the_codec, max_length, layers, heads)
@@ -181,7 +183,11 @@ def extract(
         "max_length": max_length,
         "layers": extractor.layers,
         "heads": extractor.heads,
-        "settings": {"corpus": corpus, "text_field": text_field, "attention": "capture" if loaded.captured else "eager"},
+        "settings": {
+            "corpus": corpus,
+            "text_field": text_field,
+            "attention": "capture" if loaded.captured else "eager",
+        },
     }
     writer = StoreWriter(out, manifest, allow_different=allow_different)
     done = Store(out).doc_ids()

@@ -68,7 +68,7 @@ def run(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] | None = 
                 raise QueryError("The statement returned no result set.")
             # DuckDB 2 calls it to_arrow_table; 1.x returns a Table from arrow().
             fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
-            return fetch()  # type: ignore[no-any-return]
+            return fetch()
         except duckdb.Error as err:
             raise QueryError(f"{type(err).__name__}: {err}") from None
     finally:

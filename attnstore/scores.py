@@ -134,4 +134,3 @@ def score_layer(probs: torch.Tensor, masks: BatchMasks) -> dict[str, np.ndarray]
         "mean_distance": (distance, masks.valid_q),
     }
     return {name: _mean_over(r, m).cpu().numpy() for name, (r, m) in rows.items()}
-

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +145,9 @@ class Store:
             docs = self.table("docs", ["doc_id", "segment", "offset", "n_tokens", "skipped"])
             self._locations = {}
             self._skipped = {}
-            for d, s, o, n, sk in zip(*(docs[c].to_pylist() for c in docs.column_names), strict=True):
+            for d, s, o, n, sk in zip(
+                *(docs[c].to_pylist() for c in docs.column_names), strict=True
+            ):
                 if sk is None:
                     self._locations[d] = _Location(s, o, n)
                 else:
@@ -187,7 +188,9 @@ class Store:
         li = self._check_layer_head(layer, head)
         loc = self._location(int(doc_id))
         hi = self.manifest["heads"].index(head)
-        codes = self._array(loc.segment)[li, hi, loc.offset : loc.offset + packed_length(loc.n_tokens)]
+        codes = self._array(loc.segment)[
+            li, hi, loc.offset : loc.offset + packed_length(loc.n_tokens)
+        ]
         return self.codec.decode(codes) if decode else codes
 
     def matrix(self, doc_id: int, layer: int, head: int) -> np.ndarray:
@@ -198,7 +201,9 @@ class Store:
     def matrices(self, doc_id: int) -> np.ndarray:
         """Every stored head of one document: float32 ``[layer, head, T, T]``."""
         loc = self._location(int(doc_id))
-        codes = self._array(loc.segment)[:, :, loc.offset : loc.offset + packed_length(loc.n_tokens)]
+        codes = self._array(loc.segment)[
+            :, :, loc.offset : loc.offset + packed_length(loc.n_tokens)
+        ]
         return unpack_tril(self.codec.decode(codes), loc.n_tokens)
 
     # -- SQL -----------------------------------------------------------------------------------
@@ -214,9 +219,7 @@ class Store:
         docs = self.table("docs", ["n_tokens", "skipped", "truncated"])
         n_tokens = np.asarray(docs["n_tokens"].to_numpy(zero_copy_only=False), dtype=np.int64)
         stored = np.asarray(docs["skipped"].is_null().to_numpy(zero_copy_only=False))
-        seg_bytes = sum(
-            f.stat().st_size for f in (self.path / SEGMENTS).rglob("*") if f.is_file()
-        )
+        seg_bytes = sum(f.stat().st_size for f in (self.path / SEGMENTS).rglob("*") if f.is_file())
         total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         n_lh = len(self.manifest["layers"]) * len(self.manifest["heads"])
         dense_f32 = int((n_tokens[stored].astype(np.int64) ** 2).sum()) * n_lh * 4
@@ -231,7 +234,9 @@ class Store:
             "commits": len(self._commits),
             "docs": int(stored.sum()),
             "docs_skipped": int((~stored).sum()),
-            "docs_truncated": int(np.asarray(docs["truncated"].to_numpy(zero_copy_only=False)).sum()),
+            "docs_truncated": int(
+                np.asarray(docs["truncated"].to_numpy(zero_copy_only=False)).sum()
+            ),
             "tokens": int(n_tokens.sum()),
             "attention_bytes": seg_bytes,
             "store_bytes": total_bytes,
@@ -268,10 +273,10 @@ class StoreWriter:
             )
         if (self.path / MANIFEST_NAME).exists():
             existing = read_manifest(self.path)
-            diffs = [k for k in COMPAT_KEYS if existing.get(k) != manifest.get(k)]  # type: ignore[misc]
+            diffs = [k for k in COMPAT_KEYS if existing.get(k) != manifest.get(k)]
             if diffs and not allow_different:
                 detail = "; ".join(
-                    f"{k}: store has {existing.get(k)!r}, requested {manifest.get(k)!r}"  # type: ignore[misc]
+                    f"{k}: store has {existing.get(k)!r}, requested {manifest.get(k)!r}"
                     for k in diffs
                 )
                 raise IncompatibleStoreError(
@@ -326,10 +331,14 @@ class StoreWriter:
                 shards=(n_layers, n_heads, shard),
                 compressors=BloscCodec(**self.codec.compressor),
                 fill_value=0,
-                attributes={"attnstore": {"packing": "tril-rowmajor", "codec": self.codec.get_config()}},
+                attributes={
+                    "attnstore": {"packing": "tril-rowmajor", "codec": self.codec.get_config()}
+                },
             )
             arr[...] = data
-            files.update({str(p.relative_to(self.path)): p for p in arr_path.rglob("*") if p.is_file()})
+            files.update(
+                {str(p.relative_to(self.path)): p for p in arr_path.rglob("*") if p.is_file()}
+            )
             it = iter(starts)
             offsets = [None if sk is not None else int(next(it)) for sk in segment.docs["skipped"]]
         else:
@@ -340,10 +349,6 @@ class StoreWriter:
         tables: dict[str, str] = {}
         for tname, cols in (("docs", docs), ("tokens", segment.tokens), ("heads", segment.heads)):
             table = index.table_from_columns(tname, cols)
-            if tname == "heads" and table.num_rows:
-                table = table.sort_by([("doc_id", "ascending"), ("layer", "ascending"), ("head", "ascending")])
-            elif table.num_rows:
-                table = table.sort_by("doc_id")
             rel = f"{TABLES_DIR}/{tname}/{name}.parquet"
             index.write_part(table, self.path / rel)
             tables[tname] = rel
@@ -355,13 +360,10 @@ class StoreWriter:
             "created_at": _now(),
             "doc_ids": sorted(int(d) for d in segment.docs["doc_id"]),
             "tables": tables,
-            "files": {rel: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for rel, p in sorted(files.items())},
+            "files": {
+                rel: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for rel, p in sorted(files.items())
+            },
         }
         write_json_atomic(self.path / COMMITS / f"{name}.json", record)
         return record
-
-
-def remove_store(path: Path) -> None:
-    """Delete a store folder (only if it is one)."""
-    read_manifest(path)
-    shutil.rmtree(path)

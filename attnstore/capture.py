@@ -1,5 +1,7 @@
 """Running a transformers model over documents and capturing every layer's attention.
 
+(Named capture, not extract, so that ``attnstore.extract`` stays the function.)
+
 This is the only module that imports transformers. Fused attention kernels (sdpa, flash) never build
 the probability matrix, so attnstore routes every attention layer through its own attention function
 (registered with transformers' ``AttentionInterface`` as ``"attnstore"``). It computes the
@@ -175,7 +177,9 @@ def _resolve(ref: str | None) -> tuple[str, dict[str, Any], str, str | None]:
     return ref, {"local_files_only": True}, ref, None
 
 
-def load_model(ref: str | None = None, *, device: str | None = None, dtype: str = "auto") -> LoadedModel:
+def load_model(
+    ref: str | None = None, *, device: str | None = None, dtype: str = "auto", progress: bool = True
+) -> LoadedModel:
     """Load a causal LM and its tokenizer, set up to capture attention.
 
     Parameters
@@ -188,6 +192,8 @@ def load_model(ref: str | None = None, *, device: str | None = None, dtype: str 
     dtype
         ``"auto"`` (float32 on CPU, bfloat16 on CUDA), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         Probabilities are always computed in float32.
+    progress
+        Show transformers' loading bars (the default model takes ~17 s to dequantise on 2 cores).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -197,13 +203,20 @@ def load_model(ref: str | None = None, *, device: str | None = None, dtype: str 
         raise ModelError("--device cuda was asked for but no CUDA device is available.")
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    torch_dtype = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }.get(dtype)
     if torch_dtype is None:
         raise ModelError(f"Expected --dtype auto|float32|bfloat16|float16. Got {dtype!r}.")
     source, kwargs, model_id, revision = _resolve(ref)
     _register()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
@@ -211,6 +224,8 @@ def load_model(ref: str | None = None, *, device: str | None = None, dtype: str 
         raise ModelError(f"Cannot load model {ref!r}: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     model.eval().to(dev)
     try:
         model.set_attn_implementation(_IMPL)
@@ -320,7 +335,10 @@ class Extractor:
         self.max_length = max_length
         self.layers = list(range(info["n_layers"])) if layers is None else sorted(set(layers))
         self.heads = list(range(info["n_heads"])) if heads is None else sorted(set(heads))
-        for name, sel, n in (("layer", self.layers, info["n_layers"]), ("head", self.heads, info["n_heads"])):
+        for name, sel, n in (
+            ("layer", self.layers, info["n_layers"]),
+            ("head", self.heads, info["n_heads"]),
+        ):
             bad = [x for x in sel if not 0 <= x < n]
             if bad or not sel:
                 raise ModelError(f"Expected {name}s in 0…{n - 1}. Got {bad or 'none'}.")
@@ -341,14 +359,16 @@ class Extractor:
         return [self._token_cache[i] for i in ids]
 
     @torch.inference_mode()
-    def run(self, batch: Sequence[Tokenized], skipped: Sequence[tuple[Document, str]] = ()) -> Segment:
+    def run(
+        self, batch: Sequence[Tokenized], skipped: Sequence[tuple[Document, str]] = ()
+    ) -> Segment:
         """Run one batch (non-empty documents) and build its segment; ``skipped`` rows ride along."""
         loaded = self.loaded
         dev = loaded.device
         n_tok = [len(t.ids) for t in batch]
         b, t_max = len(batch), max(n_tok, default=0)
         n_l, n_h = len(self.layers), len(self.heads)
-        kv_group = loaded.info["n_heads"] // loaded.info["n_kv_heads"]
+        loaded.info["n_heads"] // loaded.info["n_kv_heads"]
         codes = [np.zeros((n_l, n_h, packed_length(n)), dtype=self.codec.dtype) for n in n_tok]
         score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in scores.SCORE_COLUMNS}
         if b:
@@ -386,7 +406,9 @@ class Extractor:
                 finally:
                     _ACTIVE = None
             else:
-                out = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
+                out = loaded.model(
+                    input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True
+                )
                 if out.attentions is None:
                     raise ModelError(f"{loaded.info['id']} returned no attention weights.")
                 for layer, probs in enumerate(out.attentions):
@@ -394,7 +416,9 @@ class Extractor:
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()
-        return self._segment(batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None)
+        return self._segment(
+            batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None
+        )
 
     def _segment(
         self,
@@ -404,13 +428,21 @@ class Extractor:
         score_arrays: dict[str, np.ndarray],
         counts: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
     ) -> Segment:
-        docs: dict[str, list[Any]] = {k: [] for k in ("doc_id", "n_tokens", "n_tokens_input", "truncated", "skipped", "n_chars", "text")}
-        for t in batch:
-            for k, v in zip(docs, (t.doc.doc_id, len(t.ids), t.n_input, t.truncated, None, len(t.doc.text), t.doc.text), strict=True):
-                docs[k].append(v)
-        for doc, why in skipped:
-            for k, v in zip(docs, (doc.doc_id, 0, 0, False, why, len(doc.text), doc.text), strict=True):
-                docs[k].append(v)
+        columns = (
+            "doc_id",
+            "n_tokens",
+            "n_tokens_input",
+            "truncated",
+            "skipped",
+            "n_chars",
+            "text",
+        )
+        rows: list[tuple[Any, ...]] = [
+            (t.doc.doc_id, len(t.ids), t.n_input, t.truncated, None, len(t.doc.text), t.doc.text)
+            for t in batch
+        ]
+        rows += [(d.doc_id, 0, 0, False, why, len(d.text), d.text) for d, why in skipped]
+        docs = {name: [r[i] for r in rows] for i, name in enumerate(columns)}
         tokens: dict[str, Any] = {"doc_id": [], "pos": [], "token_id": [], "token": []}
         for t in batch:
             tokens["doc_id"].append(np.full(len(t.ids), t.doc.doc_id, dtype=np.int64))
@@ -427,8 +459,12 @@ class Extractor:
             "doc_id": np.broadcast_to(doc_ids[:, None, None], shape).ravel(),
             "layer": np.broadcast_to(np.array(self.layers)[None, :, None], shape).ravel(),
             "head": np.broadcast_to(np.array(self.heads)[None, None, :], shape).ravel(),
-            "kv_head": np.broadcast_to(np.array(self.heads)[None, None, :] // kv_group, shape).ravel(),
-            "n_tokens": np.broadcast_to(np.array([len(t.ids) for t in batch])[:, None, None], shape).ravel(),
+            "kv_head": np.broadcast_to(
+                np.array(self.heads)[None, None, :] // kv_group, shape
+            ).ravel(),
+            "n_tokens": np.broadcast_to(
+                np.array([len(t.ids) for t in batch])[:, None, None], shape
+            ).ravel(),
         }
         heads.update({k: v.ravel() for k, v in score_arrays.items()})
         names = ("n_queries", "n_duplicate", "n_induction")
