@@ -27,7 +27,7 @@ from attnstore.store import Store, StoreWriter
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from attnstore.capture import Extractor, Tokenized
+    from attnstore.capture import Extractor, LoadedModel, Tokenized
     from attnstore.store import Segment
 
 __all__ = ["DEFAULT_MAX_LENGTH", "ExtractReport", "extract"]
@@ -125,7 +125,7 @@ def _batches(
 def extract(
     out: str | os.PathLike[str],
     *,
-    model: str | None = None,
+    model: str | LoadedModel | None = None,
     corpus: str | None = None,
     max_length: int | None = None,
     batch_size: int = 4,
@@ -142,6 +142,8 @@ def extract(
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
     Rerunning the same call after an interruption skips the documents already committed.
+    ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
+    :func:`attnstore.capture.load_model`, to extract several corpora with one load.
 
     Examples
     --------
@@ -163,7 +165,10 @@ def extract(
     doc_iter: Iterator[Document] | None = (
         None if probe else read_corpus(corpus, text_field=text_field)
     )
-    loaded = load_model(model, device=device, dtype=dtype, progress=progress is True)
+    if model is None or isinstance(model, str):
+        loaded = load_model(model, device=device, dtype=dtype, progress=progress is True)
+    else:  # an already loaded model (notebooks, benchmarks): no second 17 s load
+        loaded = model
     if max_length is None:  # 512, or the model's whole context when that is shorter
         max_length = min(DEFAULT_MAX_LENGTH, loaded.max_positions or DEFAULT_MAX_LENGTH)
     extractor = Extractor(loaded, the_codec, max_length, layers, heads)
