@@ -161,6 +161,11 @@ def _int_list(value: str | None) -> list[int] | None:
     is_flag=True,
     help="Append even if the store was written with other settings.",
 )
+@click.option(
+    "--shard",
+    default=None,
+    help="'i/n': only doc_ids with doc_id % n == i, for n writers into one store.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_errors
@@ -178,6 +183,7 @@ def extract(
     heads: str | None,
     limit: int | None,
     allow_different: bool,
+    shard: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -201,6 +207,7 @@ def extract(
         layers=_int_list(layers),
         heads=_int_list(heads),
         allow_different=allow_different,
+        shard=shard,
         progress=not quiet,
     )
     if as_json:
@@ -267,6 +274,34 @@ def info(store: str, as_json: bool) -> None:
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         click.echo(f"{key.ljust(width)}  {value}")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--quick", is_flag=True, help="Checksums and structure only; skip decoding every matrix."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def verify(store: str, quick: bool, as_json: bool) -> None:
+    """Check STORE: checksums of every file, table consistency, decodable matrices whose rows sum
+    to 1. Exits 1 if anything is wrong; each problem is printed with its location."""
+    from attnstore.verify import verify_store
+
+    report = verify_store(store, quick=quick)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"{p.severity}: {p.location}: {p.message}")
+        status = "OK" if report.ok else "DAMAGED"
+        click.echo(
+            f"{status}: {report.commits} commits, {report.files_checked} files, "
+            f"{report.matrices_checked} matrices checked, "
+            f"{sum(p.severity == 'error' for p in report.problems)} errors"
+        )
+    if not report.ok:
+        sys.exit(1)
 
 
 def main() -> None:  # pragma: no cover

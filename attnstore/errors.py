@@ -18,6 +18,7 @@ __all__ = [
     "QueryError",
     "StoreExistsError",
     "StoreNotFoundError",
+    "StoreWriteError",
     "UnknownCodecError",
 ]
 
@@ -32,6 +33,10 @@ class StoreNotFoundError(AttnStoreError, FileNotFoundError):
 
 class StoreExistsError(AttnStoreError, FileExistsError):
     """A store (or something else) already occupies the output path."""
+
+
+class StoreWriteError(AttnStoreError, OSError):
+    """Writing a batch failed (disk full, permissions); nothing of that batch was committed."""
 
 
 class FormatVersionError(AttnStoreError, ValueError):

@@ -137,11 +137,14 @@ def extract(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     allow_different: bool = False,
+    shard: str | None = None,
     progress: bool | Callable[[int], None] = True,
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
     Rerunning the same call after an interruption skips the documents already committed.
+    ``shard="i/n"`` takes only documents with ``doc_id % n == i``: run n such processes (on
+    one machine or many) into the same store and they share no file.
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
 
@@ -176,6 +179,14 @@ def extract(
         doc_iter = iter(probe_documents(loaded, probe or parse_probe(corpus)))
     if limit is not None:
         doc_iter = itertools.islice(doc_iter, limit)
+    if shard is not None:
+        index, count = _parse_shard(shard)
+        doc_iter = (d for d in doc_iter if d.doc_id % count == index)
+    # An empty corpus is refused before anything is written.
+    first = next(doc_iter, None)
+    if first is None:
+        raise CorpusError(f"Corpus {corpus!r} holds no documents; nothing was written.")
+    doc_iter = itertools.chain([first], doc_iter)
     manifest: Manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -200,10 +211,8 @@ def extract(
     bar = _progress(progress)
     background = _Writer(writer, size=2)
     background.start()
-    seen_any = False
     try:
         for batch, skipped in _batches(doc_iter, extractor, done, batch_size, report):
-            seen_any = True
             segment = extractor.run(batch, skipped)
             background.put(segment)
             n = len(batch) + len(skipped)
@@ -216,11 +225,21 @@ def extract(
         background.close()
         if hasattr(bar, "close"):
             bar.close()  # type: ignore[union-attr]
-    if not seen_any and not report.docs_already_committed:
-        raise CorpusError(f"Corpus {corpus!r} holds no documents; nothing was extracted.")
     report.commits = background.commits
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def _parse_shard(shard: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise AttnStoreError(
+            f"Expected --shard like '0/4' (this index / count). Got {shard!r}."
+        ) from None
+    if not 0 <= index < count:
+        raise AttnStoreError(f"Expected 0 ≤ index < count in --shard. Got {shard!r}.")
+    return index, count
 
 
 class _Bar:

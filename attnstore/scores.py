@@ -127,8 +127,15 @@ def score_layer(probs: torch.Tensor, masks: BatchMasks) -> dict[str, np.ndarray]
         "prev_token": (prev, masks.valid_q),
         "sink": (probs[..., :, 0], masks.valid_q),
         "self": (probs.diagonal(dim1=-2, dim2=-1), masks.valid_q),
-        "duplicate": ((probs * masks.dup[:, None]).sum(-1), masks.dup.any(-1)),
-        "induction": ((probs * masks.ind[:, None]).sum(-1), masks.ind.any(-1)),
+        # Σ_k A[q,k]·mask[q,k] as a batched contraction: no [doc, head, q, k] temporary
+        "duplicate": (
+            torch.einsum("bhqk,bqk->bhq", probs, masks.dup.to(probs.dtype)),
+            masks.dup.any(-1),
+        ),
+        "induction": (
+            torch.einsum("bhqk,bqk->bhq", probs, masks.ind.to(probs.dtype)),
+            masks.ind.any(-1),
+        ),
         "entropy": (entropy, masks.valid_q),
         "max_weight": (probs.amax(-1), masks.valid_q),
         "mean_distance": (distance, masks.valid_q),

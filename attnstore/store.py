@@ -25,7 +25,12 @@ from zarr.codecs import BloscCodec
 
 from attnstore import index
 from attnstore.codecs import Codec, get_codec
-from attnstore.errors import IncompatibleStoreError, MatrixNotFoundError, StoreExistsError
+from attnstore.errors import (
+    IncompatibleStoreError,
+    MatrixNotFoundError,
+    StoreExistsError,
+    StoreWriteError,
+)
 from attnstore.layout import (
     COMMITS,
     COMPAT_KEYS,
@@ -75,6 +80,42 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: Fault injection for the crash tests: ``ATTNSTORE_CRASH_AT="table:heads:3"`` kills this process
+#: (SIGKILL, no clean-up) the 3rd time a commit reaches that point. Points, in commit order:
+#: ``segment``, ``table:docs``, ``table:tokens``, ``table:heads``, ``record``, ``committed``.
+FAULT_POINTS: Final = (
+    "segment",
+    "table:docs",
+    "table:tokens",
+    "table:heads",
+    "record",
+    "committed",
+)
+_fault_counts: dict[str, int] = {}
+
+
+def _fault(point: str) -> None:
+    spec = os.environ.get("ATTNSTORE_CRASH_AT")
+    if not spec:
+        return
+    where, _, nth = spec.rpartition(":")
+    if where != point:
+        return
+    _fault_counts[point] = _fault_counts.get(point, 0) + 1
+    if _fault_counts[point] == int(nth):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now() -> str:
@@ -290,22 +331,17 @@ class StoreWriter:
                 "Choose another --out (attnstore never writes into another program's folder)."
             )
         else:
+            # The manifest comes first: a folder holding only a manifest is a valid empty store, so
+            # a crash right after creation leaves something the same command can resume.
             self.path.mkdir(parents=True, exist_ok=True)
-            zarr.open_group(self.path / SEGMENTS, mode="a", zarr_format=3)
             write_json_atomic(self.path / MANIFEST_NAME, manifest)
             self.manifest = manifest
+        zarr.open_group(self.path / SEGMENTS, mode="a", zarr_format=3)
         self.codec = get_codec(self.manifest["codec"])
-        self._cleanup_leftovers()
-
-    def _cleanup_leftovers(self) -> None:
-        """Remove temporary files of crashed writers (names start with '.' and hold '.tmp-')."""
-        for folder in (self.path / TABLES_DIR, self.path / COMMITS):
-            if folder.is_dir():
-                for tmp in folder.rglob(".*.tmp-*"):
-                    tmp.unlink(missing_ok=True)
-
-    def committed_doc_ids(self) -> set[int]:
-        return Store(self.path).doc_ids()
+        self._manifest_sha256 = _sha256(self.path / MANIFEST_NAME)
+        # Leftovers of crashed writers (unreferenced segments, '.tmp-' files) are ignored by every
+        # reader and reported by `attnstore verify`; they are not deleted here, since another
+        # writer may be alive and mid-commit.
 
     def _next_name(self) -> str:
         self._counter += 1
@@ -314,6 +350,17 @@ class StoreWriter:
     def commit(self, segment: Segment) -> dict[str, Any]:
         """Write a segment's array and tables, then its commit record (which makes it visible)."""
         name = self._next_name()
+        try:
+            return self._commit(name, segment)
+        except OSError as err:
+            raise StoreWriteError(
+                f"Writing batch {name} (doc_ids {min(segment.docs['doc_id'])}…"
+                f"{max(segment.docs['doc_id'])}) to {str(self.path)!r} failed: "
+                f"{err.strerror or err}. Nothing of this batch was committed and earlier batches "
+                "are intact; fix the cause and rerun the same command to resume."
+            ) from err
+
+    def _commit(self, name: str, segment: Segment) -> dict[str, Any]:
         files: dict[str, Path] = {}
         offsets: list[int | None] = []
         if segment.codes:
@@ -339,6 +386,7 @@ class StoreWriter:
             files.update(
                 {str(p.relative_to(self.path)): p for p in arr_path.rglob("*") if p.is_file()}
             )
+            _fault("segment")
             it = iter(starts)
             offsets = [None if sk is not None else int(next(it)) for sk in segment.docs["skipped"]]
         else:
@@ -353,8 +401,12 @@ class StoreWriter:
             index.write_part(table, self.path / rel)
             tables[tname] = rel
             files[rel] = self.path / rel
+            _fault(f"table:{tname}")
+        for path in files.values():  # durable before the record that points at them
+            _fsync(path)
         record = {
             "format_version": FORMAT_VERSION,
+            "manifest_sha256": self._manifest_sha256,
             "segment": name if segment.codes else None,
             "writer": self.writer_id,
             "created_at": _now(),
@@ -365,5 +417,7 @@ class StoreWriter:
                 for rel, p in sorted(files.items())
             },
         }
+        _fault("record")
         write_json_atomic(self.path / COMMITS / f"{name}.json", record)
+        _fault("committed")
         return record
