@@ -16,7 +16,8 @@ import attnstore
 def plain_matrix(root: Path, doc_id: int, layer: int, head: int) -> np.ndarray:
     manifest = json.loads((root / "attnstore.json").read_text())
     parts = [
-        json.loads(Path(p).read_text())["tables"]["docs"] for p in sorted(glob.glob(f"{root}/commits/*.json"))
+        json.loads(Path(p).read_text())["tables"]["docs"]
+        for p in sorted(glob.glob(f"{root}/commits/*.json"))
     ]
     row = next(
         r for f in parts for r in pq.read_table(root / f).to_pylist() if r["doc_id"] == doc_id

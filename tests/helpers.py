@@ -1,0 +1,29 @@
+"""Helpers shared by the store tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import attnstore
+
+
+def store_content(path: Path) -> dict[str, Any]:
+    """Everything a user can read from a store, independent of how batches were committed."""
+    store = attnstore.open(str(path))
+    docs = store.sql('SELECT * EXCLUDE (segment, "offset") FROM docs ORDER BY doc_id').to_pylist()
+    tokens = store.sql("SELECT * FROM tokens ORDER BY doc_id, pos").to_pylist()
+    heads = store.sql("SELECT * FROM heads ORDER BY doc_id, layer, head").to_pylist()
+    matrices = {d["doc_id"]: store.matrices(d["doc_id"]) for d in docs if d["skipped"] is None}
+    return {"docs": docs, "tokens": tokens, "heads": heads, "matrices": matrices}
+
+
+def assert_same_content(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["docs"] == b["docs"]
+    assert a["tokens"] == b["tokens"]
+    assert a["heads"] == b["heads"]
+    assert a["matrices"].keys() == b["matrices"].keys()
+    for k in a["matrices"]:
+        np.testing.assert_array_equal(a["matrices"][k], b["matrices"][k])

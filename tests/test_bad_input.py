@@ -1,0 +1,171 @@
+"""Each bad input gets a clear, actionable error, and nothing already stored is lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+import attnstore
+from attnstore import index
+from attnstore.errors import (
+    CorpusError,
+    IncompatibleStoreError,
+    ModelError,
+    StoreExistsError,
+    StoreWriteError,
+)
+from attnstore.verify import verify_store
+from tests.helpers import store_content
+
+
+def run(
+    out: Path, model: Path, corpus: Path | str, **kw: object
+) -> attnstore.pipeline.ExtractReport:  # type: ignore[name-defined]
+    return attnstore.extract(str(out), model=str(model), corpus=str(corpus), progress=False, **kw)
+
+
+def test_empty_corpus_writes_nothing(tmp_path: Path, llama_dir: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CorpusError, match="holds no documents"):
+        run(tmp_path / "s.attn", llama_dir, empty)
+    assert not (tmp_path / "s.attn").exists()
+
+
+def test_whitespace_documents_are_counted(tmp_path: Path, llama_dir: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" \n\t\nreal text\n\n")
+    report = run(tmp_path / "s.attn", llama_dir, corpus)
+    assert report.docs_written == 1
+    assert report.docs_skipped == {"empty": 3}
+
+
+def test_bad_utf8_midway_keeps_committed_batches(tmp_path: Path, llama_dir: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    good = "".join(f"document number {i} is fine\n" for i in range(40))
+    corpus.write_bytes(good.encode() + b"caf\xe9\n")
+    out = tmp_path / "s.attn"
+    with pytest.raises(CorpusError, match=r"c\.txt:41 is not valid UTF-8"):
+        run(out, llama_dir, corpus, batch_size=2)
+    assert verify_store(out).ok
+    corpus.write_bytes(good.encode() + "café\n".encode())
+    run(out, llama_dir, corpus, batch_size=2)  # fixed file: resume finishes the job
+    assert attnstore.open(str(out)).sql("SELECT count(*) FROM docs").column(0)[0].as_py() == 41
+
+
+def test_ten_megabyte_line_is_truncated(tmp_path: Path, llama_dir: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("word " * 2_000_000 + "\nsmall\n")
+    start = time.perf_counter()
+    report = run(tmp_path / "s.attn", llama_dir, corpus, max_length=32)
+    assert time.perf_counter() - start < 120  # a sanity limit against a hang, not a benchmark
+    assert report.docs_truncated == 1
+    row = (
+        attnstore.open(str(tmp_path / "s.attn"))
+        .sql("SELECT n_tokens, n_tokens_input, truncated FROM docs WHERE doc_id = 0")
+        .to_pylist()[0]
+    )
+    assert row["n_tokens"] == 32
+    assert row["n_tokens_input"] > 1_000_000
+    assert row["truncated"]
+
+
+def test_store_path_is_a_file_or_foreign_folder(
+    tmp_path: Path, llama_dir: Path, corpus_txt: Path
+) -> None:
+    f = tmp_path / "file"
+    f.write_text("mine")
+    with pytest.raises(StoreExistsError, match="it is a file"):
+        run(f, llama_dir, corpus_txt)
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(StoreExistsError, match="not an attnstore store"):
+        run(foreign, llama_dir, corpus_txt)
+    assert f.read_text() == "mine"
+    assert [p.name for p in foreign.iterdir()] == ["cat.jpg"]
+
+
+def test_append_with_other_settings_is_refused(
+    tmp_path: Path, llama_dir: Path, gpt2_dir: Path, corpus_txt: Path
+) -> None:
+    out = tmp_path / "s.attn"
+    run(out, llama_dir, corpus_txt, limit=2)
+    before = store_content(out)
+    with pytest.raises(
+        IncompatibleStoreError, match=r"codec: store has .*fixed16.*requested .*fixed8"
+    ):
+        run(out, llama_dir, corpus_txt, codec="compact")
+    with pytest.raises(IncompatibleStoreError, match="max_length"):
+        run(out, llama_dir, corpus_txt, max_length=16)
+    with pytest.raises(IncompatibleStoreError, match="model"):
+        run(out, gpt2_dir, corpus_txt, max_length=64)
+    after = store_content(out)
+    assert after["docs"] == before["docs"]
+
+
+def test_disk_full_commits_nothing_then_resumes(
+    tmp_path: Path, llama_dir: Path, corpus_txt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "s.attn"
+    real = index.write_part
+    calls = {"n": 0}
+
+    def full(table: object, path: Path) -> None:
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first batch commits, the second runs out of space
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(table, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index, "write_part", full)
+    with pytest.raises(StoreWriteError, match=r"No space left on device.*rerun the same command"):
+        run(out, llama_dir, corpus_txt, batch_size=2)
+    assert verify_store(out).ok
+    assert len(list((out / "commits").glob("*.json"))) == 1
+    monkeypatch.setattr(index, "write_part", real)
+    run(out, llama_dir, corpus_txt, batch_size=2)
+    assert attnstore.open(str(out)).sql("SELECT count(*) FROM docs").column(0)[0].as_py() == 7
+
+
+def test_model_without_attention_weights(
+    tmp_path: Path, llama_dir: Path, corpus_txt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import PreTrainedModel
+
+    def refuse(self: object, impl: str, **kw: object) -> None:
+        raise ValueError(f"{impl} is not supported")
+
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", refuse)
+    with pytest.raises(ModelError, match="can return no attention weights"):
+        run(tmp_path / "s.attn", llama_dir, corpus_txt)
+
+
+def test_fallback_to_eager_gives_the_same_store(
+    tmp_path: Path, llama_dir: Path, corpus_txt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import PreTrainedModel
+
+    from attnstore.capture import AttentionWarning
+
+    real = PreTrainedModel.set_attn_implementation
+
+    def no_custom(self: PreTrainedModel, impl: str, **kw: object) -> None:
+        if impl == "attnstore":
+            raise ValueError("custom attention functions are not supported")
+        real(self, impl, **kw)
+
+    run(tmp_path / "a.attn", llama_dir, corpus_txt)
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", no_custom)
+    with pytest.warns(AttentionWarning, match="falling back to eager"):
+        run(tmp_path / "b.attn", llama_dir, corpus_txt)
+    a, b = store_content(tmp_path / "a.attn"), store_content(tmp_path / "b.attn")
+    for k in a["matrices"]:
+        assert abs(a["matrices"][k] - b["matrices"][k]).max() <= 2e-5
+    assert (
+        json.loads((tmp_path / "b.attn" / "attnstore.json").read_text())["settings"]["attention"]
+        == "eager"
+    )

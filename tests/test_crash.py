@@ -1,0 +1,126 @@
+"""Kill ``attnstore extract`` (SIGKILL, in a subprocess) at every point of the commit protocol and at
+random times; rerunning the same command must end with a store equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import attnstore
+from attnstore.store import FAULT_POINTS
+from attnstore.verify import verify_store
+from tests.helpers import assert_same_content, store_content
+
+
+@pytest.fixture(scope="module")
+def crash_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)[:10]
+    lines = [topics[k][:300].replace("\n", " ") for k in keys]
+    lines.insert(3, "")  # a skipped document rides along in some commit
+    path = tmp_path_factory.mktemp("crash") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def clean(
+    crash_corpus: Path, llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, object]:
+    out = tmp_path_factory.mktemp("clean") / "clean.attn"
+    attnstore.extract(
+        str(out),
+        model=str(llama_dir),
+        corpus=str(crash_corpus),
+        batch_size=2,
+        max_length=64,
+        progress=False,
+    )
+    return store_content(out)
+
+
+def command(out: Path, llama_dir: Path, corpus: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "attnstore",
+        "extract",
+        "--out",
+        str(out),
+        "-m",
+        str(llama_dir),
+        "-c",
+        str(corpus),
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "-q",
+    ]
+
+
+def finish_and_compare(out: Path, llama_dir: Path, corpus: Path, clean: dict[str, object]) -> None:
+    if out.exists() and (out / "attnstore.json").exists():
+        before = attnstore.open(str(out))
+        assert verify_store(out).ok  # what survived the crash is consistent
+        del before
+    attnstore.extract(
+        str(out),
+        model=str(llama_dir),
+        corpus=str(corpus),
+        batch_size=2,
+        max_length=64,
+        progress=False,
+    )
+    report = verify_store(out)
+    assert report.ok, report.problems
+    assert_same_content(store_content(out), clean)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("point", FAULT_POINTS)
+@pytest.mark.parametrize("nth", [1, 3])
+def test_kill_at_commit_points(
+    point: str,
+    nth: int,
+    tmp_path: Path,
+    llama_dir: Path,
+    crash_corpus: Path,
+    clean: dict[str, object],
+) -> None:
+    out = tmp_path / "s.attn"
+    env = {**os.environ, "ATTNSTORE_CRASH_AT": f"{point}:{nth}"}
+    proc = subprocess.run(
+        command(out, llama_dir, crash_corpus),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    committed = len(list((out / "commits").glob("*.json")))
+    assert committed == nth - 1 + (point == "committed")
+    finish_and_compare(out, llama_dir, crash_corpus, clean)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kill_at_random_times(
+    seed: int, tmp_path: Path, llama_dir: Path, crash_corpus: Path, clean: dict[str, object]
+) -> None:
+    out = tmp_path / "s.attn"
+    proc = subprocess.Popen(
+        command(out, llama_dir, crash_corpus), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # interpreter start + imports take ~3 s here; the extraction itself well under a second
+    time.sleep(random.Random(seed).uniform(2.5, 5.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finish_and_compare(out, llama_dir, crash_corpus, clean)
