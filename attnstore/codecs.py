@@ -102,8 +102,7 @@ class FixedPoint(Codec):
 
         # Out-of-place on purpose: .float() returns the caller's tensor when it is float32 already.
         scaled = torch.round(probs.float().clamp(0.0, 1.0) * self.scale)
-        target = torch.uint16 if self.bits == 16 else torch.uint8
-        return scaled.to(target).cpu().numpy()
+        return scaled.to(getattr(torch, self.dtype)).cpu().numpy()
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return codes.astype(np.float32) * np.float32(1.0 / self.scale)
@@ -135,8 +134,7 @@ class Float(Codec):
     def _encode_torch(self, probs: torch.Tensor) -> np.ndarray:
         import torch
 
-        target = torch.float16 if self.dtype == "float16" else torch.float32
-        return probs.to(target).cpu().numpy()
+        return probs.to(getattr(torch, self.dtype)).cpu().numpy()
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         return codes.astype(np.float32)

@@ -27,3 +27,11 @@ def assert_same_content(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["matrices"].keys() == b["matrices"].keys()
     for k in a["matrices"]:
         np.testing.assert_array_equal(a["matrices"][k], b["matrices"][k])
+
+
+def extract_command(out: Path, model: Path, corpus: Path, *extra: str) -> list[str]:
+    """``attnstore extract`` as a subprocess command line (for kill and many-writer tests)."""
+    import sys
+
+    return [sys.executable, "-m", "attnstore", "extract", "--out", str(out), "-m", str(model),
+            "-c", str(corpus), "-q", *extra]  # fmt: skip

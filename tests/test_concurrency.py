@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import attnstore
 from attnstore.verify import verify_store
-from tests.helpers import assert_same_content, store_content
+from tests.helpers import assert_same_content, extract_command, store_content
 
 
 def test_two_sharded_writers_and_a_reader(tmp_path: Path, llama_dir: Path) -> None:
@@ -20,23 +19,7 @@ def test_two_sharded_writers_and_a_reader(tmp_path: Path, llama_dir: Path) -> No
         "\n".join(topics[k][:250].replace("\n", " ") for k in sorted(topics)[:16]) + "\n"
     )
     out = tmp_path / "shared.attn"
-    base = [
-        sys.executable,
-        "-m",
-        "attnstore",
-        "extract",
-        "--out",
-        str(out),
-        "-m",
-        str(llama_dir),
-        "-c",
-        str(corpus),
-        "--batch-size",
-        "1",
-        "--max-length",
-        "48",
-        "-q",
-    ]
+    base = extract_command(out, llama_dir, corpus, "--batch-size", "1", "--max-length", "48")
     writers = [
         subprocess.Popen([*base, "--shard", f"{i}/2"], stderr=subprocess.PIPE, text=True)
         for i in range(2)

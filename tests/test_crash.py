@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import attnstore
 from attnstore.store import FAULT_POINTS
 from attnstore.verify import verify_store
-from tests.helpers import assert_same_content, store_content
+from tests.helpers import assert_same_content, extract_command, store_content
 
 
 @pytest.fixture(scope="module")
@@ -48,23 +47,7 @@ def clean(
 
 
 def command(out: Path, llama_dir: Path, corpus: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "attnstore",
-        "extract",
-        "--out",
-        str(out),
-        "-m",
-        str(llama_dir),
-        "-c",
-        str(corpus),
-        "--batch-size",
-        "2",
-        "--max-length",
-        "64",
-        "-q",
-    ]
+    return extract_command(out, llama_dir, corpus, "--batch-size", "2", "--max-length", "64")
 
 
 def finish_and_compare(out: Path, llama_dir: Path, corpus: Path, clean: dict[str, object]) -> None:
