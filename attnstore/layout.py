@@ -27,6 +27,7 @@ __all__ = [
     "COMPAT_KEYS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "LAYOUT_KEYS",
     "MANIFEST_NAME",
     "Manifest",
     "new_writer_id",
@@ -46,6 +47,9 @@ PACKING: Final = "tril-rowmajor"
 
 #: Manifest entries that must agree before new documents may join an existing store.
 COMPAT_KEYS: Final = ("model", "tokenizer", "codec", "max_length", "layers", "heads")
+#: Of those, the ones that define how segments are laid out: they can never differ within one store
+#: (the manifest describes every segment), even with ``--allow-different``.
+LAYOUT_KEYS: Final = ("codec", "layers", "heads")
 
 
 class ModelInfo(TypedDict):

@@ -35,6 +35,7 @@ from attnstore.layout import (
     COMMITS,
     COMPAT_KEYS,
     FORMAT_VERSION,
+    LAYOUT_KEYS,
     MANIFEST_NAME,
     SEGMENTS,
     TABLES_DIR,
@@ -315,11 +316,15 @@ class StoreWriter:
         if (self.path / MANIFEST_NAME).exists():
             existing = read_manifest(self.path)
             diffs = [k for k in COMPAT_KEYS if existing.get(k) != manifest.get(k)]
-            if diffs and not allow_different:
-                detail = "; ".join(
-                    f"{k}: store has {existing.get(k)!r}, requested {manifest.get(k)!r}"
-                    for k in diffs
+            detail = "; ".join(
+                f"{k}: store has {existing.get(k)!r}, requested {manifest.get(k)!r}" for k in diffs
+            )
+            if any(k in LAYOUT_KEYS for k in diffs):
+                raise IncompatibleStoreError(
+                    f"The store at {str(self.path)!r} was written with another layout ({detail}). "
+                    "A store holds one codec and one layer/head selection: write to a new --out."
                 )
+            if diffs and not allow_different:
                 raise IncompatibleStoreError(
                     f"The store at {str(self.path)!r} was written with other settings ({detail}). "
                     "Write to a new --out, or pass --allow-different to add these documents anyway."

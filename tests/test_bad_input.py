@@ -104,8 +104,14 @@ def test_append_with_other_settings_is_refused(
         run(out, llama_dir, corpus_txt, max_length=16)
     with pytest.raises(IncompatibleStoreError, match="model"):
         run(out, gpt2_dir, corpus_txt, max_length=64)
+    with pytest.raises(IncompatibleStoreError, match="another layout"):
+        run(out, llama_dir, corpus_txt, layers=[0], allow_different=True)
     after = store_content(out)
     assert after["docs"] == before["docs"]
+    # asked for explicitly, a different max_length may join (the layout is unchanged)
+    run(out, llama_dir, corpus_txt, max_length=16, allow_different=True)
+    assert verify_store(out).ok
+    assert store_content(out)["docs"][:2] == before["docs"]
 
 
 def test_disk_full_commits_nothing_then_resumes(
