@@ -304,5 +304,158 @@ def verify(store: str, quick: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
+_SUMMARY_SCORES = (
+    "prev_token",
+    "sink",
+    "self",
+    "duplicate",
+    "induction",
+    "entropy",
+    "max_weight",
+    "mean_distance",
+)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--score",
+    "-s",
+    type=click.Choice(_SUMMARY_SCORES),
+    default=None,
+    help="Sort by this corpus-level score, highest first.",
+)
+@click.option("--top", "-k", type=int, default=None, help="Only the first K heads.")
+@click.option(
+    "--label",
+    "-l",
+    default=None,
+    help="Only heads with this label (induction, previous-token, duplicate, self, sink, diffuse, none).",
+)
+@click.option(
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@_errors
+def heads(store: str, score: str | None, top: int | None, label: str | None, fmt: str) -> None:
+    """Corpus-level summary of every (layer, head): count-weighted mean scores and a label.
+
+    Labels follow documented thresholds (attnstore.labels). Same data as the SQL view
+    head_summary.
+    """
+    from attnstore.store import Store
+
+    cols = ", ".join(f"round({c}, 4) AS {c}" for c in _SUMMARY_SCORES)
+    sql = f"SELECT layer, head, kv_head, n_docs, {cols}, label FROM head_summary"
+    params: list[object] = []
+    if label is not None:
+        sql += " WHERE label = ?"
+        params.append(label)
+    sql += f" ORDER BY {score} DESC NULLS LAST" if score else " ORDER BY layer, head"
+    if top is not None:
+        sql += " LIMIT ?"
+        params.append(top)
+    click.echo(_render(Store(store).sql(sql, params), fmt))
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--where", "-w", default=None, help='SQL condition over heads, e.g. "induction > 0.4".'
+)
+@click.option(
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(["hdf5", "npz"]),
+    default=None,
+    help="Default: from the file suffix.",
+)
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output file (.h5 or .npz).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@_errors
+def export(store: str, where: str | None, fmt: str | None, out: str, as_json: bool) -> None:
+    """Export selected matrices with their tokens and scores to HDF5 or .npz.
+
+    The layout (schemas/export.md) needs only h5py or numpy to read.
+    """
+    from attnstore.export import export as run_export
+
+    summary = run_export(store, out, where=where, fmt=fmt)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"{summary['path']}: {summary['items']} heads of {summary['documents']} documents, {summary['bytes']} bytes"
+        )
+
+
+@cli.group()
+def plot() -> None:
+    """PNG figures: one head's matrix, a layer × head grid of a score, tokens shaded by attention."""
+
+
+_store_arg = click.argument("store", type=click.Path())
+_out_opt = click.option("--out", "-o", required=True, type=click.Path(), help="PNG file to write.")
+
+
+def _head_options(fn: F) -> F:
+    for opt in reversed(
+        [
+            click.option("--doc", "doc_id", type=int, required=True, help="doc_id."),
+            click.option("--layer", type=int, required=True, help="Model layer."),
+            click.option("--head", type=int, required=True, help="Query head."),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+@plot.command("matrix")
+@_store_arg
+@_head_options
+@_out_opt
+@_errors
+def plot_matrix_cmd(store: str, doc_id: int, layer: int, head: int, out: str) -> None:
+    """Heatmap of one head's attention for one document (token labels up to 48 tokens)."""
+    from attnstore.plots import plot_matrix
+
+    click.echo(plot_matrix(store, doc_id, layer, head, out))
+
+
+@plot.command("grid")
+@_store_arg
+@click.option(
+    "--score", "-s", type=click.Choice(_SUMMARY_SCORES), default="induction", show_default=True
+)
+@click.option("--where", "-w", default=None, help="SQL condition over heads rows to average.")
+@_out_opt
+@_errors
+def plot_grid_cmd(store: str, score: str, where: str | None, out: str) -> None:
+    """Layer × head grid of a score's corpus-level mean over a SQL selection."""
+    from attnstore.plots import plot_grid
+
+    click.echo(plot_grid(store, score, out, where=where))
+
+
+@plot.command("tokens")
+@_store_arg
+@_head_options
+@click.option(
+    "--query", "-q", type=int, required=True, help="Query position whose attention is shown."
+)
+@_out_opt
+@_errors
+def plot_tokens_cmd(store: str, doc_id: int, layer: int, head: int, query: int, out: str) -> None:
+    """One document's tokens shaded by the attention one query position gives them."""
+    from attnstore.plots import plot_tokens
+
+    click.echo(plot_tokens(store, doc_id, layer, head, query, out))
+
+
 def main() -> None:  # pragma: no cover
     cli()

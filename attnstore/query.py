@@ -1,7 +1,8 @@
 """SQL over a store's tables with DuckDB (the only module that imports duckdb).
 
 Each query gets a fresh in-memory connection with one view per table (``docs``, ``tokens``,
-``heads``) over exactly the committed Parquet parts, so readers never see a batch that is still
+``heads``) over exactly the committed Parquet parts, plus ``head_summary`` (one row per layer and
+head: count-weighted corpus means and a label, see :mod:`attnstore.labels`), so readers never see a batch that is still
 being written and take no locks: any number of processes can query a store while it grows.
 Only read statements run (``SELECT``/``WITH``/``EXPLAIN``/``DESCRIBE``/``SUMMARIZE``); parameters are
 bound by DuckDB (``?`` or ``$name``), never formatted into the SQL.
@@ -32,8 +33,27 @@ def _quote(path: str) -> str:
     return "'" + path.replace("'", "''") + "'"
 
 
+def _head_summary_sql() -> str:
+    """Corpus-level view per (layer, head): count-weighted means (mergeable) and a label."""
+    from attnstore.labels import label_sql
+
+    q1 = ("prev_token", "sink", "self", "entropy", "max_weight", "mean_distance")
+    means = [f"sum({c} * n_queries) / nullif(sum(n_queries), 0) AS {c}" for c in q1]
+    means += [
+        "sum(duplicate * n_duplicate) / nullif(sum(n_duplicate), 0) AS duplicate",
+        "sum(induction * n_induction) / nullif(sum(n_induction), 0) AS induction",
+    ]
+    return (
+        "CREATE VIEW head_summary AS WITH m AS (SELECT layer, head, any_value(kv_head) AS kv_head, "
+        "count(*) AS n_docs, " + ", ".join(means) + ", sum(n_queries) AS n_queries, "
+        "sum(n_duplicate) AS n_duplicate, sum(n_induction) AS n_induction "
+        "FROM heads GROUP BY layer, head) "
+        f"SELECT *, {label_sql()} AS label FROM m ORDER BY layer, head"
+    )
+
+
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """A new in-memory connection with the store's views defined."""
+    """A new in-memory connection with the store's views defined (tables and ``head_summary``)."""
     con = duckdb.connect(":memory:")
     for name in index.TABLES:
         files = store.files(name)
@@ -43,6 +63,7 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
         else:
             con.register(f"_empty_{name}", index.empty_table(name))
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
+    con.execute(_head_summary_sql())
     return con
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -153,6 +154,7 @@ class Store:
         names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
         self._commits: list[dict[str, Any]] = [read_json(folder / n) for n in names]
         self._locations: dict[int, _Location] | None = None
+        self._tokens: dict[int, np.ndarray] | None = None
 
     @property
     def commits(self) -> list[dict[str, Any]]:
@@ -234,6 +236,23 @@ class Store:
             li, hi, loc.offset : loc.offset + packed_length(loc.n_tokens)
         ]
         return self.codec.decode(codes) if decode else codes
+
+    def token_ids(self, doc_id: int) -> np.ndarray:
+        """Token ids of one stored document, int64 ``[T]``."""
+        self._location(int(doc_id))  # a clear error for unknown or skipped documents
+        if self._tokens is None:
+            table = self.table("tokens", ["doc_id", "pos", "token_id"])
+            order = np.lexsort((table["pos"].to_numpy(), table["doc_id"].to_numpy()))
+            docs = table["doc_id"].to_numpy()[order]
+            ids = table["token_id"].to_numpy()[order].astype(np.int64)
+            starts = (
+                np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+                if len(docs)
+                else np.zeros(0, int)
+            )
+            bounds = np.r_[starts, len(docs)].tolist()
+            self._tokens = {int(docs[a]): ids[a:b] for a, b in itertools.pairwise(bounds)}
+        return self._tokens[int(doc_id)]
 
     def matrix(self, doc_id: int, layer: int, head: int) -> np.ndarray:
         """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal."""
