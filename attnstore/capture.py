@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from attnstore import scores
+from attnstore import scores, syntax
 from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import ModelError
 from attnstore.layout import ModelInfo, TokenizerInfo
 from attnstore.packing import packed_length, tril_flat_index
 from attnstore.store import Segment
+from attnstore.syntax import Alignment
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -293,6 +294,10 @@ class Tokenized:
     doc: Document
     ids: list[int]
     n_input: int
+    #: character span of each stored token in ``doc.text``; None for special tokens or unknown
+    spans: list[tuple[int, int] | None] | None = None
+    #: words of the parse aligned to the tokens (``--parse`` or a CoNLL-U corpus)
+    alignment: Alignment | None = None
 
     @property
     def truncated(self) -> bool:
@@ -312,6 +317,9 @@ class Extractor:
         Documents are truncated to this many tokens (and marked ``truncated``).
     layers, heads
         Which layers and query heads to store; default all.
+    parser
+        A spaCy pipeline name: parse each document and score syntactic heads (spec/syntax.md).
+        Documents that bring a gold parse (CoNLL-U) are scored against it in any case.
     """
 
     def __init__(
@@ -321,8 +329,11 @@ class Extractor:
         max_length: int,
         layers: Sequence[int] | None = None,
         heads: Sequence[int] | None = None,
+        parser: str | None = None,
     ) -> None:
         self.loaded = loaded
+        self.parser = parser
+        self._nlp = syntax.load_parser(parser) if parser else None
         self.codec = codec
         info = loaded.info
         if max_length <= 0:
@@ -345,11 +356,36 @@ class Extractor:
         self._token_cache: dict[int, str] = {}
 
     def tokenize(self, doc: Document) -> Tokenized:
+        """Token ids (truncated), their character spans, and the aligned parse if any."""
+        tok = self.loaded.tokenizer
+        spans: list[tuple[int, int] | None] | None = None
         if doc.token_ids is not None:
             ids = list(doc.token_ids)
+        elif getattr(tok, "is_fast", False):
+            enc = tok(doc.text, add_special_tokens=True, return_offsets_mapping=True)
+            ids = enc.input_ids
+            special = set(tok.all_special_ids)
+            spans = [
+                None if i in special or a == b else (int(a), int(b))
+                for i, (a, b) in zip(ids, enc.offset_mapping, strict=True)
+            ]
         else:
-            ids = self.loaded.tokenizer(doc.text, add_special_tokens=True).input_ids
-        return Tokenized(doc, ids[: self.max_length], len(ids))
+            ids = tok(doc.text, add_special_tokens=True).input_ids
+        n_input = len(ids)
+        ids = ids[: self.max_length]
+        spans = spans[: self.max_length] if spans is not None else None
+        alignment = None
+        if spans is not None and (doc.words is not None or self._nlp is not None):
+            cutoff = max((s[1] for s in spans if s is not None), default=0)
+            words = (
+                doc.words
+                if doc.words is not None
+                else syntax.parse_text(self._nlp, doc.text[:cutoff])
+            )
+            alignment = syntax.align(words, spans, cutoff)
+        elif self._nlp is not None and doc.token_ids is None:
+            raise ModelError("--parse needs a fast tokenizer (character offsets) to align words.")
+        return Tokenized(doc, ids, n_input, spans, alignment)
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         missing = sorted({i for i in ids if i not in self._token_cache})
@@ -368,9 +404,12 @@ class Extractor:
         n_tok = [len(t.ids) for t in batch]
         b, t_max = len(batch), max(n_tok, default=0)
         n_l, n_h = len(self.layers), len(self.heads)
-        loaded.info["n_heads"] // loaded.info["n_kv_heads"]
         codes = [np.zeros((n_l, n_h, packed_length(n)), dtype=self.codec.dtype) for n in n_tok]
         score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in scores.SCORE_COLUMNS}
+        parsed = [(i, t, syntax.instances(t.alignment)) for i, t in enumerate(batch) if t.alignment]
+        syn = syntax.SyntaxTables()
+        for _, t, inst in parsed:
+            syn.add_document(t.doc.doc_id, t.alignment, inst)  # type: ignore[arg-type]
         if b:
             ids = torch.full((b, t_max), loaded.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((b, t_max), dtype=torch.long)
@@ -397,6 +436,10 @@ class Extractor:
                 for i, n in enumerate(n_tok):
                     packed = probs[i, :, :n, :n].reshape(n_h, n * n).index_select(1, flat[n])
                     codes[i][li] = self.codec.encode(packed)
+                for i, t, inst in parsed:
+                    n = n_tok[i]
+                    correct = syntax.head_counts(probs[i, :, :n, :n], t.alignment, inst)  # type: ignore[arg-type]
+                    syn.add_counts(t.doc.doc_id, layer, self.heads, inst, correct)
 
             global _ACTIVE
             if loaded.captured:
@@ -416,9 +459,13 @@ class Extractor:
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()
-        return self._segment(
+        segment = self._segment(
             batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None
         )
+        if parsed:
+            segment.extra = syn.tables()
+            segment.annotation = {"parser": self.parser or "gold (corpus)"}
+        return segment
 
     def _segment(
         self,
@@ -443,12 +490,17 @@ class Extractor:
         ]
         rows += [(d.doc_id, 0, 0, False, why, len(d.text), d.text) for d, why in skipped]
         docs = {name: [r[i] for r in rows] for i, name in enumerate(columns)}
-        tokens: dict[str, Any] = {"doc_id": [], "pos": [], "token_id": [], "token": []}
+        tokens: dict[str, Any] = {
+            "doc_id": [], "pos": [], "token_id": [], "token": [], "char_start": [], "char_end": []
+        }  # fmt: skip
         for t in batch:
             tokens["doc_id"].append(np.full(len(t.ids), t.doc.doc_id, dtype=np.int64))
             tokens["pos"].append(np.arange(len(t.ids), dtype=np.int32))
             tokens["token_id"].append(np.asarray(t.ids, dtype=np.int32))
             tokens["token"].extend(self._token_strings(t.ids))
+            spans = t.spans or [None] * len(t.ids)
+            tokens["char_start"].extend(None if s is None else s[0] for s in spans)
+            tokens["char_end"].extend(None if s is None else s[1] for s in spans)
         for k in ("doc_id", "pos", "token_id"):
             tokens[k] = np.concatenate(tokens[k]) if tokens[k] else np.zeros(0)
         n_b, n_l, n_h = len(batch), len(self.layers), len(self.heads)

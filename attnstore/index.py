@@ -5,6 +5,8 @@ Tables (column specs in ``schemas/tables/*.json``; a test keeps code and spec eq
 - ``docs``: one row per input document, skipped ones included (``skipped`` says why).
 - ``tokens``: one row per stored token.
 - ``heads``: one row per (document, layer, head) with the pattern scores of ``shared/spec/scores.md``.
+- ``words``, ``syntax``, ``syntax_baseline``: parses aligned to tokens and the mergeable counts of
+  ``shared/spec/syntax.md`` (only in stores extracted with ``--parse`` or annotated by ``parse``).
 
 Files are immutable parts named after the segment they describe and written under a temporary name
 then renamed, so a reader never sees half a file. Rows are sorted by ``doc_id`` (then layer, head)
@@ -45,6 +47,8 @@ TOKENS: Final = pa.schema(
         pa.field("pos", pa.int32(), nullable=False),
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("token", pa.string(), nullable=False),
+        pa.field("char_start", pa.int32()),
+        pa.field("char_end", pa.int32()),
     ]
 )
 
@@ -62,12 +66,59 @@ HEADS: Final = pa.schema(
     ]
 )
 
-SCHEMAS: Final[dict[str, pa.Schema]] = {"docs": DOCS, "tokens": TOKENS, "heads": HEADS}
+WORDS: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("word", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("char_start", pa.int32(), nullable=False),
+        pa.field("char_end", pa.int32(), nullable=False),
+        pa.field("first_token", pa.int32()),
+        pa.field("last_token", pa.int32()),
+        pa.field("tag", pa.string()),
+        pa.field("relation", pa.string(), nullable=False),
+        pa.field("head_word", pa.int32()),
+    ]
+)
+
+SYNTAX: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("head", pa.int16(), nullable=False),
+        pa.field("relation", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("n", pa.int32(), nullable=False),
+        pa.field("correct", pa.int32(), nullable=False),
+    ]
+)
+
+SYNTAX_BASELINE: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("relation", pa.string(), nullable=False),
+        pa.field("direction", pa.string(), nullable=False),
+        pa.field("n", pa.int32(), nullable=False),
+        *(pa.field(f"correct_{k}", pa.int32(), nullable=False) for k in range(1, 7)),
+    ]
+)
+
+SCHEMAS: Final[dict[str, pa.Schema]] = {
+    "docs": DOCS,
+    "tokens": TOKENS,
+    "heads": HEADS,
+    "words": WORDS,
+    "syntax": SYNTAX,
+    "syntax_baseline": SYNTAX_BASELINE,
+}
 #: Row order inside every part (lets DuckDB prune row groups on point look-ups).
 SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "docs": ("doc_id",),
     "tokens": ("doc_id", "pos"),
     "heads": ("doc_id", "layer", "head"),
+    "words": ("doc_id", "word"),
+    "syntax": ("doc_id", "layer", "head", "relation", "direction"),
+    "syntax_baseline": ("doc_id", "relation", "direction"),
 }
 TABLES: Final = tuple(SCHEMAS)
 

@@ -38,7 +38,8 @@ __all__ = [
 
 FORMAT_NAME: Final = "attnstore"
 #: Major.minor. Readers accept any minor of their major; additive changes bump the minor.
-FORMAT_VERSION: Final = "1.0"
+#: 1.1 added tokens.char_start/char_end and the words, syntax and syntax_baseline tables.
+FORMAT_VERSION: Final = "1.1"
 MANIFEST_NAME: Final = "attnstore.json"
 SEGMENTS: Final = "segments"
 TABLES_DIR: Final = "tables"

