@@ -124,10 +124,17 @@ TABLES: Final = tuple(SCHEMAS)
 
 
 def table_from_columns(name: str, columns: dict[str, Any]) -> pa.Table:
-    """Build table ``name`` from column arrays, sorted; NaN in float columns becomes NULL."""
+    """Build table ``name`` from column arrays, sorted; NaN in float columns becomes NULL.
+
+    A nullable column that is not given is all NULL (columns added by a later minor version).
+    """
     schema = SCHEMAS[name]
+    n_rows = len(next(iter(columns.values()))) if columns else 0
     arrays = []
     for field in schema:
+        if field.name not in columns and field.nullable:
+            arrays.append(pa.nulls(n_rows, type=field.type))
+            continue
         values = columns[field.name]
         if pa.types.is_floating(field.type):
             values = np.asarray(values, dtype=np.float64)
