@@ -20,6 +20,7 @@ bigger, but exact), with a warning.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import warnings
@@ -35,7 +36,7 @@ from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import ModelError
 from attnstore.layout import ModelInfo, TokenizerInfo
-from attnstore.packing import packed_length, tril_flat_index
+from attnstore.packing import packed_length
 from attnstore.store import Segment
 from attnstore.syntax import Alignment
 
@@ -64,10 +65,23 @@ class AttentionWarning(UserWarning):
 # capture
 # --------------------------------------------------------------------------------------------
 class _Capture:
-    """Receives one layer's probabilities ``[doc, head, q_pos, k_pos]`` at a time."""
+    """Receives one layer's probabilities a block of query rows at a time.
 
-    def __init__(self, consume: Any) -> None:
+    ``consume(layer, q0, probs)`` gets ``probs`` ``[doc, head, C, k_pos]`` (float32) for rows
+    ``q0 … q0 + C``; ``done(layer)`` follows the last block of a layer. ``chunk_bytes`` bounds the
+    size of one block, so no more than that much attention is alive at once, whatever T is.
+    ``mode``: ``"eager"`` computes the layer output from the same probabilities (cheapest on a CPU);
+    ``"sdpa"`` takes the output from PyTorch's fused kernel and recomputes the probabilities only for
+    capture (fastest on a GPU).
+    """
+
+    def __init__(
+        self, consume: Any, done: Any, *, mode: str = "eager", chunk_bytes: int = 1 << 28
+    ) -> None:
         self.consume = consume
+        self.done = done
+        self.mode = mode
+        self.chunk_bytes = chunk_bytes
         self.calls = 0
 
 
@@ -91,26 +105,66 @@ def _attention(
         value = value.repeat_interleave(n_rep, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    t_q, t_k = logits.shape[-2:]
-    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=logits.device).tril(t_k - t_q)
+    b, h, t_q, _ = query.shape
+    t_k = key.shape[2]
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)[
+        None, None
+    ]
+    additive = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             allowed = allowed & attention_mask[..., :t_k]
         else:
-            logits = logits + attention_mask[..., :t_k].float()
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (padding queries only)
+            additive = attention_mask[..., :t_k].float()
+    # A row with no allowed key would be NaN and poison every later layer through 0·NaN; with right
+    # padding and causal masks it cannot happen, but a custom mask might do it.
+    empty_rows = additive is None and bool((~allowed.any(-1)).any())
     cap = _ACTIVE
+    mode = cap.mode if cap is not None else "eager"
+    if softcap or additive is not None:
+        mode = "eager"  # sdpa has no soft-capping; float masks keep the reference path
+    out = None
+    if mode == "sdpa":
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=allowed, scale=scaling
+        )
+        if empty_rows:
+            out = torch.nan_to_num(out, nan=0.0)
+    else:
+        out = torch.empty_like(query)
+    q_f, k_f = query.float(), key.float().transpose(-1, -2)
+    chunk = t_q
     if cap is not None:
-        layer = getattr(module, "layer_idx", None)
-        cap.consume(cap.calls if layer is None else int(layer), probs)
+        chunk = max(1, min(t_q, cap.chunk_bytes // max(1, 4 * b * h * t_k)))
+    layer = getattr(module, "layer_idx", None)
+    layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
+    for q0 in range(0, t_q, chunk):
+        q1 = min(q0 + chunk, t_q)
+        logits = torch.matmul(q_f[:, :, q0:q1], k_f) * scaling
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        if additive is not None:
+            logits = logits + additive[..., q0:q1, :]
+        logits = logits.masked_fill(~allowed[..., q0:q1, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if empty_rows:
+            probs = torch.nan_to_num(probs, nan=0.0)
+        if mode == "eager":
+            out[:, :, q0:q1] = torch.matmul(probs.to(value.dtype), value)
+        if cap is not None:
+            cap.consume(layer, q0, probs)
+    if cap is not None:
+        cap.done(layer)
         cap.calls += 1
-    out = torch.matmul(probs.to(value.dtype), value)
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=256)
+def _chunk_index(q0: int, hi: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into a ``[C, width]`` block of rows ``q0 …`` for packed rows ``q0 … hi - 1``."""
+    rows, cols = np.tril_indices(hi)
+    keep = rows >= q0
+    return torch.from_numpy((rows[keep] - q0) * width + cols[keep]).to(device)
 
 
 def _mask(*args: Any, **kwargs: Any) -> Any:
@@ -320,6 +374,16 @@ class Extractor:
     parser
         A spaCy pipeline name: parse each document and score syntactic heads (spec/syntax.md).
         Documents that bring a gold parse (CoNLL-U) are scored against it in any case.
+    store_matrices
+        False for a scores-only census: tables without attention matrices.
+    mode
+        ``"eager"``: the layer output is computed from the captured probabilities (cheapest on a
+        CPU). ``"sdpa"``: the output comes from the fused kernel and the probabilities are
+        recomputed from the same queries and keys for capture (fastest on a GPU). ``"auto"``:
+        sdpa on CUDA, eager elsewhere. Captured values are identical in both modes.
+    chunk_bytes
+        Largest block of float32 probabilities alive at once (query rows × keys × heads × docs);
+        bounds memory at long contexts.
     """
 
     def __init__(
@@ -330,9 +394,20 @@ class Extractor:
         layers: Sequence[int] | None = None,
         heads: Sequence[int] | None = None,
         parser: str | None = None,
+        *,
+        store_matrices: bool = True,
+        mode: str = "auto",
+        chunk_bytes: int = 1 << 28,
     ) -> None:
         self.loaded = loaded
         self.parser = parser
+        self.store_matrices = store_matrices
+        if mode == "auto":
+            mode = "sdpa" if loaded.device.type == "cuda" else "eager"
+        if mode not in ("eager", "sdpa"):
+            raise ModelError(f"Expected attention mode auto, eager or sdpa. Got {mode!r}.")
+        self.mode = mode
+        self.chunk_bytes = chunk_bytes
         self._nlp = syntax.load_parser(parser) if parser else None
         self.codec = codec
         info = loaded.info
@@ -404,12 +479,20 @@ class Extractor:
         n_tok = [len(t.ids) for t in batch]
         b, t_max = len(batch), max(n_tok, default=0)
         n_l, n_h = len(self.layers), len(self.heads)
-        codes = [np.zeros((n_l, n_h, packed_length(n)), dtype=self.codec.dtype) for n in n_tok]
+        codes = (
+            [np.zeros((n_l, n_h, packed_length(n)), dtype=self.codec.dtype) for n in n_tok]
+            if self.store_matrices
+            else []
+        )
         score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in scores.SCORE_COLUMNS}
-        parsed = [(i, t, syntax.instances(t.alignment)) for i, t in enumerate(batch) if t.alignment]
+        parsed = [
+            (i, t.doc.doc_id, t.alignment, syntax.instances(t.alignment))
+            for i, t in enumerate(batch)
+            if t.alignment is not None
+        ]
         syn = syntax.SyntaxTables()
-        for _, t, inst in parsed:
-            syn.add_document(t.doc.doc_id, t.alignment, inst)  # type: ignore[arg-type]
+        for _, doc_id, alignment, inst in parsed:
+            syn.add_document(doc_id, alignment, inst)
         if b:
             ids = torch.full((b, t_max), loaded.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((b, t_max), dtype=torch.long)
@@ -421,29 +504,57 @@ class Extractor:
             masks = scores.batch_masks(ids, lengths)
             layer_pos = {layer: i for i, layer in enumerate(self.layers)}
             head_index = torch.tensor(self.heads, device=dev)
-            flat = {n: torch.tensor(tril_flat_index(n), device=dev) for n in set(n_tok)}
             all_heads = n_h == loaded.info["n_heads"]
+            layer_scores: dict[int, scores.LayerScores] = {}
+            word_att: dict[tuple[int, int], torch.Tensor] = {}
 
-            def consume(layer: int, probs: torch.Tensor) -> None:
+            def consume(layer: int, q0: int, probs: torch.Tensor) -> None:
                 li = layer_pos.get(layer)
                 if li is None:
                     return
                 if not all_heads:
                     probs = probs.index_select(1, head_index)
                 probs = probs.float()
-                for name, values in scores.score_layer(probs, masks).items():
+                acc = layer_scores.get(li)
+                if acc is None:
+                    acc = layer_scores[li] = scores.LayerScores(masks, n_h)
+                acc.add(probs, q0)
+                c = probs.shape[2]
+                if self.store_matrices:
+                    # rows q0 … hi of each document, keys 0 … q: a contiguous run of its packed
+                    # triangle, gathered straight from the padded block (no per-document square)
+                    flat = probs.reshape(b, n_h, c * t_max)
+                    for i, n in enumerate(n_tok):
+                        hi = min(q0 + c, n)
+                        if hi > q0:
+                            idx = _chunk_index(q0, hi, t_max, dev)
+                            values = flat[i].index_select(1, idx)
+                            codes[i][li, :, q0 * (q0 + 1) // 2 : hi * (hi + 1) // 2] = (
+                                self.codec.encode(values)
+                            )
+                for i, _, alignment, _ in parsed:
+                    hi = min(q0 + c, n_tok[i])
+                    if hi > q0:
+                        part = syntax.word_attention(
+                            probs[i, :, : hi - q0, : n_tok[i]], alignment, q0
+                        )
+                        word_att[(li, i)] = (
+                            word_att[(li, i)] + part if (li, i) in word_att else part
+                        )
+
+            def done(layer: int) -> None:
+                li = layer_pos.get(layer)
+                if li is None:
+                    return
+                for name, values in layer_scores.pop(li).result().items():
                     score_arrays[name][:, li, :] = values
-                for i, n in enumerate(n_tok):
-                    packed = probs[i, :, :n, :n].reshape(n_h, n * n).index_select(1, flat[n])
-                    codes[i][li] = self.codec.encode(packed)
-                for i, t, inst in parsed:
-                    n = n_tok[i]
-                    correct = syntax.head_counts(probs[i, :, :n, :n], t.alignment, inst)  # type: ignore[arg-type]
-                    syn.add_counts(t.doc.doc_id, layer, self.heads, inst, correct)
+                for i, doc_id, _, inst in parsed:
+                    correct = syntax.counts_from_word_attention(word_att.pop((li, i)), inst)
+                    syn.add_counts(doc_id, layer, self.heads, inst, correct)
 
             global _ACTIVE
             if loaded.captured:
-                _ACTIVE = _Capture(consume)
+                _ACTIVE = _Capture(consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes)
                 try:
                     loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 finally:
@@ -455,7 +566,8 @@ class Extractor:
                 if out.attentions is None:
                     raise ModelError(f"{loaded.info['id']} returned no attention weights.")
                 for layer, probs in enumerate(out.attentions):
-                    consume(layer, probs)
+                    consume(layer, 0, probs)
+                    done(layer)
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()

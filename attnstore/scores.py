@@ -1,11 +1,12 @@
 """Pattern scores per (document, layer, head), as defined in ``shared/spec/scores.md``.
 
-All scores are means over query positions of a per-row quantity, computed here for a whole padded
-batch of one layer at once, from the float32 probabilities before any codec touches them.
+Every score is a mean over query positions of a per-row quantity, so it can be accumulated over
+*query chunks*: extraction computes one layer's probabilities a block of rows at a time and never
+holds a whole ``[T, T]`` square per head (:class:`LayerScores`). The arithmetic runs in torch, on the
+device of the attention, in float32, before any codec touches the values; sums are float64.
 
-Axis vocabulary: ``doc head q_pos k_pos``. ``probs`` is ``[doc, head, q_pos, k_pos]``; documents are
-right-padded, so row ``q < n_tokens[doc]`` only ever sees real keys (causal masking) and padded rows
-are simply left out of every mean.
+Axis vocabulary: ``doc head q_pos k_pos``. Documents are right-padded, so row ``q < n_tokens[doc]``
+only ever sees real keys (causal masking) and padded rows are left out of every mean.
 
 NULL rule: a score whose query set is empty is NaN in the arrays returned here and NULL in Parquet
 (``attnstore.index`` converts). NaN never stands for anything else.
@@ -21,7 +22,14 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["COUNT_COLUMNS", "SCORE_COLUMNS", "BatchMasks", "batch_masks", "score_layer"]
+__all__ = [
+    "COUNT_COLUMNS",
+    "SCORE_COLUMNS",
+    "BatchMasks",
+    "LayerScores",
+    "batch_masks",
+    "score_layer",
+]
 
 #: Score columns of the ``heads`` table, in table order.
 SCORE_COLUMNS: Final = (
@@ -40,15 +48,26 @@ COUNT_COLUMNS: Final = ("n_queries", "n_duplicate", "n_induction")
 
 @dataclass(frozen=True)
 class BatchMasks:
-    """Per-batch masks shared by every layer and head (built once per batch)."""
+    """Per-batch query sets shared by every layer and head (built once per batch).
+
+    The duplicate and induction key sets are sparse (a token repeats a handful of times), so they
+    are kept as index pairs, sorted by query position, rather than as ``[doc, q, k]`` masks.
+    """
 
     valid_q: torch.Tensor  # [doc, q_pos] bool: 1 <= q < n_tokens
-    dup: torch.Tensor  # [doc, q_pos, k_pos] bool: k < q, x_k == x_q, q valid
-    ind: torch.Tensor  # [doc, q_pos, k_pos] bool: 1 <= k < q, x_{k-1} == x_q, q valid
+    dup_rows: torch.Tensor  # [doc, q_pos] bool: q ∈ Q_dup
+    ind_rows: torch.Tensor  # [doc, q_pos] bool: q ∈ Q_ind
+    dup_pairs: torch.Tensor  # [nnz, 3] int64 (doc, q, k), k < q, x_k == x_q; sorted by q
+    ind_pairs: torch.Tensor  # [nnz, 3] int64 (doc, q, k), 1 <= k < q, x_{k-1} == x_q; sorted by q
     n_queries: torch.Tensor  # [doc] int64: |Q1|
     n_duplicate: torch.Tensor  # [doc] int64: |Q_dup|
     n_induction: torch.Tensor  # [doc] int64: |Q_ind|
     log_norm: torch.Tensor  # [q_pos] float32: ln(q + 1), 1 at q = 0 (excluded anyway)
+
+
+def _sorted_pairs(mask: torch.Tensor) -> torch.Tensor:
+    pairs = mask.nonzero()
+    return pairs[pairs[:, 1].argsort(stable=True)]
 
 
 def batch_masks(token_ids: torch.Tensor, n_tokens: torch.Tensor) -> BatchMasks:
@@ -77,67 +96,104 @@ def batch_masks(token_ids: torch.Tensor, n_tokens: torch.Tensor) -> BatchMasks:
     ind = prev_same & before[None] & valid_q[:, :, None]
     log_norm = torch.log(pos.to(torch.float32) + 1.0)
     log_norm[0] = 1.0
+    dup_rows, ind_rows = dup.any(-1), ind.any(-1)
     return BatchMasks(
         valid_q=valid_q,
-        dup=dup,
-        ind=ind,
+        dup_rows=dup_rows,
+        ind_rows=ind_rows,
+        dup_pairs=_sorted_pairs(dup),
+        ind_pairs=_sorted_pairs(ind),
         n_queries=valid_q.sum(-1),
-        n_duplicate=dup.any(-1).sum(-1),
-        n_induction=ind.any(-1).sum(-1),
+        n_duplicate=dup_rows.sum(-1),
+        n_induction=ind_rows.sum(-1),
         log_norm=log_norm,
     )
 
 
-def _mean_over(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``rows[doc, head, q]`` over ``mask[doc, q]``; NaN where the mask is empty."""
-    import torch
+class LayerScores:
+    """Accumulates every score of one layer over query chunks of its probabilities.
 
-    m = mask[:, None, :].to(torch.float64)
-    total = (rows.to(torch.float64) * m).sum(-1)
-    count = m.sum(-1)
-    return total / count  # 0/0 -> NaN, the NULL marker
+    >>> acc = LayerScores(masks, n_heads)  # doctest: +SKIP
+    >>> for q0 in range(0, T, chunk):  # doctest: +SKIP
+    ...     acc.add(probs[:, :, q0:q0 + chunk], q0)
+    >>> acc.result()["induction"]  # [doc, head] float64, NaN = NULL  # doctest: +SKIP
+    """
+
+    def __init__(self, masks: BatchMasks, n_heads: int) -> None:
+        import torch
+
+        self.masks = masks
+        b, t = masks.valid_q.shape
+        dev = masks.valid_q.device
+        self._sums = {
+            name: torch.zeros((b, n_heads), dtype=torch.float64, device=dev)
+            for name in SCORE_COLUMNS
+        }
+        self._pos = torch.arange(t, device=dev, dtype=torch.float32)
+
+    def _add(self, name: str, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        """Add Σ over the chunk's rows in ``mask`` of ``rows[doc, head, row]``."""
+        import torch
+
+        self._sums[name] += (rows.to(torch.float64) * mask[:, None, :].to(torch.float64)).sum(-1)
+
+    def _sparse_rows(self, probs: torch.Tensor, pairs: torch.Tensor, q0: int) -> torch.Tensor:
+        """Σ_k A[q, k] over the (doc, q, k) pairs whose q lies in this chunk → [doc, head, row]."""
+        import torch
+
+        b, h, c, _ = probs.shape
+        lo = int(torch.searchsorted(pairs[:, 1].contiguous(), q0))
+        hi = int(torch.searchsorted(pairs[:, 1].contiguous(), q0 + c))
+        sel = pairs[lo:hi]
+        out = torch.zeros((b, c, h), dtype=probs.dtype, device=probs.device)
+        if len(sel):
+            doc, row, key = sel[:, 0], sel[:, 1] - q0, sel[:, 2]
+            values = probs[doc, :, row, key]  # [nnz, head]
+            out.index_put_((doc, row), values, accumulate=True)
+        return out.transpose(1, 2)
+
+    def add(self, probs: torch.Tensor, q0: int) -> None:
+        """Rows ``q0 … q0 + C`` of one layer: ``probs`` is ``[doc, head, C, k_pos]`` float32."""
+        import torch
+
+        m = self.masks
+        c = probs.shape[2]
+        valid = m.valid_q[:, q0 : q0 + c]
+        rows = torch.arange(c, device=probs.device)
+        q = rows + q0
+        prev = probs[:, :, rows, (q - 1).clamp_min(0)]  # A[q, q-1]; q = 0 is not a valid row
+        self._add("prev_token", prev, valid)
+        self._add("sink", probs[..., 0], valid)
+        self._add("self", probs[:, :, rows, q], valid)
+        self._add(
+            "duplicate", self._sparse_rows(probs, m.dup_pairs, q0), m.dup_rows[:, q0 : q0 + c]
+        )
+        self._add(
+            "induction", self._sparse_rows(probs, m.ind_pairs, q0), m.ind_rows[:, q0 : q0 + c]
+        )
+        # -Σ p ln p; clamping keeps 0·ln 0 = 0 and is ~2× faster than special.entr
+        plogp = (probs * torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny))).sum(-1)
+        self._add("entropy", -plogp / m.log_norm[q0 : q0 + c], valid)
+        self._add("max_weight", probs.amax(-1), valid)
+        # Σ_k A[q,k] (q − k) = q Σ_k A[q,k] − Σ_k k A[q,k]
+        self._add("mean_distance", q.to(torch.float32) * probs.sum(-1) - probs @ self._pos, valid)
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Score name → float64 ``[doc, head]``; NaN where the query set is empty."""
+        m = self.masks
+        counts = {
+            "duplicate": m.n_duplicate,
+            "induction": m.n_induction,
+        }
+        out = {}
+        for name, total in self._sums.items():
+            n = counts.get(name, m.n_queries).to(total.dtype)[:, None]
+            out[name] = (total / n).cpu().numpy()  # 0/0 -> NaN, the NULL marker
+        return out
 
 
 def score_layer(probs: torch.Tensor, masks: BatchMasks) -> dict[str, np.ndarray]:
-    """Every score of the spec for one layer of a batch.
-
-    Parameters
-    ----------
-    probs
-        ``[doc, head, q_pos, k_pos]`` float32 attention probabilities (causal, right-padded).
-    masks
-        :func:`batch_masks` of the same batch.
-
-    Returns
-    -------
-    dict
-        Score name → float64 ``[doc, head]`` array, NaN where the score is NULL.
-    """
-    import torch
-
-    _, _, t, _ = probs.shape
-    pos = torch.arange(t, device=probs.device, dtype=torch.float32)
-    zero = torch.zeros_like(probs[..., :1, 0])
-    prev = torch.cat([zero, probs.diagonal(offset=-1, dim1=-2, dim2=-1)], dim=-1)
-    rowsum = probs.sum(-1)
-    # Σ_k A[q,k] (q − k) = q Σ_k A[q,k] − Σ_k k A[q,k]
-    distance = pos * rowsum - probs @ pos
-    entropy = torch.special.entr(probs).sum(-1) / masks.log_norm
-    rows = {
-        "prev_token": (prev, masks.valid_q),
-        "sink": (probs[..., :, 0], masks.valid_q),
-        "self": (probs.diagonal(dim1=-2, dim2=-1), masks.valid_q),
-        # Σ_k A[q,k]·mask[q,k] as a batched contraction: no [doc, head, q, k] temporary
-        "duplicate": (
-            torch.einsum("bhqk,bqk->bhq", probs, masks.dup.to(probs.dtype)),
-            masks.dup.any(-1),
-        ),
-        "induction": (
-            torch.einsum("bhqk,bqk->bhq", probs, masks.ind.to(probs.dtype)),
-            masks.ind.any(-1),
-        ),
-        "entropy": (entropy, masks.valid_q),
-        "max_weight": (probs.amax(-1), masks.valid_q),
-        "mean_distance": (distance, masks.valid_q),
-    }
-    return {name: _mean_over(r, m).cpu().numpy() for name, (r, m) in rows.items()}
+    """Every score of the spec for one whole layer ``[doc, head, q_pos, k_pos]`` of a batch."""
+    acc = LayerScores(masks, probs.shape[1])
+    acc.add(probs, 0)
+    return acc.result()

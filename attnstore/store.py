@@ -41,6 +41,7 @@ from attnstore.layout import (
     SEGMENTS,
     TABLES_DIR,
     Manifest,
+    manifest_value,
     new_writer_id,
     read_json,
     read_manifest,
@@ -199,12 +200,19 @@ class Store:
             for d, s, o, n, sk in zip(
                 *(docs[c].to_pylist() for c in docs.column_names), strict=True
             ):
-                if sk is None:
-                    self._locations[d] = _Location(s, o, n)
-                else:
+                if sk is not None:
                     self._skipped[d] = sk
+                elif s is None:
+                    self._skipped[d] = "scores-only"
+                else:
+                    self._locations[d] = _Location(s, o, n)
         loc = self._locations.get(doc_id)
         if loc is None:
+            if self._skipped.get(doc_id) == "scores-only":
+                raise MatrixNotFoundError(
+                    f"doc_id {doc_id} has scores and tokens but no matrices: this store was "
+                    "extracted with --scores-only. Extract again without it to keep matrices."
+                )
             if doc_id in self._skipped:
                 raise MatrixNotFoundError(
                     f"doc_id {doc_id} was skipped at extraction ({self._skipped[doc_id]}): "
@@ -246,7 +254,6 @@ class Store:
 
     def token_ids(self, doc_id: int) -> np.ndarray:
         """Token ids of one stored document, int64 ``[T]``."""
-        self._location(int(doc_id))  # a clear error for unknown or skipped documents
         if self._tokens is None:
             table = self.table("tokens", ["doc_id", "pos", "token_id"])
             order = np.lexsort((table["pos"].to_numpy(), table["doc_id"].to_numpy()))
@@ -259,6 +266,8 @@ class Store:
             )
             bounds = np.r_[starts, len(docs)].tolist()
             self._tokens = {int(docs[a]): ids[a:b] for a, b in itertools.pairwise(bounds)}
+        if int(doc_id) not in self._tokens:
+            self._location(int(doc_id))  # raises the clear error for unknown or skipped documents
         return self._tokens[int(doc_id)]
 
     def matrix(self, doc_id: int, layer: int, head: int) -> np.ndarray:
@@ -287,7 +296,12 @@ class Store:
         docs = self.table("docs", ["n_tokens", "skipped", "truncated"])
         n_tokens = np.asarray(docs["n_tokens"].to_numpy(zero_copy_only=False), dtype=np.int64)
         stored = np.asarray(docs["skipped"].is_null().to_numpy(zero_copy_only=False))
-        seg_bytes = sum(f.stat().st_size for f in (self.path / SEGMENTS).rglob("*") if f.is_file())
+        seg_bytes = sum(  # committed segment files only, as recorded at commit
+            meta["bytes"]
+            for c in self._commits
+            for rel, meta in c["files"].items()
+            if rel.startswith(f"{SEGMENTS}/")
+        )
         total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         n_lh = len(self.manifest["layers"]) * len(self.manifest["heads"])
         dense_f32 = int((n_tokens[stored].astype(np.int64) ** 2).sum()) * n_lh * 4
@@ -341,10 +355,10 @@ class StoreWriter:
             )
         if (self.path / MANIFEST_NAME).exists():
             existing = read_manifest(self.path)
-            diffs = [k for k in COMPAT_KEYS if existing.get(k) != manifest.get(k)]
-            detail = "; ".join(
-                f"{k}: store has {existing.get(k)!r}, requested {manifest.get(k)!r}" for k in diffs
-            )
+            have = {k: manifest_value(existing, k) for k in COMPAT_KEYS}
+            want = {k: manifest_value(manifest, k) for k in COMPAT_KEYS}
+            diffs = [k for k in COMPAT_KEYS if have[k] != want[k]]
+            detail = "; ".join(f"{k}: store has {have[k]!r}, requested {want[k]!r}" for k in diffs)
             if any(k in LAYOUT_KEYS for k in diffs):
                 raise IncompatibleStoreError(
                     f"The store at {str(self.path)!r} was written with another layout ({detail}). "

@@ -306,40 +306,45 @@ def baseline_counts(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
     return n, correct
 
 
-def word_attention(probs: torch.Tensor, alignment: Alignment) -> torch.Tensor:
+def word_attention(probs: torch.Tensor, alignment: Alignment, q0: int = 0) -> torch.Tensor:
     """``W[head, i, j]`` = mean over query pieces of word i of the sum over key pieces of word j.
 
-    ``probs`` is one document's ``[head, q_pos, k_pos]`` (float32, unpadded).
+    ``probs`` is one document's ``[head, rows, k_pos]`` for query rows ``q0 …`` (float32,
+    unpadded keys). W is linear in the rows, so the W of row blocks add up to the W of the whole.
     """
     import torch
 
     n_words = len(alignment.words)
-    tw = torch.as_tensor(alignment.token_word, device=probs.device)
-    member = torch.zeros((n_words, probs.shape[-1]), dtype=probs.dtype, device=probs.device)
+    n_keys = probs.shape[-1]
+    tw = torch.as_tensor(alignment.token_word[:n_keys], device=probs.device)
+    member = torch.zeros((n_words, n_keys), dtype=probs.dtype, device=probs.device)
     real = tw >= 0
     member[tw[real], torch.nonzero(real).squeeze(-1)] = 1.0
-    counts = member.sum(-1, keepdim=True).clamp_min(1.0)
-    return (member / counts) @ probs @ member.T
+    mean = member / member.sum(-1, keepdim=True).clamp_min(1.0)
+    rows = mean[:, q0 : q0 + probs.shape[1]]
+    return rows @ probs @ member.T
 
 
-def head_counts(probs: torch.Tensor, alignment: Alignment, inst: Instances) -> np.ndarray:
-    """Correct counts ``[head, group]`` of the argmax prediction for every instance."""
+def counts_from_word_attention(w: torch.Tensor, inst: Instances) -> np.ndarray:
+    """Correct counts ``[head, group]`` of the argmax prediction (earlier words only, first max)."""
     import torch
 
-    heads = probs.shape[0]
+    heads, n_words = w.shape[0], w.shape[-1]
     if not len(inst.word):
-        return np.zeros((heads, 0), dtype=np.int64)
-    w = word_attention(probs, alignment)
-    n_words = w.shape[-1]
+        return np.zeros((heads, len(inst.keys)), dtype=np.int64)
     earlier = torch.ones(n_words, n_words, dtype=torch.bool, device=w.device).tril(-1)
-    pred = w.masked_fill(~earlier, float("-inf")).argmax(-1)  # [head, word]; first max on ties
-    pred_np = pred.cpu().numpy()
+    pred = w.masked_fill(~earlier, float("-inf")).argmax(-1).cpu().numpy()  # [head, word]
     word = inst.word
-    ok = inst.targets[np.arange(len(word))[None, :], pred_np[:, word]]  # [head, n_inst]
+    ok = inst.targets[np.arange(len(word))[None, :], pred[:, word]]  # [head, n_inst]
     out = np.zeros((heads, len(inst.keys)), dtype=np.int64)
     for h in range(heads):
         out[h] = np.bincount(inst.group, weights=ok[h], minlength=len(inst.keys))
     return out
+
+
+def head_counts(probs: torch.Tensor, alignment: Alignment, inst: Instances) -> np.ndarray:
+    """Correct counts ``[head, group]`` for one document's whole ``[head, q_pos, k_pos]``."""
+    return counts_from_word_attention(word_attention(probs, alignment), inst)
 
 
 class SyntaxTables:

@@ -36,13 +36,19 @@ def eager_attentions(folder: Path, text: str) -> tuple[list[int], np.ndarray]:
 
 
 @pytest.mark.parametrize("arch", ["llama_dir", "gpt2_dir"])
+@pytest.mark.parametrize(
+    ("mode", "chunk_bytes"),
+    [("eager", 1 << 28), ("sdpa", 1 << 28), ("eager", 4096), ("sdpa", 4096)],
+)
 def test_capture_equals_eager_and_padding_is_invisible(
-    arch: str, request: pytest.FixtureRequest
+    arch: str, mode: str, chunk_bytes: int, request: pytest.FixtureRequest
 ) -> None:
+    """Every capture path (own output or sdpa's, whole layers or blocks of a few query rows) gives
+    transformers' eager attention, and the same scores as the spec computed on it."""
     folder = request.getfixturevalue(arch)
     loaded = load_model(str(folder), device="cpu")
     assert loaded.captured
-    ex = Extractor(loaded, get_codec("float32"), max_length=64)
+    ex = Extractor(loaded, get_codec("float32"), max_length=64, mode=mode, chunk_bytes=chunk_bytes)
     docs = [ex.tokenize(Document(i, t)) for i, t in enumerate(TEXTS)]
     batch = ex.run(docs)  # padded: three different lengths
     alone = ex.run(docs[2:])  # the shortest document on its own
@@ -75,6 +81,34 @@ def test_capture_equals_eager_and_padding_is_invisible(
                     else:
                         assert value == pytest.approx(ref[name], abs=1e-5)
     assert n == len(alone.tokens["pos"])
+
+
+@pytest.mark.parametrize("arch", ["llama_dir", "gpt2_dir"])
+def test_sdpa_mode_leaves_model_outputs_unchanged(
+    arch: str, request: pytest.FixtureRequest
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from attnstore import capture
+
+    folder = request.getfixturevalue(arch)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = tok.eos_token
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    eager = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    loaded = load_model(str(folder), device="cpu")
+    with torch.no_grad():
+        expected = eager(**batch).logits
+        for mode in ("eager", "sdpa"):
+            capture._ACTIVE = capture._Capture(
+                lambda *a: None, lambda *a: None, mode=mode, chunk_bytes=2048
+            )
+            try:
+                got = loaded.model(**batch).logits
+            finally:
+                capture._ACTIVE = None
+            real = batch["attention_mask"].bool()
+            torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
 def test_store_roundtrip_matches_eager_within_codec_bound(
@@ -211,3 +245,23 @@ def test_missing_model_path(tmp_path: Path, corpus_txt: Path) -> None:
         attnstore.extract(
             str(tmp_path / "x.attn"), model=str(tmp_path), corpus=str(corpus_txt), progress=False
         )
+
+
+def test_scores_only_census(llama_dir: Path, corpus_txt: Path, tmp_path: Path) -> None:
+    from attnstore.verify import verify_store
+
+    full, census = tmp_path / "full.attn", tmp_path / "census.attn"
+    attnstore.extract(str(full), model=str(llama_dir), corpus=str(corpus_txt), progress=False)
+    attnstore.extract(
+        str(census), model=str(llama_dir), corpus=str(corpus_txt), scores_only=True, progress=False
+    )
+    q = "SELECT * FROM heads ORDER BY doc_id, layer, head"
+    assert attnstore.open(str(full)).sql(q) == attnstore.open(str(census)).sql(q)
+    store = attnstore.open(str(census))
+    assert store.info()["attention_bytes"] == 0
+    assert len(store.token_ids(0)) > 0
+    with pytest.raises(attnstore.MatrixNotFoundError, match="--scores-only"):
+        store.matrix(0, 0, 0)
+    assert verify_store(census).ok
+    with pytest.raises(attnstore.IncompatibleStoreError, match="matrices"):
+        attnstore.extract(str(census), model=str(llama_dir), corpus=str(corpus_txt), progress=False)

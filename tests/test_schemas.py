@@ -37,7 +37,8 @@ def test_table_specs_match_code(table: str) -> None:
 
 def test_manifest_typeddict_matches_schema() -> None:
     schema = load("manifest.schema.json")
-    assert set(schema["required"]) == set(typing.get_type_hints(layout.Manifest))
+    assert set(schema["required"]) == layout.Manifest.__required_keys__
+    assert set(schema["properties"]) == set(typing.get_type_hints(layout.Manifest))
     assert set(schema["properties"]["model"]["required"]) == set(
         typing.get_type_hints(layout.ModelInfo)
     )

@@ -273,3 +273,17 @@ def test_parse_later_equals_parse_at_extraction_when_lossless(
     heads = runner.invoke(cli, ["heads", str(later), "--syntax", "--min-n", "1", "-f", "json"])
     assert heads.exit_code == 0, heads.output
     assert heads.stdout.strip().startswith("[")
+
+
+def test_word_attention_of_row_blocks_adds_up() -> None:
+    rng = np.random.default_rng(3)
+    words = [w(f"w{i}", 2 * i) for i in range(6)]
+    spans = [(2 * i, 2 * i + 1) for i in range(6)] + [(2 * i + 1, 2 * i + 2) for i in range(6)]
+    spans.sort()
+    alignment = align(words, spans, cutoff=100)
+    probs = torch.from_numpy(rng.random((2, 12, 12)).astype(np.float32))
+    whole = syntax.word_attention(probs, alignment)
+    blocks = sum(
+        syntax.word_attention(probs[:, q0 : q0 + 5], alignment, q0) for q0 in range(0, 12, 5)
+    )
+    torch.testing.assert_close(blocks, whole)
