@@ -50,9 +50,14 @@ def main() -> None:
         attnstore.extract(str(store_path), model=str(model), corpus=str(corpus), progress=False)
     store = attnstore.open(str(store_path))
     expected = {f"matrix_{d}": store.matrices(d) for d in (0, 1)}
-    for table, order in (("heads", "doc_id, layer, head"), ("syntax", "doc_id, layer, head, relation, direction")):
+    for table, order in (
+        ("heads", "doc_id, layer, head"),
+        ("syntax", "doc_id, layer, head, relation, direction"),
+    ):
         rows = store.sql(f"SELECT * FROM {table} ORDER BY {order}")
-        expected.update({f"{table}_{c}": rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names})
+        expected.update(
+            {f"{table}_{c}": rows[c].to_numpy(zero_copy_only=False) for c in rows.column_names}
+        )
     np.savez_compressed(GOLDEN / f"{name}.expected.npz", **expected)
     print(f"wrote {store_path} and its expected values")
 
