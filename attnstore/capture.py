@@ -76,10 +76,19 @@ class _Capture:
     """
 
     def __init__(
-        self, consume: Any, done: Any, *, mode: str = "eager", chunk_bytes: int = 1 << 28
+        self,
+        consume: Any,
+        done: Any,
+        *,
+        mode: str = "eager",
+        chunk_bytes: int = 1 << 28,
+        online: Any = None,
     ) -> None:
         self.consume = consume
         self.done = done
+        #: scores-only in sdpa mode: ``online(layer, query, key, allowed, scaling, softcap)`` gets
+        #: the layer's queries and keys and computes scores without materialising attention
+        self.online = online
         self.mode = mode
         self.chunk_bytes = chunk_bytes
         self.calls = 0
@@ -132,12 +141,16 @@ def _attention(
             out = torch.nan_to_num(out, nan=0.0)
     else:
         out = torch.empty_like(query)
+    layer = getattr(module, "layer_idx", None)
+    layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
+    if cap is not None and cap.online is not None and mode == "sdpa":
+        cap.online(layer, query, key, allowed, scaling, softcap)
+        cap.calls += 1
+        return out.transpose(1, 2).contiguous(), None
     q_f, k_f = query.float(), key.float().transpose(-1, -2)
     chunk = t_q
     if cap is not None:
         chunk = max(1, min(t_q, cap.chunk_bytes // max(1, 4 * b * h * t_k)))
-    layer = getattr(module, "layer_idx", None)
-    layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
     for q0 in range(0, t_q, chunk):
         q1 = min(q0 + chunk, t_q)
         logits = torch.matmul(q_f[:, :, q0:q1], k_f) * scaling
@@ -552,9 +565,40 @@ class Extractor:
                     correct = syntax.counts_from_word_attention(word_att.pop((li, i)), inst)
                     syn.add_counts(doc_id, layer, self.heads, inst, correct)
 
+            def online(
+                layer: int, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor,
+                scaling: float, softcap: float | None,
+            ) -> None:  # fmt: skip
+                li = layer_pos.get(layer)
+                if li is None:
+                    return
+                if not all_heads:
+                    query, key = query.index_select(1, head_index), key.index_select(1, head_index)
+                    allowed = (
+                        allowed if allowed.shape[1] == 1 else allowed.index_select(1, head_index)
+                    )
+                key_block = max(16, self.chunk_bytes // max(1, 4 * b * n_h * t_max))
+                values = scores.online_layer_scores(
+                    query,
+                    key,
+                    allowed,
+                    masks,
+                    ids,
+                    scaling=scaling,
+                    softcap=softcap,
+                    key_block=key_block,
+                )
+                for name, v in values.items():
+                    score_arrays[name][:, li, :] = v
+
+            # Scores-only in sdpa mode never materialises attention rows (online softmax).
+            use_online = not self.store_matrices and self.mode == "sdpa" and not parsed
             global _ACTIVE
             if loaded.captured:
-                _ACTIVE = _Capture(consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes)
+                _ACTIVE = _Capture(
+                    consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes,
+                    online=online if use_online else None,
+                )  # fmt: skip
                 try:
                     loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
                 finally:

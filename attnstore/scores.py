@@ -197,3 +197,99 @@ def score_layer(probs: torch.Tensor, masks: BatchMasks) -> dict[str, np.ndarray]
     acc = LayerScores(masks, probs.shape[1])
     acc.add(probs, 0)
     return acc.result()
+
+
+def online_layer_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    allowed: torch.Tensor,
+    masks: BatchMasks,
+    token_ids: torch.Tensor,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    key_block: int = 256,
+) -> dict[str, np.ndarray]:
+    """Every score without materialising the attention rows: one online-softmax pass over key blocks.
+
+    The reference (exact, any device) for a fused kernel beside the sdpa forward. Per row it keeps
+    the running max ``m`` and normaliser ``l = Σ e^(s−m)``, and rescales running sums of
+    ``e^(s−m)·s`` (entropy), ``e^(s−m)·(q−k)`` (distance) and ``e^(s−m)`` over the duplicate and
+    induction key sets; ``prev_token``/``self``/``sink`` come from the logits at k = q−1, q, 0 and
+    ``max_weight`` is ``1 / l``. Peak memory is one ``[doc, head, q_pos, key_block]`` block.
+
+    Parameters
+    ----------
+    query, key
+        ``[doc, head, q_pos, d]`` after rotary embedding, key/value heads already repeated.
+    allowed
+        Boolean mask broadcastable to ``[doc, head, q_pos, k_pos]`` (causal and padding).
+    token_ids
+        ``[doc, q_pos]`` int64, for the duplicate and induction sets.
+    """
+    import torch
+
+    b, h, t, _ = query.shape
+    q_f = query.float()
+    dev = query.device
+    neg = float("-inf")
+    m = torch.full((b, h, t), neg, device=dev)
+    sums = {k: torch.zeros((b, h, t), device=dev) for k in ("l", "ent", "dist", "dup", "ind")}
+    pos = torch.arange(t, device=dev)
+    at = {"prev": (pos - 1).clamp_min(0), "self": pos, "sink": torch.zeros_like(pos)}
+    picked = {name: torch.full((b, h, t), neg, device=dev) for name in at}
+    for k0 in range(0, t, key_block):
+        k1 = min(k0 + key_block, t)
+        s = torch.matmul(q_f, key[:, :, k0:k1].float().transpose(-1, -2)) * scaling
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        ok = allowed[..., :, k0:k1].expand(b, h, t, k1 - k0)
+        s = s.masked_fill(~ok, neg)
+        for name, k_of_q in at.items():  # logits at the fixed keys that fall in this block
+            inside = (k_of_q >= k0) & (k_of_q < k1)
+            if inside.any():
+                vals = s.gather(-1, (k_of_q.clamp(k0, k1 - 1) - k0).expand(b, h, t)[..., None])[
+                    ..., 0
+                ]
+                picked[name] = torch.where(inside, vals, picked[name])
+        m_new = torch.maximum(m, s.amax(-1))
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        scale = torch.exp(m - safe)  # rescales the running sums to the new max (0 when m = −inf)
+        e = torch.exp(s - safe[..., None])
+        keys = torch.arange(k0, k1, device=dev)
+        same = token_ids[:, :, None] == token_ids[:, None, k0:k1]  # [doc, q, k]: x_q == x_k
+        prev_same = token_ids[:, :, None] == token_ids[:, None, max(k0 - 1, 0) : k1 - 1]
+        if k0 == 0:  # k = 0 has no previous token
+            prev_same = torch.cat([torch.zeros_like(same[..., :1]), prev_same], dim=-1)
+        before = keys[None, :] < pos[:, None]
+        ind_ok = (prev_same & before & (keys[None, :] >= 1)).to(e.dtype)
+        dup_ok = (same & before).to(e.dtype)
+        sums["l"] = sums["l"] * scale + e.sum(-1)
+        sums["ent"] = sums["ent"] * scale + torch.where(ok, e * s, torch.zeros_like(s)).sum(-1)
+        sums["dist"] = sums["dist"] * scale + (e * (pos[:, None] - keys[None, :]).to(e.dtype)).sum(
+            -1
+        )
+        sums["dup"] = sums["dup"] * scale + torch.einsum("bhqk,bqk->bhq", e, dup_ok)
+        sums["ind"] = sums["ind"] * scale + torch.einsum("bhqk,bqk->bhq", e, ind_ok)
+        m = m_new
+    l = sums["l"].clamp_min(torch.finfo(torch.float32).tiny)
+    safe_m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+
+    def prob(logit: torch.Tensor) -> torch.Tensor:
+        return torch.exp(logit - safe_m) / l
+
+    rows = {
+        "prev_token": prob(picked["prev"]),
+        "sink": prob(picked["sink"]),
+        "self": prob(picked["self"]),
+        "duplicate": sums["dup"] / l,
+        "induction": sums["ind"] / l,
+        "entropy": (safe_m + torch.log(l) - sums["ent"] / l) / masks.log_norm,
+        "max_weight": 1.0 / l,
+        "mean_distance": sums["dist"] / l,
+    }
+    acc = LayerScores(masks, h)
+    row_masks = {"duplicate": masks.dup_rows, "induction": masks.ind_rows}
+    for name, values in rows.items():
+        acc._add(name, values, row_masks.get(name, masks.valid_q))
+    return acc.result()

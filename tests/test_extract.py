@@ -265,3 +265,41 @@ def test_scores_only_census(llama_dir: Path, corpus_txt: Path, tmp_path: Path) -
     assert verify_store(census).ok
     with pytest.raises(attnstore.IncompatibleStoreError, match="matrices"):
         attnstore.extract(str(census), model=str(llama_dir), corpus=str(corpus_txt), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama_dir", "gpt2_dir"])
+def test_scores_only_sdpa_uses_online_softmax_and_agrees(
+    arch: str, request: pytest.FixtureRequest, corpus_txt: Path
+) -> None:
+    import attnstore.scores as scores_mod
+
+    folder = request.getfixturevalue(arch)
+    loaded = load_model(str(folder), device="cpu")
+    docs = [Document(i, t) for i, t in enumerate(corpus_txt.read_text().splitlines()) if t.strip()]
+    calls = {"n": 0}
+    real = scores_mod.online_layer_scores
+
+    def counting(*a: object, **k: object) -> object:
+        calls["n"] += 1
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    reference = Extractor(loaded, get_codec("default"), 64, mode="eager")
+    census = Extractor(
+        loaded,
+        get_codec("default"),
+        64,
+        mode="sdpa",
+        store_matrices=False,
+        heads=[1, 3],
+        chunk_bytes=4096,
+    )
+    want = reference.run([reference.tokenize(d) for d in docs]).heads
+    scores_mod.online_layer_scores = counting  # type: ignore[assignment]
+    try:
+        got = census.run([census.tokenize(d) for d in docs]).heads
+    finally:
+        scores_mod.online_layer_scores = real  # type: ignore[assignment]
+    assert calls["n"] == loaded.info["n_layers"]  # one online pass per layer, no rows materialised
+    sel = np.isin(want["head"], [1, 3])
+    for name in SCORE_COLUMNS:
+        np.testing.assert_allclose(got[name], want[name][sel], atol=2e-5, err_msg=name)

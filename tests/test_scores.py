@@ -146,3 +146,29 @@ def test_property_matches_reference_and_ranges(n: int, vocab: int, seed: int, sh
         for name in ("prev_token", "sink", "self", "entropy", "max_weight"):
             assert -1e-6 <= got[name][0, h] <= 1 + 1e-6
         assert 0 <= got["mean_distance"][0, h] <= n - 1 + 1e-5
+
+
+@pytest.mark.parametrize(("key_block", "softcap"), [(3, None), (7, 30.0), (64, None)])
+def test_online_scores_equal_materialised(key_block: int, softcap: float | None) -> None:
+    from attnstore.scores import online_layer_scores
+
+    torch.manual_seed(0)
+    b, h, t, d = 3, 4, 19, 8
+    lengths = torch.tensor([19, 11, 2])
+    ids = torch.randint(0, 4, (b, t))
+    q, k = torch.randn(b, h, t, d) * 2, torch.randn(b, h, t, d) * 2
+    pos = torch.arange(t)
+    allowed = (pos[None, :] <= pos[:, None])[None, None] & (pos[None, :] < lengths[:, None])[
+        :, None, None, :
+    ]
+    logits = q @ k.transpose(-1, -2) * 0.3
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+    masks = batch_masks(ids, lengths)
+    want = score_layer(probs, masks)
+    got = online_layer_scores(
+        q, k, allowed, masks, ids, scaling=0.3, softcap=softcap, key_block=key_block
+    )
+    for name in SCORE_COLUMNS:
+        np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=1e-5, err_msg=name)
