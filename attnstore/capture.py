@@ -577,7 +577,8 @@ class Extractor:
                     allowed = (
                         allowed if allowed.shape[1] == 1 else allowed.index_select(1, head_index)
                     )
-                key_block = max(16, self.chunk_bytes // max(1, 4 * b * n_h * t_max))
+                # several float32 temporaries of one block are alive at once: keep each small
+                key_block = max(16, self.chunk_bytes // (16 * max(1, 4 * b * n_h * t_max)))
                 values = scores.online_layer_scores(
                     query,
                     key,
