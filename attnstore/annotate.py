@@ -1,7 +1,7 @@
 """``attnstore parse``: add syntactic-head scores to a store that kept its matrices.
 
 Unlike ``extract --parse`` (scores from full-precision attention), this computes them from the
-*stored, decoded* matrices, so the codec's error (≤ 7.7e-6 for the default) can flip an argmax
+*stored, decoded* matrices, so the codec's error (≤ 9.9e-6 for the default) can flip an argmax
 between near-equal words; the commit record says which (``"source": "decoded"``). Documents that
 already have parses are skipped, so the command is resumable like ``extract``.
 """

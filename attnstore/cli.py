@@ -151,7 +151,7 @@ def _int_list(value: str | None) -> list[int] | None:
     "--codec",
     default="default",
     show_default=True,
-    help="default (fixed16, ≤7.7e-6 error), compact (fixed8, ≤2e-3), lossless (float32), float16.",
+    help="default (fixed16, ≤9.9e-6 error), compact (fixed8, ≤2e-3), lossless (float32), float16.",
 )
 @click.option("--layers", default=None, help="Layers to store, e.g. '0-5,12'. Default all.")
 @click.option("--heads", default=None, help="Query heads to store, e.g. '0,3'. Default all.")

@@ -84,3 +84,12 @@ def test_pack_unpack_roundtrip(n: int, lead: int) -> None:
 def test_unpack_checks_length() -> None:
     with pytest.raises(ValueError, match="Expected 6 packed values"):
         unpack_tril(np.zeros(5), 3)
+
+
+def test_recorded_scale_is_honoured() -> None:
+    old = get_codec({"id": "fixed16", "scale": 65535})
+    assert old.max_abs_error < get_codec("default").max_abs_error <= 1e-5
+    codes = np.array([65535, 32768], dtype=np.uint16)
+    np.testing.assert_allclose(old.decode(codes), [1.0, 32768 / 65535], rtol=1e-7)
+    with pytest.raises(ValueError, match="scale in 1…255"):
+        get_codec({"id": "fixed8", "scale": 300})
