@@ -75,3 +75,13 @@ def llama_store(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Pa
         progress=False,
     )
     return out
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run where CUDA exists and are skipped, with the reason, everywhere else."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
