@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from attnstore.errors import AttnStoreError
+from attnstore.scores import SCORE_COLUMNS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -78,6 +79,18 @@ def _render(table: pa.Table, fmt: str) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(lines)
+
+
+#: the machine-readable output option shared by every command that prints a table
+_format_option = click.option(
+    "--format",
+    "-f",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -252,15 +265,7 @@ def extract(
     multiple=True,
     help="Value bound to the next '?' (JSON literal or text). Repeatable.",
 )
-@click.option(
-    "--format",
-    "-f",
-    "fmt",
-    type=click.Choice(["table", "csv", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format.",
-)
+@_format_option
 @_errors
 def query(store: str, sql: str, params: tuple[str, ...], fmt: str) -> None:
     """Run read-only SQL over the docs, tokens and heads tables of STORE.
@@ -325,16 +330,7 @@ def verify(store: str, quick: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
-_SUMMARY_SCORES = (
-    "prev_token",
-    "sink",
-    "self",
-    "duplicate",
-    "induction",
-    "entropy",
-    "max_weight",
-    "mean_distance",
-)
+_SUMMARY_SCORES = SCORE_COLUMNS
 
 
 @cli.command()
@@ -353,14 +349,7 @@ _SUMMARY_SCORES = (
     default=None,
     help="Only heads with this label (induction, previous-token, duplicate, self, sink, diffuse, none).",
 )
-@click.option(
-    "--format",
-    "-f",
-    "fmt",
-    type=click.Choice(["table", "csv", "json"]),
-    default="table",
-    show_default=True,
-)
+@_format_option
 @click.option(
     "--syntax",
     "syntactic",

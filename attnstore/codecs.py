@@ -185,5 +185,7 @@ def get_codec(config: str | dict[str, Any]) -> Codec:
     if cls is None:
         raise UnknownCodecError(codec_id, sorted(CODECS) + sorted(PRESETS))
     if isinstance(config, dict) and "scale" in config and issubclass(cls, FixedPoint):
-        return cls(scale=int(config["scale"]))  # the scale a store was written with (65535 in the 1.0 golden store)
+        return cls(
+            scale=int(config["scale"])
+        )  # the scale a store was written with (65535 in the 1.0 golden store)
     return cls()
