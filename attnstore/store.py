@@ -52,7 +52,7 @@ from attnstore.packing import packed_length, unpack_tril
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["Segment", "Store", "StoreWriter", "open_store"]
+__all__ = ["Segment", "Store", "StoreWriter"]
 
 #: Inner chunk length along the packed axis: 64 Ki values (128 KiB as uint16). One T=512 matrix
 #: (131,328 values) spans 3 chunks, so one read decompresses at most ~400 KiB.
@@ -325,11 +325,6 @@ class Store:
             "dense_float32_bytes": dense_f32,
             "ratio_vs_dense_float32": round(dense_f32 / seg_bytes, 2) if seg_bytes else None,
         }
-
-
-def open_store(path: str | os.PathLike[str]) -> Store:
-    """Open a store read-only. Same as :class:`Store` (``attnstore.open``)."""
-    return Store(path)
 
 
 class StoreWriter:
