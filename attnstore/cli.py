@@ -330,15 +330,12 @@ def verify(store: str, quick: bool, as_json: bool) -> None:
         sys.exit(1)
 
 
-_SUMMARY_SCORES = SCORE_COLUMNS
-
-
 @cli.command()
 @click.argument("store", type=click.Path())
 @click.option(
     "--score",
     "-s",
-    type=click.Choice(_SUMMARY_SCORES),
+    type=click.Choice(SCORE_COLUMNS),
     default=None,
     help="Sort by this corpus-level score, highest first.",
 )
@@ -391,7 +388,7 @@ def heads(
             params_s.append(top)
         click.echo(_render(Store(store).sql(sql, params_s), fmt))
         return
-    cols = ", ".join(f"round({c}, 4) AS {c}" for c in _SUMMARY_SCORES)
+    cols = ", ".join(f"round({c}, 4) AS {c}" for c in SCORE_COLUMNS)
     sql = f"SELECT layer, head, kv_head, n_docs, {cols}, label FROM head_summary"
     params: list[object] = []
     if label is not None:
@@ -472,7 +469,7 @@ def plot_matrix_cmd(store: str, doc_id: int, layer: int, head: int, out: str) ->
 @plot.command("grid")
 @_store_arg
 @click.option(
-    "--score", "-s", type=click.Choice(_SUMMARY_SCORES), default="induction", show_default=True
+    "--score", "-s", type=click.Choice(SCORE_COLUMNS), default="induction", show_default=True
 )
 @click.option("--where", "-w", default=None, help="SQL condition over heads rows to average.")
 @_out_opt

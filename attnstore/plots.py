@@ -97,11 +97,11 @@ def plot_grid(
     store: Store | str, score: str, out: str | os.PathLike[str], where: str | None = None
 ) -> Path:
     """Layer × head grid of a score's count-weighted mean over the heads rows matching ``where``."""
-    from attnstore.scores import SCORE_COLUMNS
+    from attnstore.scores import SCORE_COLUMNS, WEIGHT_COLUMN
 
     if score not in SCORE_COLUMNS:
         raise AttnStoreError(f"Expected a score in {list(SCORE_COLUMNS)}. Got {score!r}.")
-    weight = {"duplicate": "n_duplicate", "induction": "n_induction"}.get(score, "n_queries")
+    weight = WEIGHT_COLUMN[score]
     plt = _pyplot()
     st = store if isinstance(store, Store) else Store(store)
     sql = f"SELECT layer, head, sum({score} * {weight}) / nullif(sum({weight}), 0) AS v FROM heads"

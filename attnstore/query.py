@@ -38,12 +38,11 @@ def _quote(path: str) -> str:
 def _head_summary_sql() -> str:
     """Corpus-level view per (layer, head): count-weighted means (mergeable) and a label."""
     from attnstore.labels import label_sql
+    from attnstore.scores import SCORE_COLUMNS, WEIGHT_COLUMN
 
-    q1 = ("prev_token", "sink", "self", "entropy", "max_weight", "mean_distance")
-    means = [f"sum({c} * n_queries) / nullif(sum(n_queries), 0) AS {c}" for c in q1]
-    means += [
-        "sum(duplicate * n_duplicate) / nullif(sum(n_duplicate), 0) AS duplicate",
-        "sum(induction * n_induction) / nullif(sum(n_induction), 0) AS induction",
+    means = [
+        f"sum({c} * {WEIGHT_COLUMN[c]}) / nullif(sum({WEIGHT_COLUMN[c]}), 0) AS {c}"
+        for c in SCORE_COLUMNS
     ]
     return (
         "CREATE VIEW head_summary AS WITH m AS (SELECT layer, head, any_value(kv_head) AS kv_head, "

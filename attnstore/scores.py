@@ -44,6 +44,11 @@ SCORE_COLUMNS: Final = (
 )
 #: Size of each score's query set, for corpus-level means weighted by count.
 COUNT_COLUMNS: Final = ("n_queries", "n_duplicate", "n_induction")
+#: The count column that weights each score in a corpus-level mean (Σ score·count / Σ count).
+WEIGHT_COLUMN: Final[dict[str, str]] = {
+    name: {"duplicate": "n_duplicate", "induction": "n_induction"}.get(name, "n_queries")
+    for name in SCORE_COLUMNS
+}
 
 
 @dataclass(frozen=True)

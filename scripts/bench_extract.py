@@ -87,7 +87,6 @@ def main() -> None:
     _, f32_path = run("lossless", "f32.attn")  # reference probabilities for the codec table
     ref = Store(f32_path)
     doc_ids = ref.sql("SELECT doc_id FROM docs ORDER BY doc_id").column(0).to_pylist()
-    packed = [ref._array(ref._location(d).segment) for d in doc_ids]
     ref_codes = []
     for d in doc_ids:
         loc = ref._location(d)
@@ -101,7 +100,6 @@ def main() -> None:
                 ),
             )
         )
-    del packed
     dense_bytes = sum(c.shape[0] * c.shape[1] * n * n * 4 for _, n, c in ref_codes)
 
     codecs: dict[str, dict[str, float]] = {}

@@ -35,15 +35,16 @@ def clean(
     crash_corpus: Path, llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, object]:
     out = tmp_path_factory.mktemp("clean") / "clean.attn"
-    attnstore.extract(
-        str(out),
-        model=str(llama_dir),
-        corpus=str(crash_corpus),
-        batch_size=2,
-        max_length=64,
-        progress=False,
-    )
+    extract_here(out, llama_dir, crash_corpus)
     return store_content(out)
+
+
+def extract_here(out: Path, llama_dir: Path, corpus: Path) -> None:
+    """The uninterrupted in-process run, with the same settings as :func:`command`."""
+    attnstore.extract(
+        str(out), model=str(llama_dir), corpus=str(corpus), batch_size=2, max_length=64,
+        progress=False,
+    )  # fmt: skip
 
 
 def command(out: Path, llama_dir: Path, corpus: Path) -> list[str]:
@@ -55,14 +56,7 @@ def finish_and_compare(out: Path, llama_dir: Path, corpus: Path, clean: dict[str
         before = attnstore.open(str(out))
         assert verify_store(out).ok  # what survived the crash is consistent
         del before
-    attnstore.extract(
-        str(out),
-        model=str(llama_dir),
-        corpus=str(corpus),
-        batch_size=2,
-        max_length=64,
-        progress=False,
-    )
+    extract_here(out, llama_dir, corpus)
     report = verify_store(out)
     assert report.ok, report.problems
     assert_same_content(store_content(out), clean)  # type: ignore[arg-type]
