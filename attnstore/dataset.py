@@ -48,6 +48,10 @@ class AttentionDataset(Dataset[dict[str, Any]]):
         Add ``label`` (class index into :data:`attnstore.labels.LABELS`) from per-item scores.
     seed
         Shuffle the selection with this seed (deterministic); keep ``heads`` order if None.
+    storage_options
+        For a store at ``s3://…`` (or ``gs://``, ``az://``): endpoint, credentials, region, on top
+        of the ``AWS_*`` variables. Object-storage clients do not survive a fork: give the
+        ``DataLoader`` ``multiprocessing_context="spawn"`` when it has workers.
 
     Each item is a dict: ``matrix``, ``token_ids`` ``[T]``, ``scores`` ``[8]`` (NaN for NULL, in
     :data:`attnstore.scores.SCORE_COLUMNS` order), ``doc_id``, ``layer``, ``head``, ``n_tokens`` and
@@ -63,14 +67,19 @@ class AttentionDataset(Dataset[dict[str, Any]]):
         raw: bool = False,
         labels: bool = False,
         seed: int | None = None,
+        storage_options: dict[str, str] | None = None,
     ) -> None:
         self.path = str(store)
+        self.storage_options = storage_options
         self.packed, self.raw, self.labels = packed, raw, labels
         sql = f"SELECT doc_id, layer, head, n_tokens, {', '.join(SCORE_COLUMNS)} FROM heads"
         if where:
             sql += f" WHERE {where}"
         sql += " ORDER BY doc_id, layer, head"
-        table = Store(self.path).sql(sql)
+        # One snapshot for every worker: a Store pickles as plain data and reads without delta-rs,
+        # whose runtime does not survive the fork of a DataLoader worker.
+        self._store: Store | None = self._open()
+        table = self._store.sql(sql)
         self._ids = np.stack(
             [table[c].to_numpy() for c in ("doc_id", "layer", "head", "n_tokens")], axis=1
         ).astype(np.int64)
@@ -85,20 +94,20 @@ class AttentionDataset(Dataset[dict[str, Any]]):
         if seed is not None:
             order = np.random.default_rng(seed).permutation(len(self._ids))
             self._ids, self._scores = self._ids[order], self._scores[order]
-        self._store: Store | None = None
+
+    def _open(self) -> Store:
+        from attnstore.storage import default_storage_options
+
+        with default_storage_options(self.storage_options):
+            return Store(self.path)
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_store"] = None  # each worker opens its own
-        return state
-
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.path)
+            self._store = self._open()
         return self._store
 
     def __getitem__(self, i: int) -> dict[str, Any]:

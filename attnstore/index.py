@@ -4,17 +4,21 @@ Tables (column specs in ``schemas/tables/*.json``; a test keeps code and spec eq
 
 - ``docs``: one row per input document, skipped ones included (``skipped`` says why).
 - ``tokens``: one row per stored token.
-- ``heads``: one row per (document, layer, head) with the pattern scores of ``shared/spec/scores.md``.
+- ``heads``: one row per (document, layer, head) with the pattern scores of ``schemas/scores.md``.
 - ``words``, ``syntax``, ``syntax_baseline``: parses aligned to tokens and the mergeable counts of
-  ``shared/spec/syntax.md`` (only in stores extracted with ``--parse`` or annotated by ``parse``).
+  ``schemas/syntax.md`` (only in stores extracted with ``--parse`` or annotated by ``parse``).
+- ``probes``, ``probe_scores``: span-probe items and their per-head mass and argmax correctness
+  (``schemas/probes.md``; only in stores with probe items).
 
-Files are immutable parts named after the segment they describe and written under a temporary name
-then renamed, so a reader never sees half a file. Rows are sorted by ``doc_id`` (then layer, head)
-so DuckDB's row-group statistics prune point look-ups.
+Each table is a Delta Lake table (format 2). Files are immutable parts written under a temporary
+name then renamed, so a reader never sees half a file; the Delta log adds them. Rows are sorted by
+``doc_id`` (then layer, head) and row groups hold at most :data:`ROW_GROUP_ROWS` rows, so the
+per-file statistics in the Delta log and the row-group statistics prune point look-ups.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Final
@@ -25,7 +29,19 @@ import pyarrow.parquet as pq
 
 from attnstore.scores import SCORE_COLUMNS
 
-__all__ = ["SCHEMAS", "SORT_KEYS", "TABLES", "empty_table", "table_from_columns", "write_part"]
+__all__ = [
+    "ROW_GROUP_ROWS",
+    "SCHEMAS",
+    "SORT_KEYS",
+    "TABLES",
+    "empty_table",
+    "part_stats",
+    "table_from_columns",
+    "write_part",
+]
+
+#: Rows per Parquet row group: a point look-up decodes at most this many rows of a column.
+ROW_GROUP_ROWS: Final = 1 << 16
 
 DOCS: Final = pa.schema(
     [
@@ -47,6 +63,7 @@ TOKENS: Final = pa.schema(
         pa.field("pos", pa.int32(), nullable=False),
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("token", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
         pa.field("char_start", pa.int32()),
         pa.field("char_end", pa.int32()),
     ]
@@ -103,6 +120,37 @@ SYNTAX_BASELINE: Final = pa.schema(
     ]
 )
 
+#: Span probes (schemas/probes.md): one row per item, skipped ones included.
+PROBES: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("item", pa.int32(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("group", pa.string()),
+        pa.field("query_first", pa.int32()),
+        pa.field("query_last", pa.int32()),
+        pa.field("n_targets", pa.int32(), nullable=False),
+        pa.field("n_distractors", pa.int32(), nullable=False),
+        pa.field("nearest_correct", pa.bool_()),
+        pa.field("first_correct", pa.bool_()),
+        pa.field("skipped", pa.string()),
+    ]
+)
+
+#: One row per (document, item, layer, head) of a non-skipped probe item.
+PROBE_SCORES: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("item", pa.int32(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("head", pa.int16(), nullable=False),
+        pa.field("mass_target", pa.float64(), nullable=False),
+        pa.field("mass_distractor", pa.float64(), nullable=False),
+        pa.field("correct", pa.bool_()),
+        pa.field("strict_correct", pa.bool_()),
+    ]
+)
+
 SCHEMAS: Final[dict[str, pa.Schema]] = {
     "docs": DOCS,
     "tokens": TOKENS,
@@ -110,6 +158,8 @@ SCHEMAS: Final[dict[str, pa.Schema]] = {
     "words": WORDS,
     "syntax": SYNTAX,
     "syntax_baseline": SYNTAX_BASELINE,
+    "probes": PROBES,
+    "probe_scores": PROBE_SCORES,
 }
 #: Row order inside every part (lets DuckDB prune row groups on point look-ups).
 SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
@@ -119,6 +169,8 @@ SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "words": ("doc_id", "word"),
     "syntax": ("doc_id", "layer", "head", "relation", "direction"),
     "syntax_baseline": ("doc_id", "relation", "direction"),
+    "probes": ("doc_id", "item"),
+    "probe_scores": ("doc_id", "item", "layer", "head"),
 }
 TABLES: Final = tuple(SCHEMAS)
 
@@ -149,11 +201,36 @@ def empty_table(name: str) -> pa.Table:
     return SCHEMAS[name].empty_table()
 
 
+def part_stats(table: pa.Table) -> str:
+    """Delta Lake file statistics (JSON) of one part: row count, min/max/nulls of integer columns.
+
+    Readers use them to skip files that cannot hold a looked-up ``doc_id``.
+    """
+    import pyarrow.compute as pc
+
+    mins: dict[str, int] = {}
+    maxs: dict[str, int] = {}
+    nulls: dict[str, int] = {}
+    for field in table.schema:
+        if not pa.types.is_integer(field.type):
+            continue
+        column = table[field.name]
+        nulls[field.name] = column.null_count
+        if table.num_rows and column.null_count < table.num_rows:
+            lo, hi = pc.min_max(column).values()
+            mins[field.name], maxs[field.name] = lo.as_py(), hi.as_py()
+    return json.dumps(
+        {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+    )
+
+
 def write_part(table: pa.Table, path: Path) -> None:
     """Write one immutable Parquet part: temporary name, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
+    pq.write_table(
+        table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_page_checksum=True
+    )
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

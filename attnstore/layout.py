@@ -1,16 +1,23 @@
 """Where things live in a store, and the manifest that describes it (spec: ``schemas/``).
 
-::
+Format 2 (written by this version; spec in ``schemas/README.md``)::
 
     STORE/
-      attnstore.json               manifest (schemas/manifest.schema.json)
-      segments/zarr.json           Zarr v3 group holding one array per committed batch
-      segments/<segment>/          Zarr v3 array [layer, head, packed] of codec dtype, one shard
-      tables/<table>/<segment>.parquet
-      commits/<segment>.json       written last: a batch is visible iff its commit record exists
+      attnstore.json                     manifest (schemas/manifest.schema.json)
+      tables/<table>/                    one Delta Lake table per table (_delta_log/ + Parquet)
+      tables/<table>/<writer>/<kkkkk>/<nnnnnnnnn>.parquet   parts a writer added
+      segments/<writer>/<kkkkk>/<nnnnnnnnn>/               Zarr v3 array [layer, head, packed]
+      writers/<app_id>.json              per writer: last flush version and its pending intent
 
-Every name under ``segments/``, ``tables/`` and ``commits/`` is unique to one writer (a random
-writer id plus a counter), so many writers can fill one store without sharing a file.
+``<writer>`` is a random id per writing process and ``<kkkkk>`` = ``<n> // 1024``, so no folder
+holds more than :data:`FOLDER_FANOUT` batches and no two writers share a file. A batch is visible
+once the ``docs`` table commits it.
+
+Format 1 (read-only here; ``attnstore migrate`` converts)::
+
+    STORE/
+      attnstore.json, segments/<segment>/, tables/<table>/<segment>.parquet,
+      commits/<segment>.json       written last: a batch is visible iff its commit record exists
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ __all__ = [
     "FORMAT_VERSION",
     "LAYOUT_KEYS",
     "MANIFEST_NAME",
+    "READ_MAJORS",
     "Manifest",
     "manifest_value",
     "new_writer_id",
@@ -40,11 +48,17 @@ __all__ = [
 FORMAT_NAME: Final = "attnstore"
 #: Major.minor. Readers accept any minor of their major; additive changes bump the minor.
 #: 1.1 added tokens.char_start/char_end and the words, syntax and syntax_baseline tables.
-FORMAT_VERSION: Final = "1.1"
+#: 2.0 keeps each table as a Delta Lake table and nests segments (no commit records).
+FORMAT_VERSION: Final = "2.0"
+#: Majors this version reads; only :data:`FORMAT_VERSION`'s major is written.
+READ_MAJORS: Final = (1, 2)
 MANIFEST_NAME: Final = "attnstore.json"
 SEGMENTS: Final = "segments"
 TABLES_DIR: Final = "tables"
 COMMITS: Final = "commits"
+WRITERS: Final = "writers"
+#: Batches per segment/part folder (``<kkkkk>`` above).
+FOLDER_FANOUT: Final = 1024
 PACKING: Final = "tril-rowmajor"
 
 #: Manifest entries that must agree before new documents may join an existing store.
@@ -144,16 +158,16 @@ def read_manifest(root: Path) -> Manifest:
 
 
 def parse_format_version(value: object) -> tuple[int, int]:
-    ours = tuple(int(x) for x in FORMAT_VERSION.split("."))
     try:
         major, minor = (int(x) for x in str(value).split("."))
     except ValueError:
         raise FormatVersionError(
             f"Expected a format_version like {FORMAT_VERSION!r}. Got {value!r} instead."
         ) from None
-    if major != ours[0]:
+    if major not in READ_MAJORS:
         raise FormatVersionError(
-            f"This store has format version {value}; this attnstore reads version "
-            f"{ours[0]}.x. Upgrade attnstore (pip install -U attnstore) to read it."
+            f"This store has format version {value}; this attnstore reads versions "
+            f"{', '.join(f'{m}.x' for m in READ_MAJORS)}. Upgrade attnstore "
+            "(pip install -U attnstore) to read it."
         )
     return major, minor

@@ -1,10 +1,11 @@
 """SQL over a store's tables with DuckDB (the only module that imports duckdb).
 
-Each query gets a fresh in-memory connection with one view per table (``docs``, ``tokens``,
-``heads``) over exactly the committed Parquet parts, plus two views: ``head_summary`` (one row per layer and
+Each query gets a fresh in-memory connection with one table per store table (``docs``, ``tokens``,
+``heads``, …) over exactly the store's committed snapshot (lazy Arrow datasets), plus the views: ``head_summary`` (one row per layer and
 head: count-weighted corpus means and a label, see :mod:`attnstore.labels`) and ``syntax_heads``
 (per layer, head, relation and direction: n, accuracy, the best fixed-offset baseline and the gain,
-shared/spec/syntax.md), so readers never see a batch that is still
+schemas/syntax.md) and ``probe_heads`` (per probe kind, layer and head: accuracy, baseline, gain,
+masses, Wilson bound, schemas/probes.md), so readers never see a batch that is still
 being written and take no locks: any number of processes can query a store while it grows.
 Only read statements run (``SELECT``/``WITH``/``EXPLAIN``/``DESCRIBE``/``SUMMARIZE``); parameters are
 bound by DuckDB (``?`` or ``$name``), never formatted into the SQL.
@@ -31,10 +32,6 @@ __all__ = ["connect", "run"]
 _READ_ONLY: Final = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
 
 
-def _quote(path: str) -> str:
-    return "'" + path.replace("'", "''") + "'"
-
-
 def _head_summary_sql() -> str:
     """Corpus-level view per (layer, head): count-weighted means (mergeable) and a label."""
     from attnstore.labels import label_sql
@@ -51,17 +48,62 @@ def _head_summary_sql() -> str:
         "FROM heads GROUP BY layer, head), "
         # relations where the head beats the best fixed offset by >= 0.10 with n >= 30 (spec)
         "s AS (SELECT layer, head, string_agg(relation || ' ' || direction, ', ' ORDER BY gain DESC) "
-        "AS syntactic, arg_max(relation, gain) AS best_relation FROM syntax_heads "
-        f"WHERE gain >= {SYNTACTIC_GAIN} AND n >= {SYNTACTIC_MIN_N} GROUP BY layer, head), "
-        f"l AS (SELECT m.*, {label_sql()} AS pattern_label, s.syntactic, s.best_relation "
-        "FROM m LEFT JOIN s USING (layer, head)) "
-        "SELECT * EXCLUDE (pattern_label, best_relation), CASE WHEN pattern_label = 'none' AND "
-        "best_relation IS NOT NULL THEN 'syntactic:' || best_relation ELSE pattern_label END "
-        "AS label FROM l ORDER BY layer, head"
+        "AS syntactic, arg_max(relation, gain) AS best_relation, max(gain) AS syntactic_gain "
+        f"FROM syntax_heads WHERE gain >= {SYNTACTIC_GAIN} AND n >= {SYNTACTIC_MIN_N} "
+        f"GROUP BY layer, head), p AS ({_semantic_sql()}), "
+        f"l AS (SELECT m.*, {label_sql()} AS pattern_label, s.syntactic, s.best_relation, "
+        "s.syntactic_gain, p.semantic, p.best_kind, p.semantic_gain "
+        "FROM m LEFT JOIN s USING (layer, head) LEFT JOIN p USING (layer, head)) "
+        "SELECT * EXCLUDE (pattern_label, best_relation, syntactic_gain, best_kind, semantic_gain), "
+        # schemas/probes.md: between a syntactic and a semantic label the larger gain wins
+        "CASE WHEN pattern_label = 'none' AND best_kind IS NOT NULL AND (best_relation IS NULL "
+        "OR semantic_gain > syntactic_gain) THEN 'semantic:' || best_kind "
+        "WHEN pattern_label = 'none' AND best_relation IS NOT NULL THEN 'syntactic:' || "
+        "best_relation ELSE pattern_label END AS label FROM l ORDER BY layer, head"
     )
 
 
-#: spec/syntax.md: a head is syntactic for a relation when accuracy − baseline ≥ 0.10 "with n
+def _semantic_sql() -> str:
+    """Per (layer, head): the probe kinds a head qualifies for (schemas/probes.md), best first."""
+    from attnstore.labels import (
+        SEMANTIC_GAIN,
+        SEMANTIC_MASS_RATIO,
+        SEMANTIC_MIN_MASS,
+        SEMANTIC_MIN_N,
+    )
+
+    return (
+        "SELECT layer, head, string_agg(kind, ', ' ORDER BY gain DESC) AS semantic, "
+        "arg_max(kind, gain) AS best_kind, max(gain) AS semantic_gain FROM probe_heads "
+        f"WHERE gain >= {SEMANTIC_GAIN} AND n >= {SEMANTIC_MIN_N} AND mass_target >= "
+        f"greatest({SEMANTIC_MIN_MASS}, {SEMANTIC_MASS_RATIO} * mass_distractor) "
+        "GROUP BY layer, head"
+    )
+
+
+#: schemas/probes.md: per (kind, layer, head) over the corpus. ``n`` counts items with a
+#: non-NULL ``correct``; masses are means over non-skipped items; the baseline is the better of
+#: ``nearest`` and ``first`` over the same n items; ``accuracy_low`` is the 95% Wilson lower bound.
+_PROBE_HEADS_SQL: Final = """
+CREATE VIEW probe_heads AS
+WITH a AS (
+    SELECT p.kind, s.layer, s.head, count(s.correct)::BIGINT AS n,
+        avg(s.correct::DOUBLE) AS accuracy, avg(s.strict_correct::DOUBLE) AS strict_accuracy,
+        avg(s.mass_target) AS mass_target, avg(s.mass_distractor) AS mass_distractor,
+        avg(CASE WHEN s.correct IS NOT NULL THEN p.nearest_correct::DOUBLE END) AS nearest,
+        avg(CASE WHEN s.correct IS NOT NULL THEN p.first_correct::DOUBLE END) AS first
+    FROM probe_scores s JOIN probes p USING (doc_id, item)
+    GROUP BY p.kind, s.layer, s.head),
+b AS (SELECT *, greatest(nearest, first) AS baseline, 1.959963984540054 AS z FROM a)
+SELECT kind, layer, head, n, accuracy, strict_accuracy, mass_target, mass_distractor, baseline,
+    accuracy - baseline AS gain,
+    (accuracy + z * z / (2 * n) - z * sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)))
+        / (1 + z * z / n) AS accuracy_low
+FROM b
+ORDER BY kind, layer, head
+"""
+
+#: schemas/syntax.md: a head is syntactic for a relation when accuracy − baseline ≥ 0.10 "with n
 #: large enough to matter"; attnstore labels it so from n ≥ 30 instances over the corpus.
 SYNTACTIC_GAIN: Final = 0.10
 SYNTACTIC_MIN_N: Final = 30
@@ -88,38 +130,20 @@ ORDER BY acc.relation, acc.direction, acc.layer, acc.head
 """
 
 
-_DUCKDB_TYPES: Final = {
-    "int16": "SMALLINT", "int32": "INTEGER", "int64": "BIGINT", "double": "DOUBLE",
-    "string": "VARCHAR", "bool": "BOOLEAN",
-}  # fmt: skip
-
-
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """A new in-memory connection with the store's views defined (tables and summaries).
+    """A new in-memory connection with the store's tables and summary views defined.
 
-    Every table view has exactly the columns of the current format: a column that parts written
-    by an older minor version lack reads as NULL.
+    Each table is the store's lazy pyarrow Dataset of its current snapshot
+    (:meth:`attnstore.store.Store.dataset`), registered under the table's name: DuckDB pushes
+    filters and projections into it, so files and row groups that cannot match are never read,
+    and nothing is loaded at connect time. Every table has exactly the columns of the current
+    format: a column that parts written by an older minor version lack reads as NULL.
     """
     con = duckdb.connect(":memory:")
     for name in index.TABLES:
-        files = store.files(name)
-        if not files:
-            con.register(f"_empty_{name}", index.empty_table(name))
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM _empty_{name}")
-            continue
-        paths = ", ".join(_quote(str(f)) for f in files)
-        con.execute(
-            f"CREATE VIEW _raw_{name} AS SELECT * FROM read_parquet([{paths}], union_by_name = true)"
-        )
-        present = {row[0] for row in con.execute(f"DESCRIBE _raw_{name}").fetchall()}
-        columns = [
-            f'"{f.name}"'
-            if f.name in present
-            else f'CAST(NULL AS {_DUCKDB_TYPES[str(f.type)]}) AS "{f.name}"'
-            for f in index.SCHEMAS[name]
-        ]
-        con.execute(f"CREATE VIEW {name} AS SELECT {', '.join(columns)} FROM _raw_{name}")
+        con.register(name, store.dataset(name))
     con.execute(_SYNTAX_HEADS_SQL)
+    con.execute(_PROBE_HEADS_SQL)
     con.execute(_head_summary_sql())
     return con
 

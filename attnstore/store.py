@@ -1,28 +1,51 @@
-"""A store on disk: committed batches of attention in Zarr v3, their tables, and read-back.
+"""A store on disk: attention in Zarr v3 segments, tables in Delta Lake, and read-back.
 
-This is the only module that imports zarr. Each committed batch ("segment") is one Zarr v3 array
+This is the only module that imports zarr and deltalake. A segment is one Zarr v3 array
 ``[layer, head, packed]`` holding the packed lower triangles of its documents back to back (see
 :mod:`attnstore.packing`), compressed with Blosc (zstd + byte shuffle) and written as a single shard:
-one object per batch, written once by one process. A document's matrices start at its ``offset``
-in the ``docs`` table.
+one object, written once by one process. A document's matrices start at its ``offset`` in the
+segment its ``docs`` row names.
+
+Writing (format 2). :class:`StoreWriter` buffers batches and *flushes* every ``commit_every``
+batches or ``commit_seconds`` seconds (checked when a batch arrives) and at :meth:`~StoreWriter.close`.
+A flush, under the writer's ``app_id`` (``"shard-i-of-n"``, deterministic so reruns are idempotent):
+
+1. writes the segment(s) of the buffered batches and one Parquet part per table, durable (fsync);
+2. writes ``writers/<app_id>.json`` with the *intent*: flush version ``v``, its doc_ids and the
+   Delta ``add`` actions per table;
+3. commits each table's adds with the Delta application transaction ``(app_id, v)`` — every table
+   but ``docs`` first, ``docs`` last (``docs`` is what makes the flush visible, and what resume reads);
+4. clears the intent.
+
+A crash anywhere leaves either nothing visible or a pending intent. Every writer that opens the
+store, and ``compact``, rolls pending intents forward (idempotently: a table whose
+``transaction_version(app_id)`` already is ``v`` is skipped). Readers take the ``docs`` snapshot
+first and hide, in the other tables, the rows of a flush whose ``docs`` commit they do not see,
+so no reader ever sees half a flush.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
-import itertools
+import json
 import os
+import re
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from attnstore import index
 from attnstore.codecs import Codec, get_codec
@@ -35,28 +58,66 @@ from attnstore.errors import (
 from attnstore.layout import (
     COMMITS,
     COMPAT_KEYS,
-    FORMAT_VERSION,
+    FOLDER_FANOUT,
     LAYOUT_KEYS,
     MANIFEST_NAME,
     SEGMENTS,
     TABLES_DIR,
+    WRITERS,
     Manifest,
     manifest_value,
     new_writer_id,
+    parse_format_version,
     read_json,
     read_manifest,
     write_json_atomic,
 )
 from attnstore.packing import packed_length, unpack_tril
+from attnstore.storage import Storage, open_storage
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
-__all__ = ["Segment", "Store", "StoreWriter"]
+    from deltalake import DeltaTable
+
+__all__ = [
+    "DEFAULT_COMMIT_EVERY",
+    "DEFAULT_COMMIT_SECONDS",
+    "Segment",
+    "Store",
+    "StoreWriter",
+    "app_id_for_shard",
+    "commit_cadence",
+]
 
 #: Inner chunk length along the packed axis: 64 Ki values (128 KiB as uint16). One T=512 matrix
 #: (131,328 values) spans 3 chunks, so one read decompresses at most ~400 KiB.
 CHUNK: Final = 1 << 16
+#: ``extract`` flushes every this many batches (``ATTNSTORE_COMMIT_EVERY`` overrides)...
+DEFAULT_COMMIT_EVERY: Final = 64
+#: ...or once this many seconds passed since the last flush (``ATTNSTORE_COMMIT_SECONDS``).
+DEFAULT_COMMIT_SECONDS: Final = 30.0
+#: Buffered matrices are written as one segment once they reach this many bytes (or at a flush).
+SEGMENT_BYTES: Final = 64 << 20
+#: A Delta commit that loses a race to another writer is retried this many times.
+COMMIT_RETRIES: Final = 50
+DEFAULT_APP_ID: Final = "shard-0-of-1"
+_APP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def commit_cadence() -> tuple[int, float]:
+    """``(commit_every, commit_seconds)`` for ``extract``: the defaults or the environment's."""
+    every = os.environ.get("ATTNSTORE_COMMIT_EVERY")
+    seconds = os.environ.get("ATTNSTORE_COMMIT_SECONDS")
+    return (
+        int(every) if every else DEFAULT_COMMIT_EVERY,
+        float(seconds) if seconds else DEFAULT_COMMIT_SECONDS,
+    )
+
+
+def app_id_for_shard(index_: int, count: int) -> str:
+    """The writer identity of shard ``index_`` of ``count`` (``--shard i/n``)."""
+    return f"shard-{index_}-of-{count}"
 
 
 @dataclass
@@ -70,8 +131,28 @@ class Segment:
     codes: list[np.ndarray] = field(default_factory=list)
     #: further tables (``words``, ``syntax``, ``syntax_baseline``) by name
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: provenance of ``extra`` (e.g. the parser), copied into the commit record
+    #: provenance of ``extra`` (e.g. the parser), recorded with the flush
     annotation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _File:
+    """One Parquet file of a table snapshot, with its ``doc_id`` range when known."""
+
+    path: str
+    min_doc: int | None
+    max_doc: int | None
+
+
+def _files_of(storage: Storage, dt: DeltaTable) -> list[_File]:
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    base = storage.arrow_path(dt.table_uri)
+    paths = actions["path"].to_pylist()
+    if "min.doc_id" in actions.column_names:
+        lows, highs = actions["min.doc_id"].to_pylist(), actions["max.doc_id"].to_pylist()
+    else:
+        lows = highs = [None] * len(paths)
+    return [_File(f"{base}/{p}", lo, hi) for p, lo, hi in zip(paths, lows, highs, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -89,23 +170,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-#: Fault injection for the crash tests: ``ATTNSTORE_CRASH_AT="table:heads:3"`` kills this process
-#: (SIGKILL, no clean-up) the 3rd time a commit reaches that point. Points, in commit order:
-#: ``segment``, ``table:docs``, ``table:tokens``, ``table:heads``, ``record``, ``committed``.
+#: Fault injection for the crash tests: ``ATTNSTORE_CRASH_AT="commit:heads:3"`` kills this process
+#: (SIGKILL, no clean-up) the 3rd time a flush reaches that point. Points, in flush order:
+#: ``segment`` (a segment written), ``table:<name>`` (a Parquet part written), ``intent`` (the
+#: intent recorded), ``commit:<name>`` (a Delta commit done; ``docs`` last), ``committed``.
 FAULT_POINTS: Final = (
     "segment",
     "table:docs",
     "table:tokens",
     "table:heads",
-    "record",
+    "intent",
+    "commit:tokens",
+    "commit:heads",
+    "commit:docs",
     "committed",
 )
 _fault_counts: dict[str, int] = {}
@@ -129,13 +206,157 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+def table_path(name: str) -> str:
+    return f"{TABLES_DIR}/{name}"
+
+
+def writer_path(app_id: str) -> str:
+    return f"{WRITERS}/{app_id}.json"
+
+
+def _read_state(storage: Storage, app_id: str) -> dict[str, Any]:
+    rel = writer_path(app_id)
+    if not storage.exists(rel):
+        return {"app_id": app_id, "version": 0, "pending": None}
+    state: dict[str, Any] = json.loads(storage.read_bytes(rel))
+    return state
+
+
+def _write_state(storage: Storage, state: dict[str, Any]) -> None:
+    data = json.dumps(state, indent=1, sort_keys=True).encode() + b"\n"
+    storage.write_bytes_atomic(writer_path(state["app_id"]), data)
+
+
+def open_table(storage: Storage, name: str) -> DeltaTable | None:
+    """The Delta table ``name`` of a format-2 store, or ``None`` if no writer created it yet."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(
+            storage.table_uri(table_path(name)), storage_options=storage.storage_options
+        )
+    except TableNotFoundError:
+        return None
+
+
+def _txn_version(table: DeltaTable | None, app_id: str) -> int:
+    if table is None:
+        return 0
+    return table.transaction_version(app_id) or 0
+
+
+def _commit_adds(
+    storage: Storage,
+    name: str,
+    adds: list[dict[str, Any]],
+    app_id: str,
+    version: int,
+    metadata: dict[str, str],
+    cache: dict[str, DeltaTable] | None = None,
+) -> None:
+    """Commit ``adds`` to table ``name`` as transaction ``(app_id, version)``, exactly once."""
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.transaction import AddAction, CommitProperties, RemoveAction, Transaction
+
+    table = cache.get(name) if cache is not None else None
+    if table is None:
+        table = _ensure_table(storage, name)
+        if cache is not None:
+            cache[name] = table
+    actions: list[AddAction | RemoveAction] = [
+        AddAction(a["path"], a["size"], {}, a["modification_time"], True, a["stats"]) for a in adds
+    ]
+    for attempt in range(COMMIT_RETRIES):
+        table.update_incremental()
+        if _txn_version(table, app_id) >= version:
+            return  # already committed (a rerun rolling forward, or a lost acknowledgement)
+        try:
+            table.create_write_transaction(
+                actions,
+                mode="append",
+                schema=table.schema(),
+                commit_properties=CommitProperties(
+                    custom_metadata=metadata,
+                    app_transactions=[Transaction(app_id, version)],
+                ),
+            )
+            return
+        except CommitFailedError:
+            if attempt == COMMIT_RETRIES - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+
+
+def _ensure_table(storage: Storage, name: str) -> DeltaTable:
+    from deltalake import DeltaTable
+
+    table = open_table(storage, name)
+    if table is not None:
+        return table
+    with contextlib.suppress(Exception):  # another writer created it first: open below
+        DeltaTable.create(
+            storage.table_uri(table_path(name)),
+            schema=index.SCHEMAS[name],
+            mode="ignore",
+            name=name,
+            storage_options=storage.storage_options,
+        )
+    table = open_table(storage, name)
+    if table is None:  # pragma: no cover - creation failed for a reason other than a race
+        raise StoreWriteError(f"Cannot create the Delta table {name!r} in {storage.root!r}.")
+    return table
+
+
+def roll_forward(storage: Storage, app_id: str) -> bool:
+    """Finish the pending flush of ``app_id`` (left by a crash), if any. True if there was one."""
+    with storage.lock(f"{WRITERS}/{app_id}.lock"):
+        state = _read_state(storage, app_id)
+        pending = state.get("pending")
+        if not pending:
+            return False
+        _commit_pending(storage, app_id, pending)
+        state["pending"] = None
+        _write_state(storage, state)
+        return True
+
+
+def _commit_pending(
+    storage: Storage,
+    app_id: str,
+    pending: dict[str, Any],
+    cache: dict[str, DeltaTable] | None = None,
+) -> None:
+    tables: dict[str, list[dict[str, Any]]] = pending["tables"]
+    metadata = {"attnstore": json.dumps(pending.get("record", {}), sort_keys=True)}
+    order = [n for n in tables if n != "docs"] + ["docs"]
+    for name in order:
+        _commit_adds(
+            storage, name, tables.get(name, []), app_id, pending["version"], metadata, cache
+        )
+        _fault(f"commit:{name}")
+
+
+def roll_forward_all(storage: Storage) -> int:
+    """Roll forward every writer's pending flush; the number finished."""
+    apps = [n.removesuffix(".json") for n in storage.list(WRITERS) if n.endswith(".json")]
+    return sum(roll_forward(storage, a) for a in apps)
+
+
 class Store:
     """A read-only view of the committed contents of a store.
+
+    Opening reads the Delta logs (a checkpoint plus the commits after it), not the tables. Point
+    reads (``matrix``, ``packed``, ``matrices``, ``token_ids``) read only the files and row groups
+    whose statistics can hold the document, so memory stays flat as the corpus grows. The snapshot
+    is plain data: a Store pickles, and a forked process (a DataLoader worker) reads through it
+    without delta-rs, whose runtime does not survive a fork (:meth:`refresh` there needs ``spawn``).
 
     Examples
     --------
     >>> store = attnstore.open("demo.attn")  # doctest: +SKIP
-    >>> store.sql("SELECT layer, head, avg(induction) FROM heads GROUP BY ALL")  # doctest: +SKIP
+    >>> store.sql("SELECT layer, head, sum(induction * n_induction) / sum(n_induction) "
+    ...           "FROM heads GROUP BY ALL")  # doctest: +SKIP
     >>> store.matrix(doc_id=3, layer=18, head=6).shape  # doctest: +SKIP
     (87, 87)
     """
@@ -143,93 +364,197 @@ class Store:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.manifest: Manifest = read_manifest(self.path)
+        self.storage: Storage = open_storage(self.path)
+        self.format_major = parse_format_version(self.manifest["format_version"])[0]
         self.codec: Codec = get_codec(self.manifest["codec"])
         self._layer_pos = {layer: i for i, layer in enumerate(self.manifest["layers"])}
-        self._arrays: dict[str, Any] = {}
+        self._arrays: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.refresh()
 
     def __repr__(self) -> str:
-        return f"<attnstore.Store {str(self.path)!r}: {len(self._commits)} commits>"
+        return f"<attnstore.Store {str(self.path)!r} (format {self.manifest['format_version']})>"
+
+    @property
+    def read_only(self) -> bool:
+        """Format 1 stores open read-only; ``attnstore migrate`` converts them."""
+        return self.format_major < 2
 
     # -- what is committed -------------------------------------------------------------------
     def refresh(self) -> None:
-        """Re-read the commit records (to see batches committed since opening)."""
-        folder = self.path / COMMITS
-        names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
-        self._commits: list[dict[str, Any]] = [read_json(folder / n) for n in names]
-        self._locations: dict[int, _Location] | None = None
-        self._tokens: dict[int, np.ndarray] | None = None
+        """Take a new snapshot (to see batches committed since opening)."""
+        self._datasets: dict[str, pads.Dataset] = {}
+        self._locations: OrderedDict[int, _Location | str | None] = OrderedDict()
+        if self.read_only:
+            folder = self.path / COMMITS
+            names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+            self._commits: list[dict[str, Any]] = [read_json(folder / n) for n in names]
+            self._files = {
+                name: [
+                    _File(f"{self.storage.root}/{c['tables'][name]}", None, None)
+                    for c in self._commits
+                    if c["tables"].get(name)
+                ]
+                for name in index.TABLES
+            }
+            self._hidden: dict[str, set[int]] = {}
+            return
+        tables, self._hidden = _snapshot(self.storage)
+        self._versions = {name: dt.version() for name, dt in tables.items()}
+        # The snapshot as plain data: reads below never call delta-rs again, so a Store works in
+        # forked DataLoader workers (delta-rs' runtime does not survive a fork).
+        self._files = {name: _files_of(self.storage, dt) for name, dt in tables.items()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_lock=None, _arrays=OrderedDict(), _datasets={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _delta(self, name: str) -> DeltaTable | None:
+        """Table ``name`` at this snapshot's version (for history and versions, not for reads)."""
+        version = self._versions.get(name)
+        if version is None:
+            return None
+        dt = open_table(self.storage, name)
+        if dt is not None and dt.version() != version:
+            dt.load_as_version(version)
+        return dt
 
     @property
     def commits(self) -> list[dict[str, Any]]:
-        return list(self._commits)
+        """What each commit recorded (format 1: commit records; 2: one entry per flush)."""
+        if self.read_only:
+            return list(self._commits)
+        docs = self._delta("docs")
+        if docs is None:
+            return []
+        return [json.loads(e["attnstore"]) for e in reversed(docs.history()) if "attnstore" in e]
 
     def files(self, table: str) -> list[Path]:
-        """The committed Parquet parts of ``table``."""
+        """The Parquet files the current snapshot of ``table`` reads."""
         if table not in index.SCHEMAS:
             raise ValueError(f"Expected a table in {list(index.TABLES)}. Got {table!r} instead.")
-        out = []
-        for commit in self._commits:
-            rel = commit["tables"].get(table)
-            if rel:
-                out.append(self.path / rel)
-        return out
+        return [Path(f.path) for f in self._files.get(table, [])]
+
+    def dataset(self, name: str) -> pads.Dataset:
+        """Table ``name`` as a lazy pyarrow Dataset with exactly the current columns.
+
+        Filters and projections passed to it (or pushed down by DuckDB) skip whole files by the
+        ``doc_id`` statistics in the Delta log and row groups by the Parquet statistics.
+        """
+        if name not in index.SCHEMAS:
+            raise ValueError(f"Expected a table in {list(index.TABLES)}. Got {name!r} instead.")
+        ds = self._datasets.get(name)
+        if ds is None:
+            ds = self._make_dataset(name)
+            self._datasets[name] = ds
+        return ds
+
+    def _make_dataset(self, name: str) -> pads.Dataset:
+        schema = index.SCHEMAS[name]
+        files = self._files.get(name, [])
+        if not files:
+            return pads.dataset(index.empty_table(name))
+        fmt = pads.ParquetFileFormat()
+        doc_id = pc.field("doc_id")
+        fragments = [
+            fmt.make_fragment(
+                f.path,
+                filesystem=self.storage.arrow_filesystem(),
+                partition_expression=pc.scalar(True)
+                if f.min_doc is None or f.max_doc is None
+                else (doc_id >= f.min_doc) & (doc_id <= f.max_doc),
+            )
+            for f in files
+        ]
+        # parts of an older minor may lack newer columns: the schema fills them with NULL
+        ds: pads.Dataset = pads.FileSystemDataset(
+            fragments, schema, fmt, self.storage.arrow_filesystem()
+        )
+        hidden = self._hidden.get(name)
+        if hidden:
+            ds = ds.filter(~doc_id.isin(pa.array(sorted(hidden), pa.int64())))
+        return ds
 
     def table(self, name: str, columns: Sequence[str] | None = None) -> pa.Table:
-        """One table as a pyarrow Table (all committed parts)."""
-        files = self.files(name)
-        if not files:
-            empty = index.empty_table(name)
-            return empty.select(list(columns)) if columns else empty
-        # parts of an older minor version may lack newer columns: promote (NULL-filled)
-        return pa.concat_tables(
-            (pq.read_table(f, columns=columns) for f in files), promote_options="default"
-        )
+        """One table as a pyarrow Table (all committed rows; prefer :meth:`sql` for big tables)."""
+        return self.dataset(name).to_table(columns=list(columns) if columns else None)
 
     def doc_ids(self) -> set[int]:
         """Every committed doc_id, stored or skipped."""
-        return {int(d) for c in self._commits for d in c["doc_ids"]}
+        column = self.dataset("docs").to_table(columns=["doc_id"])["doc_id"]
+        return set(column.to_numpy().tolist())
 
     # -- matrices ----------------------------------------------------------------------------
+    def _lookup(self, doc_id: int) -> _Location | str | None:
+        """A stored document's location, the reason it has none, or None if it is not here."""
+        with self._lock:
+            if doc_id in self._locations:
+                self._locations.move_to_end(doc_id)
+                return self._locations[doc_id]
+        rows = (
+            self.dataset("docs")
+            .to_table(
+                filter=pc.field("doc_id") == doc_id,
+                columns=["segment", "offset", "n_tokens", "skipped"],
+            )
+            .to_pylist()
+        )
+        found: _Location | str | None = None
+        if rows:
+            row = rows[0]
+            if row["skipped"] is not None:
+                found = f"skipped:{row['skipped']}"
+            elif row["segment"] is None:
+                found = "scores-only"
+            else:
+                found = _Location(row["segment"], int(row["offset"]), int(row["n_tokens"]))
+        with self._lock:
+            self._locations[doc_id] = found
+            while len(self._locations) > 4096:  # bounded: flat memory over any corpus
+                self._locations.popitem(last=False)
+        return found
+
     def _location(self, doc_id: int) -> _Location:
-        if self._locations is None:
-            docs = self.table("docs", ["doc_id", "segment", "offset", "n_tokens", "skipped"])
-            self._locations = {}
-            self._skipped = {}
-            for d, s, o, n, sk in zip(
-                *(docs[c].to_pylist() for c in docs.column_names), strict=True
-            ):
-                if sk is not None:
-                    self._skipped[d] = sk
-                elif s is None:
-                    self._skipped[d] = "scores-only"
-                else:
-                    self._locations[d] = _Location(s, o, n)
-        loc = self._locations.get(doc_id)
-        if loc is None:
-            if self._skipped.get(doc_id) == "scores-only":
-                raise MatrixNotFoundError(
-                    f"doc_id {doc_id} has scores and tokens but no matrices: this store was "
-                    "extracted with --scores-only. Extract again without it to keep matrices."
-                )
-            if doc_id in self._skipped:
-                raise MatrixNotFoundError(
-                    f"doc_id {doc_id} was skipped at extraction ({self._skipped[doc_id]}): "
-                    "it has no matrices."
-                )
-            ids = sorted(self._locations)
-            have = f"{ids[0]}…{ids[-1]} ({len(ids)} docs)" if ids else "none"
-            raise MatrixNotFoundError(f"No doc_id {doc_id} in this store. Stored doc_ids: {have}.")
-        return loc
+        loc = self._lookup(doc_id)
+        if isinstance(loc, _Location):
+            return loc
+        if loc == "scores-only":
+            raise MatrixNotFoundError(
+                f"doc_id {doc_id} has scores and tokens but no matrices: this store was "
+                "extracted with --scores-only. Extract again without it to keep matrices."
+            )
+        if loc is not None:
+            raise MatrixNotFoundError(
+                f"doc_id {doc_id} was skipped at extraction ({loc.removeprefix('skipped:')}): "
+                "it has no matrices."
+            )
+        ids = self.dataset("docs").to_table(columns=["doc_id"])["doc_id"]
+        have = (
+            f"{pc.min(ids).as_py()}…{pc.max(ids).as_py()} ({len(ids)} docs)" if len(ids) else "none"
+        )
+        raise MatrixNotFoundError(f"No doc_id {doc_id} in this store. Stored doc_ids: {have}.")
 
     def _array(self, segment: str) -> Any:
         with self._lock:
             arr = self._arrays.get(segment)
-            if arr is None:
-                arr = zarr.open_array(self.path / SEGMENTS / segment, mode="r")
-                self._arrays[segment] = arr
-            return arr
+            if arr is not None:
+                self._arrays.move_to_end(segment)
+                return arr
+        arr = zarr.open_array(
+            store=self.storage.zarr_store(f"{SEGMENTS}/{segment}", read_only=True),
+            mode="r",
+            zarr_format=3,
+        )
+        with self._lock:
+            self._arrays[segment] = arr
+            while len(self._arrays) > 256:
+                self._arrays.popitem(last=False)
+        return arr
 
     def _check_layer_head(self, layer: int, head: int) -> int:
         if layer not in self._layer_pos:
@@ -253,22 +578,15 @@ class Store:
         return self.codec.decode(codes) if decode else codes
 
     def token_ids(self, doc_id: int) -> np.ndarray:
-        """Token ids of one stored document, int64 ``[T]``."""
-        if self._tokens is None:
-            table = self.table("tokens", ["doc_id", "pos", "token_id"])
-            order = np.lexsort((table["pos"].to_numpy(), table["doc_id"].to_numpy()))
-            docs = table["doc_id"].to_numpy()[order]
-            ids = table["token_id"].to_numpy()[order].astype(np.int64)
-            starts = (
-                np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
-                if len(docs)
-                else np.zeros(0, int)
-            )
-            bounds = np.r_[starts, len(docs)].tolist()
-            self._tokens = {int(docs[a]): ids[a:b] for a, b in itertools.pairwise(bounds)}
-        if int(doc_id) not in self._tokens:
-            self._location(int(doc_id))  # raises the clear error for unknown or skipped documents
-        return self._tokens[int(doc_id)]
+        """Token ids of one stored document, int64 ``[T]`` (a filtered read of ``tokens``)."""
+        doc_id = int(doc_id)
+        if self._lookup(doc_id) != "scores-only":
+            self._location(doc_id)  # raises the clear error for unknown or skipped documents
+        rows = self.dataset("tokens").to_table(
+            filter=pc.field("doc_id") == doc_id, columns=["pos", "token_id"]
+        )
+        order = np.argsort(rows["pos"].to_numpy(), kind="stable")
+        return np.asarray(rows["token_id"].to_numpy(), dtype=np.int64)[order]
 
     def matrix(self, doc_id: int, layer: int, head: int) -> np.ndarray:
         """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal."""
@@ -293,14 +611,15 @@ class Store:
     # -- summary -------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Counts, sizes and settings, as plain JSON-able data."""
-        docs = self.table("docs", ["n_tokens", "skipped", "truncated"])
+        docs = self.table("docs", ["n_tokens", "skipped", "truncated", "segment"])
         n_tokens = np.asarray(docs["n_tokens"].to_numpy(zero_copy_only=False), dtype=np.int64)
         stored = np.asarray(docs["skipped"].is_null().to_numpy(zero_copy_only=False))
-        seg_bytes = sum(  # committed segment files only, as recorded at commit
-            meta["bytes"]
-            for c in self._commits
-            for rel, meta in c["files"].items()
-            if rel.startswith(f"{SEGMENTS}/")
+        segments = {s for s in pc.unique(docs["segment"]).to_pylist() if s is not None}
+        seg_bytes = sum(  # the segments committed documents point at
+            f.stat().st_size
+            for s in segments
+            for f in (self.path / SEGMENTS / s).rglob("*")
+            if f.is_file()
         )
         total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         n_lh = len(self.manifest["layers"]) * len(self.manifest["heads"])
@@ -313,7 +632,7 @@ class Store:
             "max_abs_error": self.manifest["codec"]["max_abs_error"],
             "layers": len(self.manifest["layers"]),
             "heads": len(self.manifest["heads"]),
-            "commits": len(self._commits),
+            "commits": len(self._commits) if self.read_only else self._versions.get("docs", 0),
             "docs": int(stored.sum()),
             "docs_skipped": int((~stored).sum()),
             "docs_truncated": int(
@@ -327,8 +646,61 @@ class Store:
         }
 
 
+def _snapshot(
+    storage: Storage, attempts: int = 20
+) -> tuple[dict[str, DeltaTable], dict[str, set[int]]]:
+    """Consistent table snapshots: ``docs`` first, then the others, plus the doc_ids to hide.
+
+    A table may be ahead of ``docs`` for an app only by a flush whose ``docs`` commit is still to
+    come (or was interrupted): its intent in ``writers/<app>.json`` lists the doc_ids to hide. If a
+    flush raced past between the snapshots, the snapshots are taken again.
+    """
+    hidden: dict[str, set[int]] = {}
+    tables: dict[str, DeltaTable] = {}
+    for _ in range(attempts):
+        tables, hidden = {}, {}
+        docs = open_table(storage, "docs")
+        if docs is not None:
+            tables["docs"] = docs
+        for name in index.TABLES:
+            if name != "docs" and (dt := open_table(storage, name)) is not None:
+                tables[name] = dt
+        apps = [n.removesuffix(".json") for n in storage.list(WRITERS) if n.endswith(".json")]
+        consistent = True
+        for app in apps:
+            seen = _txn_version(docs, app)
+            ahead = {
+                n: v
+                for n, dt in tables.items()
+                if n != "docs" and (v := _txn_version(dt, app)) > seen
+            }
+            if not ahead:
+                continue
+            pending = _read_state(storage, app).get("pending") or {}
+            if all(v == pending.get("version") == seen + 1 for v in ahead.values()):
+                ids = set(pending.get("doc_ids", ()))
+                for n in ahead:
+                    hidden.setdefault(n, set()).update(ids)
+            else:
+                consistent = False
+        if consistent:
+            return tables, hidden
+        time.sleep(0.01)
+    # A flush keeps racing past: hide every row whose document docs does not list.
+    visible = (
+        set(tables["docs"].to_pyarrow_dataset().to_table(columns=["doc_id"])["doc_id"].to_pylist())
+        if "docs" in tables
+        else set()
+    )
+    for name, dt in tables.items():
+        if name != "docs":
+            ids = dt.to_pyarrow_dataset().to_table(columns=["doc_id"])["doc_id"].to_pylist()
+            hidden[name] = set(ids) - visible
+    return tables, hidden
+
+
 class StoreWriter:
-    """Commits segments to a store; one writer per process, any number per store.
+    """Adds batches to a store; any number of writers (processes) per store.
 
     Parameters
     ----------
@@ -336,12 +708,35 @@ class StoreWriter:
         Store folder. Created with ``manifest`` if missing or empty; if it already holds a store,
         its manifest must agree with ``manifest`` on :data:`~attnstore.layout.COMPAT_KEYS`
         unless ``allow_different`` is set.
+    app_id
+        This writer's identity in the Delta application transactions (``"shard-i-of-n"``). Two
+        processes may share one; their flushes then take turns.
+    commit_every, commit_seconds
+        Flush after this many batches, or once this many seconds passed since the last flush
+        (checked as batches arrive); :meth:`close` flushes the rest. The default, 1, commits every
+        batch as it comes; ``extract`` uses :func:`commit_cadence`.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], manifest: Manifest, *, allow_different: bool = False
+        self,
+        path: str | os.PathLike[str],
+        manifest: Manifest,
+        *,
+        allow_different: bool = False,
+        app_id: str = DEFAULT_APP_ID,
+        commit_every: int = 1,
+        commit_seconds: float | None = None,
     ) -> None:
         self.path = Path(path)
+        if not _APP_ID.match(app_id):
+            raise ValueError(
+                f"Expected an app_id of letters, digits, '.', '_', '-'. Got {app_id!r}."
+            )
+        if commit_every < 1:
+            raise ValueError(f"commit_every must be ≥ 1. Got {commit_every}.")
+        self.app_id = app_id
+        self.commit_every = commit_every
+        self.commit_seconds = commit_seconds
         self.writer_id = new_writer_id()
         self._counter = 0
         if self.path.exists() and not self.path.is_dir():
@@ -350,6 +745,12 @@ class StoreWriter:
             )
         if (self.path / MANIFEST_NAME).exists():
             existing = read_manifest(self.path)
+            if parse_format_version(existing["format_version"])[0] < 2:
+                raise IncompatibleStoreError(
+                    f"The store at {str(self.path)!r} has format {existing['format_version']}, "
+                    "which this attnstore reads but does not write. Convert it with "
+                    f"`attnstore migrate {self.path} NEW` and write to NEW."
+                )
             have = {k: manifest_value(existing, k) for k in COMPAT_KEYS}
             want = {k: manifest_value(manifest, k) for k in COMPAT_KEYS}
             diffs = [k for k in COMPAT_KEYS if have[k] != want[k]]
@@ -376,93 +777,211 @@ class StoreWriter:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path / MANIFEST_NAME, manifest)
             self.manifest = manifest
-        zarr.open_group(self.path / SEGMENTS, mode="a", zarr_format=3)
+        self.storage: Storage = open_storage(self.path)
         self.codec = get_codec(self.manifest["codec"])
         self._manifest_sha256 = _sha256(self.path / MANIFEST_NAME)
-        # Leftovers of crashed writers (unreferenced segments, '.tmp-' files) are ignored by every
-        # reader and reported by `attnstore verify`; they are not deleted here, since another
-        # writer may be alive and mid-commit.
+        # Flushes interrupted by a crash (of any writer) are finished before anything new is added,
+        # so a rerun never commits a document twice.
+        roll_forward_all(self.storage)
+        self._buffer: list[Segment] = []  # batches not yet flushed
+        self._unsegmented = 0  # of those, the last ones whose matrices are not written yet
+        self._buffered_bytes = 0
+        self._last_flush = time.monotonic()
+        self.flushes = 0
+        self.closed = False
+        self._tables: dict[str, DeltaTable] = {}  # opened once, updated before each commit
+        # Leftovers of crashed writers (unreferenced segments and parts, '.tmp-' files) are ignored
+        # by every reader and reported by `attnstore verify`; `attnstore compact` removes old ones.
 
     def _next_name(self) -> str:
+        n = self._counter
         self._counter += 1
-        return f"{self.writer_id}-{self._counter:06d}"
+        return f"{self.writer_id}/{n // FOLDER_FANOUT:05d}/{n:09d}"
 
-    def commit(self, segment: Segment) -> dict[str, Any]:
-        """Write a segment's array and tables, then its commit record (which makes it visible)."""
-        name = self._next_name()
+    # -- public ------------------------------------------------------------------------------
+    def commit(self, segment: Segment) -> None:
+        """Add one batch; it becomes visible at the next flush (at once with ``commit_every=1``)."""
+        if self.closed:
+            raise StoreWriteError("This StoreWriter is closed; open a new one to add batches.")
+        self._buffer.append(segment)
+        self._unsegmented += 1
+        self._buffered_bytes += sum(c.nbytes for c in segment.codes)
         try:
-            return self._commit(name, segment)
-        except OSError as err:
-            raise StoreWriteError(
-                f"Writing batch {name} (doc_ids {min(segment.docs['doc_id'])}…"
-                f"{max(segment.docs['doc_id'])}) to {str(self.path)!r} failed: "
-                f"{err.strerror or err}. Nothing of this batch was committed and earlier batches "
-                "are intact; fix the cause and rerun the same command to resume."
-            ) from err
+            if self._buffered_bytes >= SEGMENT_BYTES:
+                self._write_segment()
+            due = self.commit_seconds is not None and (
+                time.monotonic() - self._last_flush >= self.commit_seconds
+            )
+            if len(self._buffer) >= self.commit_every or due:
+                self._flush()
+        except _write_errors() as err:
+            self._fail(err)
 
-    def _commit(self, name: str, segment: Segment) -> dict[str, Any]:
-        files: dict[str, Path] = {}
-        offsets: list[int | None] = []
-        if segment.codes:
-            lengths = [c.shape[-1] for c in segment.codes]
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
-            data = np.concatenate(segment.codes, axis=-1)
-            n_layers, n_heads, total = data.shape
-            shard = -(-total // CHUNK) * CHUNK
-            arr_path = self.path / SEGMENTS / name
-            arr = zarr.create_array(
-                store=arr_path,
-                shape=data.shape,
-                dtype=data.dtype,
-                chunks=(1, 1, min(CHUNK, shard)),
-                shards=(n_layers, n_heads, shard),
-                compressors=BloscCodec(**self.codec.compressor),
-                fill_value=0,
-                attributes={
-                    "attnstore": {"packing": "tril-rowmajor", "codec": self.codec.get_config()}
-                },
-            )
-            arr[...] = data
-            files.update(
-                {str(p.relative_to(self.path)): p for p in arr_path.rglob("*") if p.is_file()}
-            )
-            _fault("segment")
-            it = iter(starts)
-            offsets = [None if sk is not None else int(next(it)) for sk in segment.docs["skipped"]]
-        else:
-            offsets = [None] * len(segment.docs.get("doc_id", ()))
-        to_write: dict[str, dict[str, Any]] = {}
-        if segment.docs:  # a batch of documents (an annotation-only commit has none)
-            docs = dict(segment.docs)
-            docs["segment"] = [None if o is None else name for o in offsets]
-            docs["offset"] = offsets
-            to_write = {"docs": docs, "tokens": segment.tokens, "heads": segment.heads}
-        to_write.update(segment.extra)
-        tables: dict[str, str] = {}
-        for tname, cols in to_write.items():
-            table = index.table_from_columns(tname, cols)
-            rel = f"{TABLES_DIR}/{tname}/{name}.parquet"
-            index.write_part(table, self.path / rel)
-            tables[tname] = rel
-            files[rel] = self.path / rel
-            _fault(f"table:{tname}")
-        for path in files.values():  # durable before the record that points at them
-            _fsync(path)
-        record = {
-            "format_version": FORMAT_VERSION,
-            "manifest_sha256": self._manifest_sha256,
-            "segment": name if segment.codes else None,
-            "writer": self.writer_id,
-            "created_at": _now(),
-            "doc_ids": sorted(int(d) for d in segment.docs.get("doc_id", ())),
-            "tables": tables,
-            **segment.annotation,
-            "files": {
-                rel: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                for rel, p in sorted(files.items())
+    def flush(self) -> None:
+        """Commit every buffered batch now."""
+        if self._buffer:
+            try:
+                self._flush()
+            except _write_errors() as err:
+                self._fail(err)
+
+    def close(self) -> None:
+        """Flush and stop accepting batches."""
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _fail(self, err: Exception) -> None:
+        ids = [int(d) for s in self._buffer for d in s.docs.get("doc_id", ())]
+        what = f"doc_ids {min(ids)}…{max(ids)}" if ids else "annotations"
+        self._buffer, self._unsegmented, self._buffered_bytes = [], 0, 0
+        raise StoreWriteError(
+            f"Writing the batches since the last commit ({what}) to {str(self.path)!r} failed: "
+            f"{getattr(err, 'strerror', None) or err}. Nothing of them was committed and earlier commits are "
+            "intact; fix the cause and rerun the same command to resume."
+        ) from err
+
+    def _write_segment(self) -> None:
+        """Write the matrices of the batches not yet in a segment as one Zarr array."""
+        batches = self._buffer[len(self._buffer) - self._unsegmented :]
+        self._unsegmented = 0
+        codes = [c for s in batches for c in s.codes]
+        if not codes:
+            return
+        name = self._next_name()
+        lengths = [c.shape[-1] for c in codes]
+        starts = iter(np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist())
+        data = np.concatenate(codes, axis=-1)
+        n_layers, n_heads, total = data.shape
+        shard = -(-total // CHUNK) * CHUNK
+        rel = f"{SEGMENTS}/{name}"
+        arr = zarr.create_array(
+            store=self.storage.zarr_store(rel, read_only=False),
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=(1, 1, min(CHUNK, shard)),
+            shards=(n_layers, n_heads, shard),
+            # crc32c per chunk: a flipped bit fails the read instead of returning wrong values
+            compressors=[BloscCodec(**self.codec.compressor), Crc32cCodec()],
+            fill_value=0,
+            zarr_format=3,
+            attributes={
+                "attnstore": {"packing": "tril-rowmajor", "codec": self.codec.get_config()}
             },
-        }
-        _fault("record")
-        write_json_atomic(self.path / COMMITS / f"{name}.json", record)
-        _fault("committed")
-        return record
+        )
+        arr[...] = data
+        self.storage.sync(rel)
+        _fault("segment")
+        first = len(self._buffer) - len(batches)
+        for i, s in enumerate(batches, start=first):
+            if not s.docs or not s.codes:
+                continue
+            offsets = [None if sk is not None else int(next(starts)) for sk in s.docs["skipped"]]
+            docs = {**s.docs, "segment": [None if o is None else name for o in offsets],
+                    "offset": offsets}  # fmt: skip
+            self._buffer[i] = dataclasses.replace(s, docs=docs, codes=[])  # the caller's stays
+        self._buffered_bytes = 0
+
+    def _flush(self) -> None:
+        self._write_segment()
+        batches, self._buffer = self._buffer, []
+        to_write: dict[str, list[dict[str, Any]]] = {}
+        for s in batches:
+            if s.docs:  # a batch of documents (an annotation-only batch has none)
+                docs = dict(s.docs)
+                n = len(docs.get("doc_id", ()))
+                docs.setdefault("segment", [None] * n)
+                docs.setdefault("offset", [None] * n)
+                for name, cols in (("docs", docs), ("tokens", s.tokens), ("heads", s.heads)):
+                    to_write.setdefault(name, []).append(cols)
+            for name, cols in s.extra.items():
+                to_write.setdefault(name, []).append(cols)
+        part = self._next_name()
+        adds: dict[str, list[dict[str, Any]]] = {}
+        doc_ids: set[int] = set()
+        for name, column_sets in to_write.items():
+            table = index.table_from_columns(name, _concat_columns(column_sets))
+            if table.num_rows == 0 and name != "docs":
+                continue
+            doc_ids.update(table["doc_id"].to_pylist())
+            rel = f"{part}.parquet"
+            local = self.storage.local_path(f"{table_path(name)}/{rel}")
+            index.write_part(table, local)
+            stat = local.stat()
+            adds[name] = [{
+                "path": rel, "size": stat.st_size, "modification_time": int(stat.st_mtime * 1000),
+                "stats": index.part_stats(table),
+            }]  # fmt: skip
+            _fault(f"table:{name}")
+        annotation: dict[str, Any] = {}
+        for s in batches:
+            annotation.update(s.annotation)
+        with self.storage.lock(f"{WRITERS}/{self.app_id}.lock"):
+            state = _read_state(self.storage, self.app_id)
+            if state.get("pending"):  # a crashed process with our app_id left one
+                _commit_pending(self.storage, self.app_id, state["pending"], self._tables)
+            docs_table = self._tables.get("docs") or open_table(self.storage, "docs")
+            if docs_table is not None:
+                docs_table.update_incremental()
+            seen = _txn_version(docs_table, self.app_id)
+            version = max(int(state.get("version", 0)), seen) + 1
+            record = {
+                "app_id": self.app_id, "version": version, "writer": self.writer_id,
+                "created_at": _now(), "n_doc_ids": len(doc_ids), **annotation,
+            }  # fmt: skip
+            state = {
+                "app_id": self.app_id,
+                "version": version,
+                "manifest_sha256": self._manifest_sha256,
+                "pending": {
+                    "version": version,
+                    "doc_ids": sorted(doc_ids),
+                    "tables": adds,
+                    "record": record,
+                },
+            }
+            _write_state(self.storage, state)
+            _fault("intent")
+            _commit_pending(self.storage, self.app_id, state["pending"], self._tables)
+            state["pending"] = None
+            _write_state(self.storage, state)
+            _fault("committed")
+        self.flushes += 1
+        self._last_flush = time.monotonic()
+
+
+def _write_errors() -> tuple[type[Exception], ...]:
+    from deltalake.exceptions import DeltaError
+
+    return (OSError, DeltaError)
+
+
+def _concat_columns(column_sets: list[dict[str, Any]]) -> dict[str, Any]:
+    """The columns of several batches of one table, back to back."""
+    sets = [c for c in column_sets if c]
+    if len(sets) == 1:
+        return sets[0]
+    out: dict[str, Any] = {}
+    rows = [len(next(iter(c.values()))) for c in sets]
+    for key in dict.fromkeys(k for c in sets for k in c):
+        parts = [c[key] if key in c else [None] * n for c, n in zip(sets, rows, strict=True)]
+        if all(isinstance(v, np.ndarray) for v in parts):
+            out[key] = np.concatenate([np.asarray(v) for v in parts])
+        else:
+            out[key] = [x for v in parts for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+    return out
+
+
+def delta_tables(storage: Storage) -> Iterable[tuple[str, DeltaTable]]:
+    """Every existing Delta table of a format-2 store."""
+    for name in index.TABLES:
+        dt = open_table(storage, name)
+        if dt is not None:
+            yield name, dt

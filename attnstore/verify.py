@@ -1,21 +1,25 @@
 """``attnstore verify``: find every way a store can be damaged, with its location.
 
-Checks, in order:
+Format 2 (Delta tables), in order:
 
-1. the manifest parses and names a readable format version;
-2. every commit record parses, was written under the current manifest (its ``manifest_sha256``);
-3. every file a record references exists with the recorded size and sha256 (flipped bytes,
-   truncated or deleted files are all caught here);
-4. the tables agree with each other and with the record: the ``docs`` rows are exactly the record's
-   ``doc_ids``, each stored document has ``n_tokens`` token rows and one ``heads`` row per stored
-   (layer, head), and no doc_id is committed twice;
-5. the segment array has the manifest's shape and dtype, and (unless ``quick``) every stored matrix
-   decodes to finite probabilities in [0, 1] whose rows sum to 1 within the codec's bound
-   (the packed layout holds no upper triangle, so a decoded matrix is zero above the diagonal by
-   construction).
+1. the manifest parses and names a readable format version (a folder without one is not a store:
+   that is an error of the call, not damage);
+2. every writer file (``writers/<app>.json``) parses and was written under the current manifest
+   (its ``manifest_sha256``); an interrupted flush is a warning (the next writer or ``compact``
+   finishes it);
+3. every Delta table's log opens, and every file its snapshot references exists with the size the
+   log recorded; unless ``quick``, every Parquet file is read back with its page checksums;
+4. the tables agree with each other: no doc_id in ``docs`` twice, each stored document has
+   ``n_tokens`` token rows and one ``heads`` row per stored (layer, head), skipped ones none;
+5. each segment the ``docs`` table points at has its shard file, the manifest's shape and dtype, and
+   (unless ``quick``) every stored matrix decodes (each chunk carries a crc32c) to finite
+   probabilities in [0, 1] whose rows sum to 1 within the codec's bound.
 
-Files no commit record references (left by an interrupted writer, or a writer still running) are
-reported as warnings: readers ignore them.
+Files nothing references (left by an interrupted writer, or removed by ``compact`` and waiting for
+its retention period) are reported as warnings: readers ignore them.
+
+Format 1 stores are checked as before: commit records, their sha256 checksums, the same table and
+matrix checks.
 """
 
 from __future__ import annotations
@@ -28,8 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from attnstore.errors import AttnStoreError
-from attnstore.layout import COMMITS, MANIFEST_NAME, SEGMENTS, TABLES_DIR, read_manifest
+from attnstore.errors import AttnStoreError, StoreNotFoundError
+from attnstore.layout import (
+    COMMITS,
+    MANIFEST_NAME,
+    SEGMENTS,
+    TABLES_DIR,
+    WRITERS,
+    parse_format_version,
+    read_manifest,
+)
 from attnstore.packing import packed_length
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
@@ -76,19 +88,31 @@ def _sha256(path: Path) -> str:
 
 def verify_store(path: str | os.PathLike[str], *, quick: bool = False) -> VerifyReport:
     """Check a store; see the module docstring for what is checked."""
-    import pyarrow.parquet as pq
-
     from attnstore.codecs import get_codec
 
     root = Path(path)
     report = VerifyReport(str(root))
+    if not (root / MANIFEST_NAME).is_file():
+        read_manifest(root)  # raises the "not an attnstore store" error with the reason
+        raise StoreNotFoundError(f"{str(root)!r} is not an attnstore store.")  # pragma: no cover
     try:
         manifest = read_manifest(root)
         codec = get_codec(manifest["codec"])
-        n_layers, n_heads = len(manifest["layers"]), len(manifest["heads"])
+        major = parse_format_version(manifest["format_version"])[0]
     except (AttnStoreError, KeyError, TypeError) as err:
         report.error(MANIFEST_NAME, f"unreadable manifest: {err}")
         return report
+    if major >= 2:
+        _verify_v2(report, root, manifest, codec, quick)
+    else:
+        _verify_v1(report, root, manifest, codec, quick)
+    return report
+
+
+def _verify_v1(report: VerifyReport, root: Path, manifest: Any, codec: Any, quick: bool) -> None:
+    import pyarrow.parquet as pq
+
+    n_layers, n_heads = len(manifest["layers"]), len(manifest["heads"])
     manifest_sha = _sha256(root / MANIFEST_NAME)
     referenced: set[str] = set()
     seen_docs: dict[int, str] = {}
@@ -142,7 +166,156 @@ def verify_store(path: str | os.PathLike[str], *, quick: bool = False) -> Verify
         if record.get("segment") and stored:
             _check_segment(report, root, record["segment"], stored, manifest, codec, quick)
     _report_orphans(report, root, referenced)
-    return report
+
+
+def _verify_v2(report: VerifyReport, root: Path, manifest: Any, codec: Any, quick: bool) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from attnstore import index
+    from attnstore.storage import open_storage
+    from attnstore.store import Store, open_table, table_path
+
+    storage = open_storage(root)
+    manifest_sha = _sha256(root / MANIFEST_NAME)
+    # 2. writer files
+    committed = ""
+    for name in storage.list(WRITERS):
+        if not name.endswith(".json"):
+            continue
+        rel = f"{WRITERS}/{name}"
+        try:
+            state = json.loads(storage.read_bytes(rel))
+            pending = state["pending"]
+            sha = state["manifest_sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            report.error(rel, f"unreadable writer file: {err}")
+            continue
+        if sha != manifest_sha:
+            report.error(
+                MANIFEST_NAME,
+                f"the manifest changed after {rel} committed (sha256 differs); "
+                "settings no longer describe the stored data",
+            )
+        if state.get("version", 0) > (1 if pending else 0):
+            committed = rel
+        if pending:
+            report.problems.append(
+                Problem(
+                    "warning", rel, f"flush {pending.get('version')} was interrupted; the next "
+                    "writer or `attnstore compact` finishes it (readers do not see it)",
+                )
+            )  # fmt: skip
+    # 3. Delta logs and the files they reference
+    referenced: set[str] = set()
+    intact = True
+    for name in index.TABLES:
+        base = table_path(name)
+        if not (root / base / "_delta_log").exists():  # no writer committed to it yet
+            if name == "docs" and committed:
+                report.error(f"{base}/_delta_log", f"missing, though {committed} committed")
+            continue
+        try:
+            dt = open_table(storage, name)
+            if dt is None:
+                report.error(f"{base}/_delta_log", "not a Delta table (no readable log)")
+                intact = False
+                continue
+            actions = pa.table(dt.get_add_actions(flatten=True))
+        except Exception as err:  # noqa: BLE001 - an unreadable log is a finding
+            report.error(f"{base}/_delta_log", f"unreadable Delta log: {err}")
+            intact = False
+            continue
+        if name == "docs":
+            report.commits = dt.version()
+        for rel_file, size in zip(
+            actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True
+        ):
+            rel = f"{base}/{rel_file}"
+            referenced.add(rel)
+            report.files_checked += 1
+            f = root / rel
+            if not f.is_file():
+                report.error(rel, f"missing (referenced by the Delta log of {name!r})")
+                intact = False
+            elif f.stat().st_size != size:
+                report.error(rel, f"size {f.stat().st_size} bytes, the Delta log recorded {size}")
+                intact = False
+            elif not quick:
+                try:
+                    pq.read_table(f, page_checksum_verification=True)
+                except Exception as err:  # noqa: BLE001 - an unreadable part is a finding
+                    report.error(rel, f"unreadable Parquet: {err}")
+                    intact = False
+    if intact:
+        try:
+            store = Store(root)
+            _check_tables_v2(report, store, len(manifest["layers"]) * len(manifest["heads"]))
+            docs = store.sql(
+                'SELECT doc_id, n_tokens, segment, "offset" FROM docs '
+                "WHERE skipped IS NULL AND segment IS NOT NULL ORDER BY segment, doc_id"
+            ).to_pylist()
+        except Exception as err:  # noqa: BLE001 - any unreadable table is a finding
+            report.error(TABLES_DIR, f"tables unreadable: {err}")
+            docs = []
+        by_segment: dict[str, list[dict[str, Any]]] = {}
+        for d in docs:
+            by_segment.setdefault(d["segment"], []).append(d)
+        for segment, stored in by_segment.items():
+            for f in (root / SEGMENTS / segment).rglob("*"):
+                referenced.add(str(f.relative_to(root)))
+            if not (root / SEGMENTS / segment / "c" / "0" / "0" / "0").is_file():
+                report.error(f"{SEGMENTS}/{segment}/c/0/0/0", "missing (the segment's shard)")
+                continue
+            report.files_checked += 1
+            _check_segment(report, root, segment, stored, manifest, codec, quick)
+    _report_orphans_v2(report, root, referenced)
+
+
+def _check_tables_v2(report: VerifyReport, store: Any, per_doc_heads: int) -> None:
+    """Cross-table counts with SQL over the whole store (streams, whatever its size)."""
+    twice = store.sql(
+        "SELECT doc_id FROM docs GROUP BY doc_id HAVING count(*) > 1 ORDER BY doc_id LIMIT 20"
+    ).column(0)
+    for doc_id in twice.to_pylist():
+        report.error(f"{TABLES_DIR}/docs", f"doc_id {doc_id} is committed twice")
+    checks = (
+        ("tokens", "token rows", "CASE WHEN d.skipped IS NULL THEN d.n_tokens ELSE 0 END"),
+        ("heads", "heads rows", f"CASE WHEN d.skipped IS NULL THEN {per_doc_heads} ELSE 0 END"),
+    )
+    for table, what, expected in checks:
+        rows = store.sql(
+            f"WITH c AS (SELECT doc_id, count(*) AS n FROM {table} GROUP BY doc_id), "
+            "d AS (SELECT doc_id, any_value(n_tokens) AS n_tokens, any_value(skipped) AS skipped "
+            "FROM docs GROUP BY doc_id) "
+            f"SELECT coalesce(d.doc_id, c.doc_id) AS doc_id, coalesce(c.n, 0) AS n, "
+            f"coalesce({expected}, 0) AS expected FROM d FULL JOIN c USING (doc_id) "
+            f"WHERE coalesce(c.n, 0) <> coalesce({expected}, 0) ORDER BY 1 LIMIT 20"
+        ).to_pylist()
+        for r in rows:
+            report.error(
+                f"{TABLES_DIR}/{table}",
+                f"doc_id {r['doc_id']}: {r['n']} {what}, expected {r['expected']}",
+            )
+
+
+def _report_orphans_v2(report: VerifyReport, root: Path, referenced: set[str]) -> None:
+    for folder in (SEGMENTS, TABLES_DIR):
+        base = root / folder
+        if not base.is_dir():
+            continue
+        for f in sorted(base.rglob("*")):
+            rel = str(f.relative_to(root))
+            if not f.is_file() or rel in referenced or "/_delta_log/" in rel:
+                continue
+            report.problems.append(
+                Problem(
+                    "warning",
+                    rel,
+                    "not referenced by the store (left by an interrupted writer, or replaced by "
+                    "`compact` and deleted after its retention period); ignored by readers",
+                )
+            )
 
 
 def _check_tables(
@@ -205,7 +378,7 @@ def _check_segment(
     try:
         data = np.asarray(arr[...])
     except Exception as err:  # noqa: BLE001 - a chunk that fails to decode is a finding
-        report.error(where, f"cannot decode: {err}")
+        report.error(f"{where}/c/0/0/0", f"cannot decode: {err}")
         return
     for d in stored:
         n = d["n_tokens"]

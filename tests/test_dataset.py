@@ -63,7 +63,9 @@ def test_collate_pads_and_masks(llama_store: Path) -> None:
 
 def test_workers_see_every_item_once(llama_store: Path) -> None:
     ds = AttentionDataset(llama_store, where="head = 1")
-    assert pickle.loads(pickle.dumps(ds))._store is None  # picklable, opens lazily
+    clone = pickle.loads(pickle.dumps(ds))  # picklable: the store's snapshot travels as data
+    assert clone.store.files("heads") == ds.store.files("heads")
+    assert clone.store.token_ids(0).tolist() == ds.store.token_ids(0).tolist()
     keys = lambda b: list(zip(b["doc_id"].tolist(), b["layer"].tolist(), strict=True))
     single = [k for b in DataLoader(ds, batch_size=5, collate_fn=collate) for k in keys(b)]
     multi = [

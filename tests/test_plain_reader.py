@@ -1,27 +1,23 @@
-"""A reader that uses only zarr, pyarrow and the written spec (schemas/README.md) decodes a matrix."""
+"""A reader that uses only zarr, deltalake, pyarrow and the written spec (schemas/README.md) decodes
+a matrix."""
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import zarr
+from deltalake import DeltaTable
 
 import attnstore
 
 
 def plain_matrix(root: Path, doc_id: int, layer: int, head: int) -> np.ndarray:
     manifest = json.loads((root / "attnstore.json").read_text())
-    parts = [
-        json.loads(Path(p).read_text())["tables"]["docs"]
-        for p in sorted(glob.glob(f"{root}/commits/*.json"))
-    ]
-    row = next(
-        r for f in parts for r in pq.read_table(root / f).to_pylist() if r["doc_id"] == doc_id
-    )
+    parts = DeltaTable(str(root / "tables" / "docs")).file_uris()
+    row = next(r for f in parts for r in pq.read_table(f).to_pylist() if r["doc_id"] == doc_id)
     t = row["n_tokens"]
     li, hi = manifest["layers"].index(layer), manifest["heads"].index(head)
     arr = zarr.open_array(str(root / "segments" / row["segment"]), mode="r")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from deltalake import DeltaTable
 
 from attnstore.cli import cli
+from attnstore.errors import StoreNotFoundError
 from attnstore.verify import verify_store
 
 
@@ -22,15 +24,15 @@ def store(llama_store: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def records(path: Path) -> list[Path]:
-    return sorted((path / "commits").glob("*.json"))
+def segments(path: Path) -> list[str]:
+    """The segments the docs table points at, in doc_id order."""
+    docs = pq.read_table(DeltaTable(str(path / "tables" / "docs")).file_uris()[0])
+    names = [s for s in docs.sort_by("doc_id")["segment"].to_pylist() if s is not None]
+    return list(dict.fromkeys(names))
 
 
 def segment_file(path: Path) -> Path:
-    record = json.loads(records(path)[0].read_text())
-    return next(
-        path / rel for rel in record["files"] if rel.startswith("segments/") and "/c/" in rel
-    )
+    return path / "segments" / segments(path)[0] / "c" / "0" / "0" / "0"
 
 
 def flip_byte(path: Path) -> str:
@@ -47,11 +49,29 @@ def delete_chunk(path: Path) -> str:
     return str(f.relative_to(path))
 
 
+def part(path: Path, table: str) -> Path:
+    return Path(DeltaTable(str(path / "tables" / table)).file_uris()[0].removeprefix("file://"))
+
+
 def truncate_parquet(path: Path) -> str:
-    record = json.loads(records(path)[1].read_text())
-    f = path / record["tables"]["heads"]
+    f = part(path, "heads")
     f.write_bytes(f.read_bytes()[:-100])
-    return record["tables"]["heads"]
+    return str(f.relative_to(path))
+
+
+def flip_parquet_byte(path: Path) -> str:
+    """Same size, one byte different: the Parquet page checksums catch it."""
+    f = part(path, "tokens")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    f.write_bytes(bytes(data))
+    return str(f.relative_to(path))
+
+
+def delete_part(path: Path) -> str:
+    f = part(path, "docs")
+    f.unlink()
+    return str(f.relative_to(path))
 
 
 def edit_manifest(path: Path) -> str:
@@ -62,16 +82,33 @@ def edit_manifest(path: Path) -> str:
     return "attnstore.json"
 
 
-def garble_record(path: Path) -> str:
-    f = records(path)[-1]
+def garble_log(path: Path) -> str:
+    log = path / "tables" / "heads" / "_delta_log"
+    f = max(log.glob("*.json"))
     f.write_text("{not json")
-    return f"commits/{f.name}"
+    return "tables/heads/_delta_log"
+
+
+def garble_writer_file(path: Path) -> str:
+    f = path / "writers" / "shard-0-of-1.json"
+    f.write_text("{not json")
+    return "writers/shard-0-of-1.json"
 
 
 def duplicate_commit(path: Path) -> str:
-    f = records(path)[0]
-    shutil.copy(f, f.with_name("ffffffff-000001.json"))
-    return "commits/ffffffff-000001.json"
+    """The docs part added a second time under another name, as a buggy writer would."""
+    from deltalake.transaction import AddAction
+
+    dt = DeltaTable(str(path / "tables" / "docs"))
+    src = part(path, "docs")
+    shutil.copy(src, src.with_name("copy.parquet"))
+    rel = str(src.with_name("copy.parquet").relative_to(path / "tables" / "docs"))
+    size = src.stat().st_size
+    dt.create_write_transaction(
+        [AddAction(rel, size, {}, 0, True, json.dumps({"numRecords": 1}))],
+        mode="append", schema=dt.schema(),
+    )  # fmt: skip
+    return "tables/docs"
 
 
 def bad_values_with_valid_checksum(path: Path) -> str:
@@ -79,28 +116,23 @@ def bad_values_with_valid_checksum(path: Path) -> str:
     import numpy as np
     import zarr
 
-    record_path = records(path)[0]
-    record = json.loads(record_path.read_text())
-    arr = zarr.open_array(path / "segments" / record["segment"], mode="r+")
+    name = segments(path)[0]
+    arr = zarr.open_array(path / "segments" / name, mode="r+")
     data = np.asarray(arr[...])
     data[0, 0, :10] = 60000
     arr[...] = data
-    for rel in record["files"]:
-        f = path / rel
-        record["files"][rel] = {
-            "bytes": f.stat().st_size,
-            "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
-        }
-    record_path.write_text(json.dumps(record))
-    return f"segments/{record['segment']}"
+    return f"segments/{name}"
 
 
 CORRUPTIONS: dict[str, Callable[[Path], str]] = {
     "flipped byte": flip_byte,
     "deleted chunk": delete_chunk,
     "truncated parquet": truncate_parquet,
+    "flipped parquet byte": flip_parquet_byte,
+    "deleted table part": delete_part,
     "edited manifest": edit_manifest,
-    "garbled commit record": garble_record,
+    "garbled delta log": garble_log,
+    "garbled writer file": garble_writer_file,
     "doc committed twice": duplicate_commit,
     "rows not summing to one": bad_values_with_valid_checksum,
 }
@@ -128,13 +160,33 @@ def test_each_corruption_is_found(store: Path, name: str) -> None:
 def test_leftovers_are_warnings_not_errors(store: Path) -> None:
     (store / "tables" / "heads" / ".x.parquet.tmp-123").write_bytes(b"partial")
     shutil.copytree(
-        store / "segments" / json.loads(records(store)[0].read_text())["segment"],
-        store / "segments" / "deadbeef-000001",
+        store / "segments" / segments(store)[0], store / "segments" / "deadbeef" / "00000" / "0"
     )
     report = verify_store(store)
     assert report.ok
     assert {p.severity for p in report.problems} == {"warning"}
-    assert any("deadbeef-000001" in p.location for p in report.problems)
+    assert any("deadbeef" in p.location for p in report.problems)
     result = CliRunner().invoke(cli, ["verify", str(store), "--json"])
     assert result.exit_code == 0
     assert json.loads(result.stdout)["ok"] is True
+
+
+def test_a_folder_that_is_not_a_store(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(StoreNotFoundError, match="not an attnstore store"):
+        verify_store(tmp_path)
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "not an attnstore store" in result.output
+    assert "DAMAGED" not in result.output
+
+
+def test_format_1_store_verifies(tmp_path: Path) -> None:
+    copy = tmp_path / "old.attn"
+    shutil.copytree(Path(__file__).parent / "golden" / "v1.1.attn", copy)
+    assert verify_store(copy).ok
+    f = next((copy / "commits").glob("*.json"))
+    f.write_text("{not json")
+    report = verify_store(copy)
+    assert not report.ok
+    assert any(p.location == f"commits/{f.name}" for p in report.problems)
