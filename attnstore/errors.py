@@ -9,6 +9,7 @@ The CLI is the only place that turns these into exit codes.
 from __future__ import annotations
 
 __all__ = [
+    "AttentionCaptureError",
     "AttnStoreError",
     "CorpusError",
     "FormatVersionError",
@@ -16,10 +17,12 @@ __all__ = [
     "MatrixNotFoundError",
     "ModelError",
     "QueryError",
+    "StorageConfigError",
     "StoreExistsError",
     "StoreNotFoundError",
     "StoreWriteError",
     "UnknownCodecError",
+    "UnknownLabelError",
 ]
 
 
@@ -39,6 +42,10 @@ class StoreWriteError(AttnStoreError, OSError):
     """Writing a batch failed (disk full, permissions); nothing of that batch was committed."""
 
 
+class StorageConfigError(AttnStoreError, ValueError):
+    """A store URL or storage option that no object-storage backend accepts."""
+
+
 class FormatVersionError(AttnStoreError, ValueError):
     """The store was written by a format version this code cannot read."""
 
@@ -55,12 +62,31 @@ class UnknownCodecError(AttnStoreError, ValueError):
         super().__init__(f"Unknown codec {codec_id!r}. Expected one of: {', '.join(known)}.")
 
 
+class UnknownLabelError(AttnStoreError, ValueError):
+    """A head label that is neither a pattern label nor a syntactic/semantic label of the store."""
+
+    def __init__(self, label: str, valid: list[str]) -> None:
+        self.label = label
+        super().__init__(f"Unknown label {label!r}. Expected one of: {', '.join(valid)}.")
+
+
 class CorpusError(AttnStoreError, ValueError):
     """The corpus cannot be read as documents."""
 
 
 class ModelError(AttnStoreError, ValueError):
     """The model cannot be loaded or cannot return attention weights."""
+
+
+class AttentionCaptureError(ModelError):
+    """No capture path delivers this model's attention exactly; nothing of the batch was written.
+
+    ``failures`` holds one ``"path: why"`` line per capture path tried.
+    """
+
+    def __init__(self, message: str, failures: list[str] | None = None) -> None:
+        self.failures = list(failures or [])
+        super().__init__(message)
 
 
 class QueryError(AttnStoreError, ValueError):

@@ -230,7 +230,7 @@ def test_bad_settings(
             progress=False,
             **kwargs,
         )
-    assert not (tmp_path / "x.attn" / "commits").exists()
+    assert not (tmp_path / "x.attn" / "tables").exists()
 
 
 def test_missing_model_path(tmp_path: Path, corpus_txt: Path) -> None:
