@@ -2,15 +2,23 @@
 
 - :func:`plot_matrix`: one head's attention for one document, causal triangle visible;
 - :func:`plot_grid`: a layer × head grid of a corpus-level score over a selection;
-- :func:`plot_tokens`: one document's tokens shaded by the attention one query position gives them.
+- :func:`plot_tokens`: one document's tokens shaded by the attention one query position gives them;
+- :func:`plot_probe`: a layer × head grid of a span probe's accuracy around its position baseline.
 
 Colour scales are square-root (``PowerNorm(0.5)``): attention is mostly tiny values with a few large
 ones, and a linear scale shows only the largest.
+
+Tokens are drawn from ``tokens.text`` (the characters each token covers; byte pieces of one character
+marked ``注[1/3]``). Text is set in DejaVu (Latin, Greek, Cyrillic…) with a fallback chain to Noto CJK
+for Chinese, Japanese and Korean when it is installed (Debian: ``apt-get install fonts-noto-cjk``;
+``scripts/install.sh`` does it); without a CJK font, a :class:`FontWarning` says so once.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -22,13 +30,25 @@ from attnstore.store import Store
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_grid", "plot_matrix", "plot_tokens"]
+__all__ = ["FontWarning", "plot_grid", "plot_matrix", "plot_probe", "plot_tokens"]
 
 DPI: Final = 150
 #: Documents up to this many tokens get token labels on the heatmap axes.
 MAX_LABELLED: Final = 48
 #: Tokens after the query position shown (greyed: a causal query cannot see them).
 AFTER_QUERY: Final = 8
+
+
+#: Font chains, first choice first: matplotlib falls back glyph by glyph along the chain.
+SANS: Final = ("DejaVu Sans",)
+MONO: Final = ("DejaVu Sans Mono",)
+#: CJK fonts tried after those, when installed (Debian fonts-noto-cjk).
+CJK_SANS: Final = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK KR", "Noto Sans CJK TC")
+CJK_MONO: Final = ("Noto Sans Mono CJK SC", "Noto Sans Mono CJK JP", *CJK_SANS)
+
+
+class FontWarning(UserWarning):
+    """Text needs glyphs that no installed font has (shown once per process)."""
 
 
 def _pyplot() -> Any:
@@ -40,20 +60,75 @@ def _pyplot() -> Any:
     return plt
 
 
+@functools.cache
+def _fonts() -> tuple[list[str], list[str], bool]:
+    """(sans chain, monospace chain, whether a CJK font is installed)."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk_sans = [f for f in CJK_SANS if f in installed]
+    cjk_mono = [f for f in CJK_MONO if f in installed]
+    return [*SANS, *cjk_sans[:1]], [*MONO, *cjk_mono[:1]], bool(cjk_sans or cjk_mono)
+
+
+def _is_cjk(ch: str) -> bool:
+    o = ord(ch)
+    return 0x2E80 <= o <= 0x9FFF or 0xAC00 <= o <= 0xD7AF or 0xF900 <= o <= 0xFAFF or o >= 0x20000
+
+
+_warned: set[str] = set()
+
+
+def _check_glyphs(texts: list[str]) -> None:
+    """Warn once when CJK text is drawn and no CJK font is installed (it would show as boxes)."""
+    if _fonts()[2] or "cjk" in _warned or not any(_is_cjk(c) for t in texts for c in t):
+        return
+    _warned.add("cjk")
+    warnings.warn(
+        "No CJK font is installed, so Chinese, Japanese and Korean characters show as empty "
+        "boxes. Install one (Debian/Ubuntu: apt-get install fonts-noto-cjk) and rerun.",
+        FontWarning,
+        stacklevel=3,
+    )
+
+
 def _label(token: str) -> str:
     text = token.replace("\n", "\\n").replace("\t", "\\t")
     return text if len(text) <= 12 else text[:11] + "…"
 
 
 def _save(fig: Figure, out: str | os.PathLike[str]) -> Path:
+    """Write the PNG with the font chains; matplotlib's warning per missing glyph is replaced by
+    one :class:`FontWarning` (see :func:`_check_glyphs`)."""
+    plt = _pyplot()
     path = Path(out)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    _pyplot().close(fig)
+    if not path.parent.is_dir():
+        plt.close(fig)
+        raise AttnStoreError(
+            f"Cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist. "
+            "Create it first or choose another -o."
+        )
+    from matplotlib.text import Text
+
+    texts = fig.findobj(Text)
+    _check_glyphs([t.get_text() for t in texts])
+    sans = _fonts()[0]
+    for t in texts:  # titles and labels made with matplotlib's default family get the chain
+        if t.get_fontfamily() in (["sans-serif"], [sans[0]]):
+            t.set_fontfamily(sans)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
     return path
 
 
 def _tokens(store: Store, doc_id: int) -> list[str]:
-    rows = store.sql("SELECT token FROM tokens WHERE doc_id = ? ORDER BY pos", [doc_id])
+    """The document's tokens as readable text (``tokens.text``; the raw piece for parts written
+    before that column existed)."""
+    rows = store.sql(
+        "SELECT coalesce(text, token) FROM tokens WHERE doc_id = ? ORDER BY pos", [doc_id]
+    )
     return [str(t) for t in rows.column(0).to_pylist()]
 
 
@@ -76,8 +151,8 @@ def plot_matrix(
     )
     if t <= MAX_LABELLED:
         labels = [_label(x) for x in _tokens(st, doc_id)]
-        ax.set_xticks(range(t), labels, rotation=90, fontsize=7, family="monospace")
-        ax.set_yticks(range(t), labels, fontsize=7, family="monospace")
+        ax.set_xticks(range(t), labels, rotation=90, fontsize=7, family=_fonts()[1])
+        ax.set_yticks(range(t), labels, fontsize=7, family=_fonts()[1])
     ax.set_xlabel("key position k")
     ax.set_ylabel("query position q")
     scores = st.sql(
@@ -142,6 +217,77 @@ def plot_grid(
     return _save(fig, out)
 
 
+def plot_probe(store: Store | str, kind: str, out: str | os.PathLike[str]) -> Path:
+    """Layer × head grid of ``probe_heads.accuracy`` for one kind (schemas/probes.md).
+
+    The colour scale diverges at the position baseline (white = no better than "nearest"/"first"),
+    the baseline is drawn on the colour bar, and heads that meet the ``semantic:<kind>`` rule
+    (gain, n and mass) are outlined.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    from attnstore.labels import (
+        SEMANTIC_GAIN,
+        SEMANTIC_MASS_RATIO,
+        SEMANTIC_MIN_MASS,
+        SEMANTIC_MIN_N,
+    )
+    from attnstore.probes import check_kind
+
+    plt = _pyplot()
+    st = store if isinstance(store, Store) else Store(store)
+    check_kind(st, kind)
+    rows = st.sql("SELECT * FROM probe_heads WHERE kind = ?", [kind]).to_pylist()
+    layers, heads = st.manifest["layers"], st.manifest["heads"]
+    grid = np.full((len(layers), len(heads)), np.nan)
+    marked = []
+    for r in rows:
+        if r["accuracy"] is None:
+            continue
+        i, j = layers.index(r["layer"]), heads.index(r["head"])
+        grid[i, j] = r["accuracy"]
+        if (
+            r["gain"] >= SEMANTIC_GAIN
+            and r["n"] >= SEMANTIC_MIN_N
+            and r["mass_target"] >= max(SEMANTIC_MIN_MASS, SEMANTIC_MASS_RATIO * r["mass_distractor"])
+        ):
+            marked.append((i, j))
+    if np.isnan(grid).all():
+        raise AttnStoreError(
+            f"No head has an accuracy for kind {kind!r}: its items have no counting distractor."
+        )
+    baselines = [r["baseline"] for r in rows if r["baseline"] is not None]
+    baseline = float(np.mean(baselines))
+    n = max(r["n"] for r in rows)
+    center = min(max(baseline, 1e-6), 1 - 1e-6)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(heads), 1.0 + 0.3 * len(layers)))
+    image = ax.imshow(
+        grid, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=center, vmin=0.0, vmax=1.0),
+        aspect="auto", interpolation="nearest",
+    )  # fmt: skip
+    if grid.size <= 400:
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(v - center) > 0.35 else "black")  # fmt: skip
+    for i, j in marked:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
+    ax.set_xticks(range(len(heads)), heads)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(
+        f"probe {kind}: accuracy (n = {n} items), baseline {baseline:.2f}; outlined: "
+        f"semantic:{kind}",
+        fontsize=9,
+    )
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("accuracy (white = baseline)")
+    bar.ax.axhline(baseline, color="black", lw=1.5)
+    return _save(fig, out)
+
+
 def plot_tokens(
     store: Store | str, doc_id: int, layer: int, head: int, query: int, out: str | os.PathLike[str]
 ) -> Path:
@@ -183,7 +329,7 @@ def plot_tokens(
             x0,
             y0,
             text,
-            family="monospace",
+            family=_fonts()[1],
             fontsize=font_pt,
             va="center",
             ha="left",
