@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from attnstore.errors import (
+    AttentionCaptureError,
     AttnStoreError,
     CorpusError,
     FormatVersionError,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionCaptureError",
     "AttnStoreError",
     "CorpusError",
     "FormatVersionError",
@@ -45,14 +47,21 @@ __all__ = [
     "__version__",
     "extract",
     "open",
+    "serve",
 ]
 
 
-def open(path: str) -> Store:
-    """Open a store read-only."""
+def open(path: str, *, storage_options: dict[str, str] | None = None) -> Store:
+    """Open a store read-only: a folder, or a URL such as ``s3://bucket/prefix/name.attn``.
+
+    ``storage_options`` (endpoint, credentials, region; see :mod:`attnstore.storage`) apply to
+    object storage, on top of the standard ``AWS_*`` variables.
+    """
+    from attnstore.storage import default_storage_options
     from attnstore.store import Store
 
-    return Store(path)
+    with default_storage_options(storage_options):
+        return Store(path)
 
 
 def extract(out: str, **kwargs: Any) -> ExtractReport:
@@ -60,3 +69,10 @@ def extract(out: str, **kwargs: Any) -> ExtractReport:
     from attnstore.pipeline import extract as _extract
 
     return _extract(out, **kwargs)
+
+
+def serve(*stores: str, host: str = "127.0.0.1", port: int = 8765, **kwargs: Any) -> None:
+    """Serve the web viewer for ``stores`` until interrupted; see :func:`attnstore.serve.serve`."""
+    from attnstore.serve import serve as _serve
+
+    _serve(*stores, host=host, port=port, **kwargs)
