@@ -1,7 +1,9 @@
 """The ``attnstore`` command line: a thin skin over the library.
 
-Each command parses its options, calls one library function and formats the result. Errors of the
-:class:`~attnstore.errors.AttnStoreError` family become a one-line message and exit code 1.
+Each command parses its options, calls one library function and formats the result. Every error
+of every command ends as one line on stderr and exit code 1 (see :class:`_Cli`): the messages of
+the :class:`~attnstore.errors.AttnStoreError` family as they are, OS errors with their path,
+anything else as an internal error (``ATTNSTORE_DEBUG=1`` shows its traceback).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import functools
 import io
 import json
 import math
+import os
 import sys
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
@@ -38,6 +41,85 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _set_storage_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> None:
+    from attnstore.storage import set_default_storage_options
+
+    options: dict[str, str] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE. Got {value!r}.", ctx, param)
+        options[key.strip()] = val
+    set_default_storage_options(options or None)
+
+
+def _with_storage_option(command: click.Command) -> click.Command:
+    """Give every command ``--storage-option KEY=VALUE`` (object storage: s3://, gs://, az://)."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _with_storage_option(sub)
+    elif not any(p.name == "storage_options" for p in command.params):
+        command.params.append(
+            click.Option(
+                ["--storage-option", "storage_options"],
+                multiple=True,
+                metavar="KEY=VALUE",
+                expose_value=False,
+                is_eager=True,
+                callback=_set_storage_options,
+                help="Setting for a store at s3://, gs:// or az:// (repeatable), e.g. "
+                "AWS_ENDPOINT_URL=http://127.0.0.1:9000; the AWS_* variables apply without it.",
+            )
+        )
+    return command
+
+
+class _Cli(click.Group):
+    """The one place where errors become exit codes: every failure of every command (nested
+    groups included) ends as one line on stderr and exit code 1, never a traceback.
+
+    AttnStoreError messages already say what to do; OS errors (a missing output folder, a full
+    disk, no permission) name the path; anything else is reported as an internal error with its
+    type, and ``ATTNSTORE_DEBUG=1`` shows the traceback.
+    """
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        return None if command is None else _with_storage_option(command)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError:
+            raise
+        except click.ClickException as err:
+            if "\n" not in err.format_message().strip():
+                raise
+            raise click.ClickException(_one_line(err.format_message())) from None
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except AttnStoreError as err:
+            raise click.ClickException(_one_line(str(err))) from None
+        except OSError as err:
+            if os.environ.get("ATTNSTORE_DEBUG"):
+                raise
+            where = f": {err.filename}" if err.filename else ""
+            raise click.ClickException(f"{err.strerror or err}{where}") from None
+        except Exception as err:
+            if os.environ.get("ATTNSTORE_DEBUG"):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise click.ClickException(
+                f"internal error, {type(err).__name__}: {first} "
+                "(ATTNSTORE_DEBUG=1 shows the traceback; please report it)"
+            ) from None
+
+
+def _one_line(message: str) -> str:
+    """Error messages end as one line (DuckDB's, for one, span several)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def _parse_param(value: str) -> Any:
     """CLI parameters are JSON literals when they parse as one (0.9, 3, true, null), else text."""
     try:
@@ -50,6 +132,10 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return str(value)
+
+
+#: Table cells stay on one line: newlines, carriage returns and tabs are shown escaped.
+_ESCAPES: Final = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
 def _render(table: pa.Table, fmt: str) -> str:
@@ -69,7 +155,8 @@ def _render(table: pa.Table, fmt: str) -> str:
             return "NULL"
         if isinstance(v, float):
             return f"{v:.4g}"
-        text = str(v)
+        # one line per row whatever the text holds: control characters are shown escaped
+        text = str(v).translate(_ESCAPES)
         return text if len(text) <= 40 else text[:39] + "…"
 
     cells = [[cell(r[n]) for n in names] for r in rows]
@@ -93,7 +180,7 @@ _format_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attnstore")
 def cli() -> None:
     """Attention matrices of language models as a queryable dataset.
@@ -135,13 +222,13 @@ def _int_list(value: str | None) -> list[int] | None:
     "--corpus",
     "-c",
     default=None,
-    help="file.txt|.jsonl|.parquet, a folder of .txt, 'pydoc:topics' (default) or 'probe:induction?n=50&reps=2&count=20&seed=0'.",
+    help="file.txt|.jsonl|.parquet|.conllu, a Parquet glob ('data/train-*.parquet'), a folder of .txt, a datasets save_to_disk folder[@SPLIT], 'hf:NAME[:CONFIG][@SPLIT]' (local HF cache, never downloaded), 'pydoc:topics' (default) or 'probe:induction?n=50&reps=2&count=20&seed=0'.",
 )
 @click.option(
     "--text-field",
     default="text",
     show_default=True,
-    help="Field/column holding the text (.jsonl, .parquet).",
+    help="Field/column holding the text (.jsonl, Parquet, Hugging Face datasets).",
 )
 @click.option(
     "--max-length",
@@ -172,12 +259,15 @@ def _int_list(value: str | None) -> list[int] | None:
 @click.option(
     "--allow-different",
     is_flag=True,
-    help="Append even if the store was written with other settings.",
+    help="Add documents even if the store was written with another model, tokenizer or max "
+    "length (the codec, --layers/--heads and --scores-only never change within one store).",
 )
 @click.option(
     "--shard",
     default=None,
-    help="'i/n': only doc_ids with doc_id % n == i, for n writers into one store.",
+    help="'i/n': only doc_ids with doc_id % n == i, for n writers into one store. 'auto': i/n "
+    "from torchrun (RANK/WORLD_SIZE; LOCAL_RANK picks the GPU) or a Slurm array "
+    "(SLURM_ARRAY_TASK_ID/COUNT), else 0/1.",
 )
 @click.option(
     "--parse",
@@ -224,6 +314,11 @@ def extract(
     """
     from attnstore.pipeline import extract as run_extract
 
+    if shard == "auto":
+        from attnstore.cluster import shard_from_environment
+
+        auto = shard_from_environment(os.environ)
+        click.echo(f"--shard auto: {auto} ({auto.source})", err=True)
     report = run_extract(
         out,
         model=model,
@@ -273,8 +368,8 @@ def query(store: str, sql: str, params: tuple[str, ...], fmt: str) -> None:
     SQL '-' reads the statement from standard input.
 
     \b
-    attnstore query demo.attn "SELECT layer, head, avg(induction) AS ind
-        FROM heads GROUP BY ALL ORDER BY ind DESC LIMIT 5"
+    attnstore query demo.attn "SELECT layer, head, sum(induction * n_induction)
+        / sum(n_induction) AS ind FROM heads GROUP BY ALL ORDER BY ind DESC LIMIT 5"
     attnstore query demo.attn "SELECT * FROM heads WHERE sink > ?" -p 0.9 -f csv
     """
     from attnstore.store import Store
@@ -333,18 +428,109 @@ def verify(store: str, quick: bool, as_json: bool) -> None:
 @cli.command()
 @click.argument("store", type=click.Path())
 @click.option(
+    "--retention-hours", type=click.IntRange(min=0), default=24, show_default=True,
+    help="Delete replaced files this long after they left the table; 0 deletes them now "
+    "(only when no other process reads the store).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def compact(store: str, retention_hours: int, as_json: bool) -> None:
+    """Merge each table of STORE into few large files sorted by doc_id, write a checkpoint and
+    delete files no snapshot needs. Safe while other processes append and query.
+
+    \b
+    attnstore compact demo.attn
+    """
+    from attnstore.compact import compact as run_compact
+
+    report = run_compact(store, retention_hours=retention_hours)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for name, t in report["tables"].items():
+        click.echo(
+            f"{name}: {t['files_before']} -> {t['files_after']} files, "
+            f"{t['files_deleted']} deleted, version {t['version']}"
+        )
+
+
+@cli.command()
+@click.argument("old", type=click.Path())
+@click.argument("new", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def migrate(old: str, new: str, as_json: bool) -> None:
+    """Convert the format 1.x store OLD into a new format 2 store NEW (OLD is only read).
+
+    \b
+    attnstore migrate old.attn new.attn
+    """
+    from attnstore.migrate import migrate as run_migrate
+
+    report = run_migrate(old, new)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"{report['to']}: {report['docs']} documents from {report['commits']} commits")
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--where", required=True, help="SQL condition on the heads table selecting rows.")
+@click.option("--out", "-o", required=True, type=click.Path(), help="The new store.")
+@click.option("--model", "-m", default=None, help="The store's model, if not found by its id.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def materialize(
+    store: str, where: str, out: str, model: str | None, batch_size: int, device: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Store matrices for just the heads rows of STORE matching --where (second pass after
+    `extract --scores-only`): the model re-runs on those documents only.
+
+    \b
+    attnstore materialize census.attn --where "induction > 0.5" --out induction.attn
+    """
+    from attnstore.materialize import materialize as run_materialize
+
+    report = run_materialize(
+        store, where, out, model=model, batch_size=batch_size, device=device,
+        progress=not as_json,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(
+            f"{report['to']}: {report['docs_written']} documents written, layers "
+            f"{report['layers']}, heads {report['heads']}"
+        )
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option(
     "--score",
     "-s",
     type=click.Choice(SCORE_COLUMNS),
     default=None,
     help="Sort by this corpus-level score, highest first.",
 )
-@click.option("--top", "-k", type=int, default=None, help="Only the first K heads.")
+@click.option(
+    "--top",
+    "-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Only the K highest heads by --score; without --score, by margin (how far the head's "
+    "clearest score is above its label's threshold).",
+)
 @click.option(
     "--label",
     "-l",
     default=None,
-    help="Only heads with this label (induction, previous-token, duplicate, self, sink, diffuse, none).",
+    help="Only heads with this label: induction, previous-token, duplicate, self, sink, diffuse, "
+    "none, syntactic:<relation> (parsed stores), semantic:<kind> (stores with probes).",
 )
 @_format_option
 @click.option(
@@ -355,8 +541,18 @@ def verify(store: str, quick: bool, as_json: bool) -> None:
 )
 @click.option(
     "--min-n", type=int, default=30, show_default=True,
-    help="With --syntax: only relations with at least this many instances.",
+    help="With --syntax: only relations with at least this many instances; with --probe, items.",
 )  # fmt: skip
+@click.option(
+    "--probe",
+    "probe_kind",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[KIND]",
+    help="Best heads per probe kind (probe_heads), or of one KIND: accuracy, baseline, gain, "
+    "mass on target vs distractors, Wilson lower bound, n. --top per kind (default 5).",
+)
 @_errors
 def heads(
     store: str,
@@ -366,6 +562,7 @@ def heads(
     fmt: str,
     syntactic: bool,
     min_n: int,
+    probe_kind: str | None,
 ) -> None:
     """Corpus-level summary of every (layer, head): count-weighted mean scores and a label.
 
@@ -374,6 +571,12 @@ def heads(
     """
     from attnstore.store import Store
 
+    if probe_kind is not None:
+        from attnstore.probes import best_heads
+
+        table = best_heads(Store(store), probe_kind or None, top=top or 5, min_n=min_n)
+        click.echo(_render(table, fmt))
+        return
     if syntactic:
         sql = (
             "SELECT relation, direction, arg_max(layer, gain) AS layer, arg_max(head, gain) AS head, "
@@ -388,17 +591,48 @@ def heads(
             params_s.append(top)
         click.echo(_render(Store(store).sql(sql, params_s), fmt))
         return
+    from attnstore.labels import check_label, margin_sql
+
+    st = Store(store)
+    if label is not None:
+        check_label(label, _known_labels(st))
     cols = ", ".join(f"round({c}, 4) AS {c}" for c in SCORE_COLUMNS)
-    sql = f"SELECT layer, head, kv_head, n_docs, {cols}, label FROM head_summary"
+    sql = (
+        f"SELECT layer, head, kv_head, n_docs, {cols}, round({margin_sql()}, 4) AS margin, label "
+        "FROM head_summary"
+    )
     params: list[object] = []
     if label is not None:
         sql += " WHERE label = ?"
         params.append(label)
-    sql += f" ORDER BY {score} DESC NULLS LAST" if score else " ORDER BY layer, head"
+    if score:
+        sql += f" ORDER BY {score} DESC NULLS LAST, layer, head"
+    elif top is not None:
+        sql += " ORDER BY margin DESC NULLS LAST, layer, head"
+    else:
+        sql += " ORDER BY layer, head"
     if top is not None:
         sql += " LIMIT ?"
         params.append(top)
-    click.echo(_render(Store(store).sql(sql, params), fmt))
+    click.echo(_render(st.sql(sql, params), fmt))
+
+
+def _known_labels(store: Any) -> set[str]:
+    """Labels a store can answer for: those it has, and one ``syntactic:<relation>`` per parsed
+    relation and ``semantic:<kind>`` per probe kind (whether or not a head earned it)."""
+    from attnstore.errors import QueryError
+
+    known = {str(r["label"]) for r in store.sql("SELECT DISTINCT label FROM head_summary").to_pylist()}
+    for prefix, sql in (
+        ("syntactic", "SELECT DISTINCT relation AS name FROM syntax_heads"),
+        ("semantic", "SELECT DISTINCT kind AS name FROM probe_heads"),
+    ):
+        try:
+            rows = store.sql(sql).to_pylist()
+        except QueryError:  # a store (or version) without that view
+            continue
+        known |= {f"{prefix}:{r['name']}" for r in rows}
+    return known
 
 
 @cli.command()
@@ -481,6 +715,18 @@ def plot_grid_cmd(store: str, score: str, where: str | None, out: str) -> None:
     click.echo(plot_grid(store, score, out, where=where))
 
 
+@plot.command("probe")
+@_store_arg
+@click.option("--kind", "-k", required=True, help="Probe kind, e.g. coref or ioi.")
+@_out_opt
+@_errors
+def plot_probe_cmd(store: str, kind: str, out: str) -> None:
+    """Layer × head grid of one probe kind's accuracy, coloured around its position baseline."""
+    from attnstore.plots import plot_probe
+
+    click.echo(plot_probe(store, kind, out))
+
+
 @plot.command("tokens")
 @_store_arg
 @_head_options
@@ -522,6 +768,68 @@ def parse(store: str, parser: str, as_json: bool) -> None:
         click.echo(
             f"{summary['path']}: parsed {summary['parsed']} documents ({summary['already_parsed']} already parsed)"
         )
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--corpus",
+    "-c",
+    required=True,
+    help="file.jsonl with a 'probes' field per line, or file.conllu with CorefUD Entity= "
+    "coreference; its documents must be the stored ones, in order.",
+)
+@click.option(
+    "--text-field", default="text", show_default=True, help="Field holding the text (.jsonl)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+@_errors
+def probe(store: str, corpus: str, text_field: str, as_json: bool) -> None:
+    """Add span-probe scores (semantic heads) to STORE from its stored (decoded) matrices.
+
+    Documents that already have probes are skipped, so the command resumes. Built-in probes
+    (probe:coref, probe:ioi) are scored at extraction: attnstore extract --corpus probe:ioi.
+    """
+    from attnstore.probes import add_probes
+
+    summary = add_probes(store, corpus, text_field=text_field)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"{summary['path']}: {summary['items']} probe items in {summary['documents']} "
+            f"documents ({summary['skipped_items']} items skipped; "
+            f"{summary['already_probed']} documents already probed)"
+        )
+
+
+@cli.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--port", type=int, default=8765, show_default=True, help="TCP port; 0 picks a free one."
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind. Anything but loopback exposes the store to the network.",
+)
+@click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
+@_errors
+def serve(stores: tuple[str, ...], port: int, host: str, verbose: bool) -> None:
+    """Browse STORES in a web browser: head grid, head pages, heatmaps, compare, SQL.
+
+    Prints the URL and serves until Ctrl-C. Several stores (e.g. two models) can be compared.
+    The JSON API behind the pages is documented in schemas/serve.md.
+    """
+    from attnstore.serve import serve as _serve
+
+    try:
+        _serve(*stores, host=host, port=port, verbose=verbose)
+    except OSError as err:
+        raise click.ClickException(
+            f"Cannot listen on {host}:{port}: {err.strerror or err}."
+        ) from None
 
 
 def main() -> None:  # pragma: no cover

@@ -41,9 +41,9 @@ class Codec:
     id: ClassVar[str]
     dtype: ClassVar[str]
     _bound: ClassVar[float] = 0.0
-    #: Blosc settings (zarr v3 core codec), chosen from shared measurements: byte shuffle + zstd
-    #: gave the best ratio/speed trade-off on real attention, and level 1 compresses uint16 codes as
-    #: well as level 3 at nearly twice the speed (notes/storage.md §2).
+    #: Blosc settings (zarr v3 core codec), chosen by measurement on real attention: byte shuffle +
+    #: zstd gave the best ratio/speed trade-off, and level 1 compresses uint16 codes as well as
+    #: level 3 at nearly twice the speed.
     compressor: ClassVar[dict[str, Any]] = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}
 
     @property

@@ -1,4 +1,4 @@
-"""Pattern scores per (document, layer, head), as defined in ``shared/spec/scores.md``.
+"""Pattern scores per (document, layer, head), as defined in ``schemas/scores.md``.
 
 Every score is a mean over query positions of a per-row quantity, so it can be accumulated over
 *query chunks*: extraction computes one layer's probabilities a block of rows at a time and never

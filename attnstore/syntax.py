@@ -1,4 +1,4 @@
-"""Syntactic heads, as specified in ``shared/spec/syntax.md``: words from a dependency parse, aligned
+"""Syntactic heads, as specified in ``schemas/syntax.md``: words from a dependency parse, aligned
 to tokens, word-level attention, per-relation argmax accuracy and a fixed-offset baseline.
 
 spaCy is optional and imported only by :func:`load_parser`; CoNLL-U files bring gold parses

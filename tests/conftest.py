@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3 import s3, s3_server  # noqa: F401  (loopback S3 fixtures, see tests/s3.py)
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -75,6 +77,15 @@ def llama_store(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Pa
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def viewer_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 layers × 4 heads, planted previous-token and sink heads, one 4,096-token document
+    (tests/viewer_store.py; shared by the serve API and browser tests, read-only)."""
+    from tests.viewer_store import write_viewer_store
+
+    return write_viewer_store(tmp_path_factory.mktemp("stores") / "viewer.attn")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

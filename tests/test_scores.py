@@ -1,4 +1,4 @@
-"""Scores against a direct, loop-by-loop numpy reading of shared/spec/scores.md."""
+"""Scores against a direct, loop-by-loop numpy reading of schemas/scores.md."""
 
 from __future__ import annotations
 

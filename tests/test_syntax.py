@@ -1,4 +1,4 @@
-"""Syntactic heads (shared/spec/syntax.md): alignment, counts against a direct reading of the spec,
+"""Syntactic heads (schemas/syntax.md): alignment, counts against a direct reading of the spec,
 the CoNLL-U reader, and the store tables and views."""
 
 from __future__ import annotations
