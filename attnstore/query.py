@@ -32,6 +32,16 @@ __all__ = ["connect", "run"]
 _READ_ONLY: Final = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
 
 
+#: Applied after the views are defined (the tables are Arrow datasets read by pyarrow, which
+#: these settings do not touch); ``lock_configuration`` last, so a statement cannot undo them.
+_LOCKDOWN: Final = (
+    "SET enable_external_access = false",
+    "SET autoinstall_known_extensions = false",
+    "SET autoload_known_extensions = false",
+    "SET lock_configuration = true",
+)
+
+
 def _head_summary_sql() -> str:
     """Corpus-level view per (layer, head): count-weighted means (mergeable) and a label."""
     from attnstore.labels import label_sql
@@ -149,8 +159,15 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
 
 
 def run(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
-    """Run one read-only statement; the result as a pyarrow Table."""
+    """Run one read-only statement; the result as a pyarrow Table.
+
+    The statement sees the store and nothing else: file access, extensions and configuration are
+    switched off once the views exist, so even ``EXPLAIN ANALYZE COPY …`` or ``read_text(…)``
+    cannot reach the file system.
+    """
     con = connect(store)
+    for setting in _LOCKDOWN:
+        con.execute(setting)
     try:
         try:
             statements = con.extract_statements(sql)

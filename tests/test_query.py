@@ -36,6 +36,27 @@ def test_only_one_read_statement(llama_store: Path, sql: str) -> None:
         attnstore.open(str(llama_store)).sql(sql)
 
 
+@pytest.mark.parametrize(
+    ("sql", "target"),
+    [
+        ("EXPLAIN ANALYZE COPY (SELECT 1) TO '{tmp}/out.csv'", "out.csv"),
+        ("SELECT * FROM read_text('{tmp}/secret.txt')", None),
+        ("SELECT * FROM read_parquet('{tmp}/*.parquet')", None),
+        ("EXPLAIN ANALYZE SET enable_external_access = true", None),
+    ],
+)
+def test_statements_cannot_reach_the_file_system(
+    llama_store: Path, tmp_path: Path, sql: str, target: str | None
+) -> None:
+    (tmp_path / "secret.txt").write_text("not for SQL")
+    store = attnstore.open(str(llama_store))
+    with pytest.raises(QueryError):
+        store.sql(sql.format(tmp=tmp_path))
+    if target:
+        assert not (tmp_path / target).exists()
+    assert store.sql("SELECT count(*) FROM heads").column(0)[0].as_py() > 0  # the views still work
+
+
 def test_scores_are_null_not_nan(llama_store: Path) -> None:
     store = attnstore.open(str(llama_store))
     nan = (
