@@ -31,19 +31,13 @@ def add_parses(
         "SELECT doc_id, text FROM docs WHERE skipped IS NULL ORDER BY doc_id"
     ).to_pylist()
     todo = [d for d in docs if d["doc_id"] not in done]
-    spans_by_doc: dict[int, list[tuple[int, int] | None]] = {}
-    for row in store.sql(
-        "SELECT doc_id, char_start, char_end FROM tokens ORDER BY doc_id, pos"
-    ).to_pylist():
-        span = None if row["char_start"] is None else (row["char_start"], row["char_end"])
-        spans_by_doc.setdefault(row["doc_id"], []).append(span)
     writer = StoreWriter(store.path, store.manifest)
     layers, heads = store.manifest["layers"], store.manifest["heads"]
     parsed = commits = 0
     for start in range(0, len(todo), batch):
         tables = syntax.SyntaxTables()
         for d in todo[start : start + batch]:
-            spans = spans_by_doc.get(d["doc_id"], [])
+            spans = store.token_spans(d["doc_id"])
             if not any(s is not None for s in spans):
                 raise AttnStoreError(
                     f"doc_id {d['doc_id']} has no token character offsets (a format 1.0 store, a "

@@ -809,12 +809,6 @@ def add_probes(
         int(r["doc_id"]): r for r in store.sql("SELECT doc_id, text, skipped FROM docs").to_pylist()
     }
     done = set(store.sql("SELECT DISTINCT doc_id FROM probes").column(0).to_pylist())
-    spans_by_doc: dict[int, list[Span | None]] = {}
-    for row in store.sql(
-        "SELECT doc_id, char_start, char_end FROM tokens ORDER BY doc_id, pos"
-    ).to_pylist():
-        span = None if row["char_start"] is None else (row["char_start"], row["char_end"])
-        spans_by_doc.setdefault(row["doc_id"], []).append(span)
     writer = StoreWriter(store.path, store.manifest)
     layers, heads = store.manifest["layers"], store.manifest["heads"]
     report: dict[str, Any] = {"path": str(store.path), "documents": 0, "items": 0, "skipped_items": 0,
@@ -847,13 +841,13 @@ def add_probes(
                 f"Document {doc.doc_id} of {corpus!r} differs from the stored text of doc_id "
                 f"{doc.doc_id}: probes must annotate the stored texts, in the stored order."
             )
-        spans = spans_by_doc.get(doc.doc_id, [])
+        spans = store.token_spans(doc.doc_id) if row["skipped"] is None else []
         if row["skipped"] is None and not any(s is not None for s in spans):
             raise AttnStoreError(
                 f"doc_id {doc.doc_id} has no token character offsets (a format 1.0 store or a "
                 "slow tokenizer): probe spans cannot be aligned."
             )
-        aligned = align(doc.probes, spans if row["skipped"] is None else [])
+        aligned = align(doc.probes, spans)
         tables.add_document(doc.doc_id, aligned)
         scorer = DocumentScorer(aligned)
         if scorer.rows:

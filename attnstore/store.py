@@ -588,6 +588,19 @@ class Store:
         order = np.argsort(rows["pos"].to_numpy(), kind="stable")
         return np.asarray(rows["token_id"].to_numpy(), dtype=np.int64)[order]
 
+    def token_spans(self, doc_id: int) -> list[tuple[int, int] | None]:
+        """Each stored token's ``(char_start, char_end)`` in the document text, in order.
+
+        ``None`` for a token without a span (slow tokenizers, format 1.0); an empty list for a
+        document with no stored tokens. A filtered read of ``tokens``, like :meth:`token_ids`.
+        """
+        rows = self.dataset("tokens").to_table(
+            filter=pc.field("doc_id") == int(doc_id), columns=["pos", "char_start", "char_end"]
+        )
+        order = np.argsort(rows["pos"].to_numpy(), kind="stable").tolist()
+        starts, ends = rows["char_start"].to_pylist(), rows["char_end"].to_pylist()
+        return [None if starts[i] is None else (starts[i], ends[i]) for i in order]
+
     def matrix(self, doc_id: int, layer: int, head: int) -> np.ndarray:
         """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal."""
         n = self._location(int(doc_id)).n_tokens

@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = [
     "ARCHITECTURES",
@@ -188,8 +191,11 @@ def architecture(name: str) -> Architecture:
     raise KeyError(f"Unknown architecture {name!r}. Known: {[a.name for a in ARCHITECTURES]}")
 
 
-def tiny_tokenizer(vocab_size: int = 400) -> Any:
-    """The byte-level BPE tokenizer of :func:`save_tiny_tokenizer`, in memory."""
+def tiny_tokenizer(vocab_size: int = 400, extra_texts: Sequence[str] = ()) -> Any:
+    """The byte-level BPE tokenizer of :func:`save_tiny_tokenizer`, in memory.
+
+    ``extra_texts`` join the training texts (e.g. names repeated so each becomes one token).
+    """
     from pydoc_data.topics import topics
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -204,7 +210,7 @@ def tiny_tokenizer(vocab_size: int = 400) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([topics[k] for k in sorted(topics)[:20]], trainer)
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:20]] + list(extra_texts), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
     )

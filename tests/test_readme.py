@@ -116,26 +116,9 @@ NAMES = ("Mary", "John", "Sarah", "David", "James", "Paul", "Lisa", "Mark", "Amy
 
 def save_tokenizer(folder: Path, vocab_size: int) -> Path:
     """Byte-level BPE like :func:`attnstore.testing.save_tiny_tokenizer`, plus :data:`NAMES`."""
-    from pydoc_data.topics import topics
+    from attnstore.testing import tiny_tokenizer
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    texts = [topics[k] for k in sorted(topics)[:20]] + [" ".join(NAMES)] * 200
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
-    fast.save_pretrained(folder)
+    tiny_tokenizer(vocab_size, extra_texts=[" ".join(NAMES)] * 200).save_pretrained(folder)
     return folder
 
 
