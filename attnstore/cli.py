@@ -9,7 +9,6 @@ anything else as an internal error (``ATTNSTORE_DEBUG=1`` shows its traceback).
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import math
@@ -28,17 +27,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 F = TypeVar("F", bound="Callable[..., Any]")
-
-
-def _errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except AttnStoreError as err:
-            raise click.ClickException(str(err)) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _set_storage_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> None:
@@ -210,7 +198,11 @@ def _int_list(value: str | None) -> list[int] | None:
 
 @cli.command()
 @click.option(
-    "--out", "-o", required=True, type=click.Path(), help="Store folder to create or resume."
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(),
+    help="Store folder (or s3://, gs://, az:// URL) to create or resume.",
 )
 @click.option(
     "--model",
@@ -286,7 +278,6 @@ def _int_list(value: str | None) -> list[int] | None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@_errors
 def extract(
     out: str,
     model: str | None,
@@ -361,7 +352,6 @@ def extract(
     help="Value bound to the next '?' (JSON literal or text). Repeatable.",
 )
 @_format_option
-@_errors
 def query(store: str, sql: str, params: tuple[str, ...], fmt: str) -> None:
     """Run read-only SQL over the docs, tokens and heads tables of STORE.
 
@@ -383,7 +373,6 @@ def query(store: str, sql: str, params: tuple[str, ...], fmt: str) -> None:
 @cli.command()
 @click.argument("store", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_errors
 def info(store: str, as_json: bool) -> None:
     """Summarise STORE: model, codec, counts and size versus dense float32."""
     from attnstore.store import Store
@@ -403,7 +392,6 @@ def info(store: str, as_json: bool) -> None:
     "--quick", is_flag=True, help="Checksums and structure only; skip decoding every matrix."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_errors
 def verify(store: str, quick: bool, as_json: bool) -> None:
     """Check STORE: checksums of every file, table consistency, decodable matrices whose rows sum
     to 1. Exits 1 if anything is wrong; each problem is printed with its location."""
@@ -433,7 +421,6 @@ def verify(store: str, quick: bool, as_json: bool) -> None:
     "(only when no other process reads the store).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_errors
 def compact(store: str, retention_hours: int, as_json: bool) -> None:
     """Merge each table of STORE into few large files sorted by doc_id, write a checkpoint and
     delete files no snapshot needs. Safe while other processes append and query.
@@ -458,7 +445,6 @@ def compact(store: str, retention_hours: int, as_json: bool) -> None:
 @click.argument("old", type=click.Path())
 @click.argument("new", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_errors
 def migrate(old: str, new: str, as_json: bool) -> None:
     """Convert the format 1.x store OLD into a new format 2 store NEW (OLD is only read).
 
@@ -482,7 +468,6 @@ def migrate(old: str, new: str, as_json: bool) -> None:
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_errors
 def materialize(
     store: str, where: str, out: str, model: str | None, batch_size: int, device: str | None,
     as_json: bool,
@@ -553,7 +538,6 @@ def materialize(
     help="Best heads per probe kind (probe_heads), or of one KIND: accuracy, baseline, gain, "
     "mass on target vs distractors, Wilson lower bound, n. --top per kind (default 5).",
 )
-@_errors
 def heads(
     store: str,
     score: str | None,
@@ -650,7 +634,6 @@ def _known_labels(store: Any) -> set[str]:
 )
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output file (.h5 or .npz).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-@_errors
 def export(store: str, where: str | None, fmt: str | None, out: str, as_json: bool) -> None:
     """Export selected matrices with their tokens and scores to HDF5 or .npz.
 
@@ -692,7 +675,6 @@ def _head_options(fn: F) -> F:
 @_store_arg
 @_head_options
 @_out_opt
-@_errors
 def plot_matrix_cmd(store: str, doc_id: int, layer: int, head: int, out: str) -> None:
     """Heatmap of one head's attention for one document (token labels up to 48 tokens)."""
     from attnstore.plots import plot_matrix
@@ -707,7 +689,6 @@ def plot_matrix_cmd(store: str, doc_id: int, layer: int, head: int, out: str) ->
 )
 @click.option("--where", "-w", default=None, help="SQL condition over heads rows to average.")
 @_out_opt
-@_errors
 def plot_grid_cmd(store: str, score: str, where: str | None, out: str) -> None:
     """Layer × head grid of a score's corpus-level mean over a SQL selection."""
     from attnstore.plots import plot_grid
@@ -719,7 +700,6 @@ def plot_grid_cmd(store: str, score: str, where: str | None, out: str) -> None:
 @_store_arg
 @click.option("--kind", "-k", required=True, help="Probe kind, e.g. coref or ioi.")
 @_out_opt
-@_errors
 def plot_probe_cmd(store: str, kind: str, out: str) -> None:
     """Layer × head grid of one probe kind's accuracy, coloured around its position baseline."""
     from attnstore.plots import plot_probe
@@ -734,7 +714,6 @@ def plot_probe_cmd(store: str, kind: str, out: str) -> None:
     "--query", "-q", type=int, required=True, help="Query position whose attention is shown."
 )
 @_out_opt
-@_errors
 def plot_tokens_cmd(store: str, doc_id: int, layer: int, head: int, query: int, out: str) -> None:
     """One document's tokens shaded by the attention one query position gives them."""
     from attnstore.plots import plot_tokens
@@ -752,7 +731,6 @@ def plot_tokens_cmd(store: str, doc_id: int, layer: int, head: int, query: int, 
     help="Installed spaCy pipeline.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-@_errors
 def parse(store: str, parser: str, as_json: bool) -> None:
     """Add syntactic-head scores to STORE from its stored (decoded) matrices.
 
@@ -783,7 +761,6 @@ def parse(store: str, parser: str, as_json: bool) -> None:
     "--text-field", default="text", show_default=True, help="Field holding the text (.jsonl)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-@_errors
 def probe(store: str, corpus: str, text_field: str, as_json: bool) -> None:
     """Add span-probe scores (semantic heads) to STORE from its stored (decoded) matrices.
 
@@ -815,7 +792,6 @@ def probe(store: str, corpus: str, text_field: str, as_json: bool) -> None:
     help="Address to bind. Anything but loopback exposes the store to the network.",
 )
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
-@_errors
 def serve(stores: tuple[str, ...], port: int, host: str, verbose: bool) -> None:
     """Browse STORES in a web browser: head grid, head pages, heatmaps, compare, SQL.
 

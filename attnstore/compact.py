@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Final
 
 from attnstore import index
-from attnstore.errors import IncompatibleStoreError
-from attnstore.layout import parse_format_version, read_manifest
+from attnstore.errors import AttnStoreError, IncompatibleStoreError
+from attnstore.layout import parse_format_version
 from attnstore.storage import open_storage
-from attnstore.store import delta_tables, roll_forward_all
+from attnstore.store import delta_tables, read_store_manifest, roll_forward_all
 
 __all__ = ["DEFAULT_RETENTION_HOURS", "DEFAULT_TARGET_SIZE", "compact", "maybe_compact"]
 
@@ -60,19 +59,23 @@ def compact(
     *,
     retention_hours: int = DEFAULT_RETENTION_HOURS,
     target_size: int = DEFAULT_TARGET_SIZE,
+    storage_options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Compact every table of the store at ``path``; what was done, per table."""
+    """Compact every table of the store at ``path`` (a folder or a URL); what was done, per table."""
     from deltalake import WriterProperties
 
-    manifest = read_manifest(Path(path))
+    if retention_hours < 0:
+        raise AttnStoreError(
+            f"Expected --retention-hours ≥ 0 (hours an unreferenced file is kept for readers). "
+            f"Got {retention_hours}."
+        )
+    storage = open_storage(path, storage_options)
+    manifest = read_store_manifest(storage)
     if parse_format_version(manifest["format_version"])[0] < 2:
         raise IncompatibleStoreError(
             f"The store at {str(path)!r} has format {manifest['format_version']}: it is read-only "
             f"here. Convert it first: `attnstore migrate {path} NEW`."
         )
-    if retention_hours < 0:
-        raise ValueError(f"retention_hours must be ≥ 0. Got {retention_hours}.")
-    storage = open_storage(path)
     rolled = roll_forward_all(storage)
     props = WriterProperties(max_row_group_size=index.ROW_GROUP_ROWS, compression="ZSTD")
     hours = int(retention_hours)
@@ -112,9 +115,11 @@ def compact(
     return report
 
 
-def maybe_compact(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+def maybe_compact(
+    path: str | os.PathLike[str], storage_options: dict[str, str] | None = None
+) -> dict[str, Any] | None:
     """Compact (default retention) when some table has more than :data:`AUTO_COMPACT_PARTS` parts."""
-    storage = open_storage(path)
+    storage = open_storage(path, storage_options)
     if any(len(dt.file_uris()) > AUTO_COMPACT_PARTS for _, dt in delta_tables(storage)):
-        return compact(path)
+        return compact(path, storage_options=storage_options)
     return None

@@ -15,11 +15,11 @@ grid). Rerunning the same command resumes.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from attnstore.errors import AttnStoreError, IncompatibleStoreError, QueryError
 from attnstore.layout import MANIFEST_NAME
+from attnstore.storage import open_storage
 from attnstore.store import Store, StoreWriter
 
 __all__ = ["materialize"]
@@ -55,7 +55,8 @@ def materialize(
                               "layers": layers, "heads": heads, "docs_written": 0}  # fmt: skip
     if not doc_ids:
         return report
-    if (Path(out) / MANIFEST_NAME).is_file() and set(doc_ids) <= Store(out).doc_ids():
+    resumed = open_storage(out).exists(MANIFEST_NAME)  # a folder or a URL (s3://…)
+    if resumed and set(doc_ids) <= Store(out).doc_ids():
         report["docs_already_materialized"] = len(doc_ids)  # a rerun: no model load
         return report
     loaded = load_model(model or src.manifest["model"]["id"], device=device, progress=progress)

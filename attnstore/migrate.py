@@ -16,6 +16,7 @@ import numpy as np
 
 from attnstore.errors import IncompatibleStoreError, StoreExistsError
 from attnstore.layout import FORMAT_VERSION, SEGMENTS, Manifest
+from attnstore.storage import open_storage
 from attnstore.store import Segment, Store, StoreWriter
 
 __all__ = ["migrate"]
@@ -33,8 +34,8 @@ def migrate(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> dict[st
         raise IncompatibleStoreError(
             f"{str(old)!r} already has format {src.manifest['format_version']}: nothing to migrate."
         )
-    target = Path(new)
-    if target.exists():
+    target = new
+    if open_storage(new).exists(""):
         raise StoreExistsError(
             f"{str(target)!r} exists. `attnstore migrate` writes a new store: choose a new path "
             "(or delete an interrupted migration's output and run again)."
@@ -42,9 +43,10 @@ def migrate(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> dict[st
     manifest: Manifest = {**src.manifest, "format_version": FORMAT_VERSION}
     manifest["settings"] = {**manifest["settings"], "migrated_from": src.manifest["format_version"]}
     writer = StoreWriter(target, manifest, app_id="migrate", commit_every=64)
+    old_root = Path(src.storage.root)  # format 1 stores are local folders
     docs_n = 0
     for record in src.commits:
-        tables = {name: pq.read_table(src.path / rel) for name, rel in record["tables"].items()}
+        tables = {name: pq.read_table(old_root / rel) for name, rel in record["tables"].items()}
         annotation = {k: record[k] for k in _ANNOTATION_KEYS if k in record}
         docs = tables.pop("docs", None)
         if docs is None:
@@ -56,7 +58,7 @@ def migrate(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> dict[st
         rows = docs.to_pylist()
         codes: list[np.ndarray] = []
         if record.get("segment"):
-            arr = zarr.open_array(src.path / SEGMENTS / record["segment"], mode="r")
+            arr = zarr.open_array(old_root / SEGMENTS / record["segment"], mode="r")
             for r in rows:
                 if r["skipped"] is None and r["segment"] is not None:
                     n = r["n_tokens"]

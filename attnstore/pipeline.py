@@ -15,7 +15,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attnstore import __version__
@@ -155,6 +154,7 @@ def extract(
     scores_only: bool = False,
     attention: str = "auto",
     progress: bool | Callable[[int], None] = True,
+    storage_options: dict[str, str] | None = None,
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
@@ -172,11 +172,19 @@ def extract(
     under torchrun with CUDA and no ``device``, uses GPU ``cuda:LOCAL_RANK``.
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
+    ``out`` may be a URL (``s3://bucket/prefix/name.attn``, ``gs://``, ``az://``); credentials and
+    endpoint come from the ``AWS_*`` variables and ``storage_options``.
 
     Examples
     --------
     >>> report = attnstore.extract("demo.attn", corpus="pydoc:topics", limit=8)  # doctest: +SKIP
     """
+    if storage_options is not None:  # every store opened below (writer, readers) uses them
+        arguments = {k: v for k, v in locals().items() if k not in ("out", "storage_options")}
+        from attnstore.storage import default_storage_options
+
+        with default_storage_options(storage_options):
+            return extract(out, **arguments)
     import time
 
     from attnstore.capture import Extractor, load_model, probe_documents
@@ -284,8 +292,9 @@ def _nothing_left(
     same settings as far as they are known without loading the model; else ``None`` (run
     normally: the writer then compares the full settings and extracts what is missing)."""
     from attnstore.layout import MANIFEST_NAME, manifest_value
+    from attnstore.storage import open_storage
 
-    if not (Path(out) / MANIFEST_NAME).is_file():
+    if not open_storage(out).exists(MANIFEST_NAME):
         return None
     store = Store(out)
     m = store.manifest

@@ -253,7 +253,7 @@ class Viewer:
             (n_docs,) = con.execute(
                 "SELECT count(*) FROM docs WHERE skipped IS NULL"
             ).fetchone() or (0,)
-            _lock_down(con, store.path, memory_limit)
+            _lock_down(con, Path(store.path), memory_limit)
             name = names[i] if names.count(names[i]) == 1 else f"{names[i]} ({i})"
             self.sources.append(
                 _Source(i, name, store, con, scores, bool(n_syntax), bool(n_probe), int(n_docs))

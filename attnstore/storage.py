@@ -6,9 +6,9 @@ Table and matrix code never opens a path itself. It asks a :class:`Storage` for
 - a Delta table URI plus ``storage_options`` (``table_uri``), handed to delta-rs as they are;
 - small whole-file reads and atomic writes (the manifest, writer files) and listings.
 
-:class:`LocalStorage` is the implementation for a folder on a local disk. An object-storage
-implementation provides the same methods for an ``s3://…`` root (zarr's ``ObjectStore`` or
-``FsspecStore``, delta-rs ``AWS_*`` storage options) and nothing above this module changes.
+:class:`LocalStorage` is the implementation for a folder on a local disk, :class:`ObjectStorage`
+for an ``s3://``, ``gs://`` or ``az://`` root (zarr's ``ObjectStore`` over obstore, delta-rs storage
+options, a ``pyarrow.fs`` file system); :func:`open_storage` picks one by the root's scheme.
 """
 
 from __future__ import annotations
@@ -308,6 +308,12 @@ class ObjectStorage:
     def __init__(self, url: str, storage_options: dict[str, str] | None = None) -> None:
         from attnstore.errors import StorageConfigError
 
+        try:
+            import obstore  # noqa: F401
+        except ImportError:
+            raise StorageConfigError(
+                f"A store at {url!r} needs obstore: pip install 'attnstore[s3]'."
+            ) from None
         scheme, sep, rest = url.partition("://")
         self.scheme = scheme.lower()
         if not sep or self.scheme not in OBJECT_SCHEMES:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -53,12 +54,14 @@ from attnstore.errors import (
     IncompatibleStoreError,
     MatrixNotFoundError,
     StoreExistsError,
+    StoreNotFoundError,
     StoreWriteError,
 )
 from attnstore.layout import (
     COMMITS,
     COMPAT_KEYS,
     FOLDER_FANOUT,
+    FORMAT_NAME,
     LAYOUT_KEYS,
     MANIFEST_NAME,
     SEGMENTS,
@@ -70,10 +73,9 @@ from attnstore.layout import (
     parse_format_version,
     read_json,
     read_manifest,
-    write_json_atomic,
 )
 from attnstore.packing import packed_length, unpack_tril
-from attnstore.storage import Storage, open_storage
+from attnstore.storage import LocalStorage, Storage, is_url, open_storage
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -204,6 +206,40 @@ def _fault(point: str) -> None:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def read_store_manifest(storage: Storage) -> Manifest:
+    """Read and check the manifest of the store in ``storage`` (a folder or a URL)."""
+    if isinstance(storage, LocalStorage):
+        return read_manifest(storage.path)
+    try:
+        data = storage.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        raise StoreNotFoundError(
+            f"No store at {storage.root!r}: it has no {MANIFEST_NAME}. "
+            "Create one with `attnstore extract --out URL`."
+        ) from None
+    try:
+        doc = json.loads(data)
+    except ValueError as err:
+        raise StoreNotFoundError(f"Cannot read {MANIFEST_NAME} of {storage.root!r}: {err}.") from err
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise StoreNotFoundError(
+            f"{storage.root}/{MANIFEST_NAME} is not an attnstore manifest: "
+            f'expected "format": "{FORMAT_NAME}".'
+        )
+    parse_format_version(doc.get("format_version"))
+    return doc  # type: ignore[return-value]
+
+
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The manifest file's bytes (as ``write_json_atomic`` writes it)."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _occupied(storage: Storage) -> bool:
+    """True if the store's place holds anything but a writer's temporary files."""
+    return any(not (n.startswith(".") and ".tmp-" in n) for n in storage.list(""))
 
 
 def table_path(name: str) -> str:
@@ -361,10 +397,14 @@ class Store:
     (87, 87)
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.manifest: Manifest = read_manifest(self.path)
-        self.storage: Storage = open_storage(self.path)
+    def __init__(
+        self, path: str | os.PathLike[str], *, storage_options: dict[str, str] | None = None
+    ) -> None:
+        self.storage: Storage = open_storage(path, storage_options)
+        #: the folder, or the URL of a store on object storage
+        self.path: Path | str = self.storage.root if is_url(path) else Path(path)
+        self.manifest: Manifest = read_store_manifest(self.storage)
+        self._pid = os.getpid()
         self.format_major = parse_format_version(self.manifest["format_version"])[0]
         self.codec: Codec = get_codec(self.manifest["codec"])
         self._layer_pos = {layer: i for i, layer in enumerate(self.manifest["layers"])}
@@ -386,7 +426,7 @@ class Store:
         self._datasets: dict[str, pads.Dataset] = {}
         self._locations: OrderedDict[int, _Location | str | None] = OrderedDict()
         if self.read_only:
-            folder = self.path / COMMITS
+            folder = Path(self.storage.root) / COMMITS
             names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
             self._commits: list[dict[str, Any]] = [read_json(folder / n) for n in names]
             self._files = {
@@ -413,6 +453,7 @@ class Store:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def _delta(self, name: str) -> DeltaTable | None:
         """Table ``name`` at this snapshot's version (for history and versions, not for reads)."""
@@ -540,6 +581,8 @@ class Store:
         raise MatrixNotFoundError(f"No doc_id {doc_id} in this store. Stored doc_ids: {have}.")
 
     def _array(self, segment: str) -> Any:
+        if self._pid != os.getpid():  # a forked worker: arrays opened before hold the parent's clients
+            self._arrays, self._lock, self._pid = OrderedDict(), threading.Lock(), os.getpid()
         with self._lock:
             arr = self._arrays.get(segment)
             if arr is not None:
@@ -629,12 +672,9 @@ class Store:
         stored = np.asarray(docs["skipped"].is_null().to_numpy(zero_copy_only=False))
         segments = {s for s in pc.unique(docs["segment"]).to_pylist() if s is not None}
         seg_bytes = sum(  # the segments committed documents point at
-            f.stat().st_size
-            for s in segments
-            for f in (self.path / SEGMENTS / s).rglob("*")
-            if f.is_file()
+            size for s in segments for _, size in self.storage.walk(f"{SEGMENTS}/{s}")
         )
-        total_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        total_bytes = sum(size for _, size in self.storage.walk(""))
         n_lh = len(self.manifest["layers"]) * len(self.manifest["heads"])
         dense_f32 = int((n_tokens[stored].astype(np.int64) ** 2).sum()) * n_lh * 4
         return {
@@ -739,8 +779,10 @@ class StoreWriter:
         app_id: str = DEFAULT_APP_ID,
         commit_every: int = 1,
         commit_seconds: float | None = None,
+        storage_options: dict[str, str] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.storage: Storage = open_storage(path, storage_options)
+        self.path: Path | str = self.storage.root if is_url(path) else Path(path)
         if not _APP_ID.match(app_id):
             raise ValueError(
                 f"Expected an app_id of letters, digits, '.', '_', '-'. Got {app_id!r}."
@@ -752,47 +794,27 @@ class StoreWriter:
         self.commit_seconds = commit_seconds
         self.writer_id = new_writer_id()
         self._counter = 0
-        if self.path.exists() and not self.path.is_dir():
+        if isinstance(self.path, Path) and self.path.exists() and not self.path.is_dir():
             raise StoreExistsError(
                 f"Cannot write a store at {str(self.path)!r}: it is a file. Choose another --out."
             )
-        if (self.path / MANIFEST_NAME).exists():
-            existing = read_manifest(self.path)
-            if parse_format_version(existing["format_version"])[0] < 2:
-                raise IncompatibleStoreError(
-                    f"The store at {str(self.path)!r} has format {existing['format_version']}, "
-                    "which this attnstore reads but does not write. Convert it with "
-                    f"`attnstore migrate {self.path} NEW` and write to NEW."
-                )
-            have = {k: manifest_value(existing, k) for k in COMPAT_KEYS}
-            want = {k: manifest_value(manifest, k) for k in COMPAT_KEYS}
-            diffs = [k for k in COMPAT_KEYS if have[k] != want[k]]
-            detail = "; ".join(f"{k}: store has {have[k]!r}, requested {want[k]!r}" for k in diffs)
-            if any(k in LAYOUT_KEYS for k in diffs):
-                raise IncompatibleStoreError(
-                    f"The store at {str(self.path)!r} was written with another layout ({detail}). "
-                    "A store holds one codec and one layer/head selection: write to a new --out."
-                )
-            if diffs and not allow_different:
-                raise IncompatibleStoreError(
-                    f"The store at {str(self.path)!r} was written with other settings ({detail}). "
-                    "Write to a new --out, or pass --allow-different to add these documents anyway."
-                )
-            self.manifest = existing
-        elif self.path.is_dir() and any(self.path.iterdir()):
+        # The manifest comes first: a place holding only a manifest is a valid empty store, so a
+        # crash right after creation leaves something the same command can resume. It is created
+        # only if absent (a conditional PUT, a hard link), so of several writers creating one store
+        # at once exactly one writes it and the others adopt it.
+        if self.storage.exists(MANIFEST_NAME):
+            self.manifest = self._adopt(manifest, allow_different)
+        elif _occupied(self.storage) and not self.storage.exists(MANIFEST_NAME):
             raise StoreExistsError(
                 f"{str(self.path)!r} exists, is not empty and is not an attnstore store. "
                 "Choose another --out (attnstore never writes into another program's folder)."
             )
-        else:
-            # The manifest comes first: a folder holding only a manifest is a valid empty store, so
-            # a crash right after creation leaves something the same command can resume.
-            self.path.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.path / MANIFEST_NAME, manifest)
+        elif self.storage.create_bytes(MANIFEST_NAME, manifest_bytes(manifest)):
             self.manifest = manifest
-        self.storage: Storage = open_storage(self.path)
+        else:  # another writer created the store a moment ago
+            self.manifest = self._adopt(manifest, allow_different)
         self.codec = get_codec(self.manifest["codec"])
-        self._manifest_sha256 = _sha256(self.path / MANIFEST_NAME)
+        self._manifest_sha256 = hashlib.sha256(self.storage.read_bytes(MANIFEST_NAME)).hexdigest()
         # Flushes interrupted by a crash (of any writer) are finished before anything new is added,
         # so a rerun never commits a document twice.
         roll_forward_all(self.storage)
@@ -805,6 +827,31 @@ class StoreWriter:
         self._tables: dict[str, DeltaTable] = {}  # opened once, updated before each commit
         # Leftovers of crashed writers (unreferenced segments and parts, '.tmp-' files) are ignored
         # by every reader and reported by `attnstore verify`; `attnstore compact` removes old ones.
+
+    def _adopt(self, manifest: Manifest, allow_different: bool) -> Manifest:
+        """The existing store's manifest, once checked against the requested one."""
+        existing = read_store_manifest(self.storage)
+        if parse_format_version(existing["format_version"])[0] < 2:
+            raise IncompatibleStoreError(
+                f"The store at {str(self.path)!r} has format {existing['format_version']}, "
+                "which this attnstore reads but does not write. Convert it with "
+                f"`attnstore migrate {self.path} NEW` and write to NEW."
+            )
+        have = {k: manifest_value(existing, k) for k in COMPAT_KEYS}
+        want = {k: manifest_value(manifest, k) for k in COMPAT_KEYS}
+        diffs = [k for k in COMPAT_KEYS if have[k] != want[k]]
+        detail = "; ".join(f"{k}: store has {have[k]!r}, requested {want[k]!r}" for k in diffs)
+        if any(k in LAYOUT_KEYS for k in diffs):
+            raise IncompatibleStoreError(
+                f"The store at {str(self.path)!r} was written with another layout ({detail}). "
+                "A store holds one codec and one layer/head selection: write to a new --out."
+            )
+        if diffs and not allow_different:
+            raise IncompatibleStoreError(
+                f"The store at {str(self.path)!r} was written with other settings ({detail}). "
+                "Write to a new --out, or pass --allow-different to add these documents anyway."
+            )
+        return existing
 
     def _next_name(self) -> str:
         n = self._counter
@@ -925,9 +972,17 @@ class StoreWriter:
                 continue
             doc_ids.update(table["doc_id"].to_pylist())
             rel = f"{part}.parquet"
-            local = self.storage.local_path(f"{table_path(name)}/{rel}")
-            index.write_part(table, local)
-            stat = local.stat()
+            part_rel = f"{table_path(name)}/{rel}"
+            if isinstance(self.storage, LocalStorage):
+                local = self.storage.local_path(part_rel)
+                index.write_part(table, local)
+                stat = local.stat()
+            else:  # object storage: write the part here, then upload it whole
+                with tempfile.TemporaryDirectory(prefix="attnstore-part-") as tmp:
+                    local = Path(tmp) / "part.parquet"
+                    index.write_part(table, local)
+                    stat = local.stat()
+                    self.storage.upload(part_rel, local)
             adds[name] = [{
                 "path": rel, "size": stat.st_size, "modification_time": int(stat.st_mtime * 1000),
                 "stats": index.part_stats(table),

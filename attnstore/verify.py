@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,9 +40,11 @@ from attnstore.layout import (
     TABLES_DIR,
     WRITERS,
     parse_format_version,
-    read_manifest,
 )
 from attnstore.packing import packed_length
+
+if TYPE_CHECKING:
+    from attnstore.storage import Storage
 
 __all__ = ["Problem", "VerifyReport", "verify_store"]
 
@@ -86,24 +88,32 @@ def _sha256(path: Path) -> str:
     return digest(path)
 
 
-def verify_store(path: str | os.PathLike[str], *, quick: bool = False) -> VerifyReport:
-    """Check a store; see the module docstring for what is checked."""
+def verify_store(
+    path: str | os.PathLike[str],
+    *,
+    quick: bool = False,
+    storage_options: dict[str, str] | None = None,
+) -> VerifyReport:
+    """Check a store (a folder or a URL); see the module docstring for what is checked."""
     from attnstore.codecs import get_codec
+    from attnstore.storage import is_url, open_storage
+    from attnstore.store import read_store_manifest
 
-    root = Path(path)
-    report = VerifyReport(str(root))
-    if not (root / MANIFEST_NAME).is_file():
-        read_manifest(root)  # raises the "not an attnstore store" error with the reason
-        raise StoreNotFoundError(f"{str(root)!r} is not an attnstore store.")  # pragma: no cover
+    storage = open_storage(path, storage_options)
+    root = Path(path) if not is_url(path) else Path(storage.root)  # format 1: local folders only
+    report = VerifyReport(storage.root if is_url(path) else str(root))
+    if not storage.exists(MANIFEST_NAME):
+        read_store_manifest(storage)  # raises the "not an attnstore store" error with the reason
+        raise StoreNotFoundError(f"{str(path)!r} is not an attnstore store.")  # pragma: no cover
     try:
-        manifest = read_manifest(root)
+        manifest = read_store_manifest(storage)
         codec = get_codec(manifest["codec"])
         major = parse_format_version(manifest["format_version"])[0]
     except (AttnStoreError, KeyError, TypeError) as err:
         report.error(MANIFEST_NAME, f"unreadable manifest: {err}")
         return report
     if major >= 2:
-        _verify_v2(report, root, manifest, codec, quick)
+        _verify_v2(report, storage, manifest, codec, quick)
     else:
         _verify_v1(report, root, manifest, codec, quick)
     return report
@@ -164,20 +174,25 @@ def _verify_v1(report: VerifyReport, root: Path, manifest: Any, codec: Any, quic
         _check_tables(report, rel_record, doc_ids, docs, tokens, heads, n_layers * n_heads)
         stored = [d for d in docs if d["skipped"] is None]
         if record.get("segment") and stored:
-            _check_segment(report, root, record["segment"], stored, manifest, codec, quick)
+            _check_segment(
+                report, root / SEGMENTS / record["segment"], record["segment"], stored, manifest,
+                codec, quick,
+            )  # fmt: skip
     _report_orphans(report, root, referenced)
 
 
-def _verify_v2(report: VerifyReport, root: Path, manifest: Any, codec: Any, quick: bool) -> None:
+def _verify_v2(
+    report: VerifyReport, storage: Storage, manifest: Any, codec: Any, quick: bool
+) -> None:
+    import hashlib
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from attnstore import index
-    from attnstore.storage import open_storage
     from attnstore.store import Store, open_table, table_path
 
-    storage = open_storage(root)
-    manifest_sha = _sha256(root / MANIFEST_NAME)
+    manifest_sha = hashlib.sha256(storage.read_bytes(MANIFEST_NAME)).hexdigest()
     # 2. writer files
     committed = ""
     for name in storage.list(WRITERS):
@@ -211,7 +226,7 @@ def _verify_v2(report: VerifyReport, root: Path, manifest: Any, codec: Any, quic
     intact = True
     for name in index.TABLES:
         base = table_path(name)
-        if not (root / base / "_delta_log").exists():  # no writer committed to it yet
+        if not storage.exists(f"{base}/_delta_log"):  # no writer committed to it yet
             if name == "docs" and committed:
                 report.error(f"{base}/_delta_log", f"missing, though {committed} committed")
             continue
@@ -228,28 +243,32 @@ def _verify_v2(report: VerifyReport, root: Path, manifest: Any, codec: Any, quic
             continue
         if name == "docs":
             report.commits = dt.version()
+        sizes = dict(storage.walk(base))
         for rel_file, size in zip(
             actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True
         ):
             rel = f"{base}/{rel_file}"
             referenced.add(rel)
             report.files_checked += 1
-            f = root / rel
-            if not f.is_file():
+            if rel not in sizes:
                 report.error(rel, f"missing (referenced by the Delta log of {name!r})")
                 intact = False
-            elif f.stat().st_size != size:
-                report.error(rel, f"size {f.stat().st_size} bytes, the Delta log recorded {size}")
+            elif sizes[rel] != size:
+                report.error(rel, f"size {sizes[rel]} bytes, the Delta log recorded {size}")
                 intact = False
             elif not quick:
                 try:
-                    pq.read_table(f, page_checksum_verification=True)
+                    pq.read_table(
+                        storage.arrow_path(storage.table_uri(rel)),
+                        filesystem=storage.arrow_filesystem(),
+                        page_checksum_verification=True,
+                    )
                 except Exception as err:  # noqa: BLE001 - an unreadable part is a finding
                     report.error(rel, f"unreadable Parquet: {err}")
                     intact = False
     if intact:
         try:
-            store = Store(root)
+            store = Store(storage.root, storage_options=getattr(storage, "options", None))
             _check_tables_v2(report, store, len(manifest["layers"]) * len(manifest["heads"]))
             docs = store.sql(
                 'SELECT doc_id, n_tokens, segment, "offset" FROM docs '
@@ -262,14 +281,15 @@ def _verify_v2(report: VerifyReport, root: Path, manifest: Any, codec: Any, quic
         for d in docs:
             by_segment.setdefault(d["segment"], []).append(d)
         for segment, stored in by_segment.items():
-            for f in (root / SEGMENTS / segment).rglob("*"):
-                referenced.add(str(f.relative_to(root)))
-            if not (root / SEGMENTS / segment / "c" / "0" / "0" / "0").is_file():
+            files = {rel for rel, _ in storage.walk(f"{SEGMENTS}/{segment}")}
+            referenced.update(files)
+            if f"{SEGMENTS}/{segment}/c/0/0/0" not in files:
                 report.error(f"{SEGMENTS}/{segment}/c/0/0/0", "missing (the segment's shard)")
                 continue
             report.files_checked += 1
-            _check_segment(report, root, segment, stored, manifest, codec, quick)
-    _report_orphans_v2(report, root, referenced)
+            array = storage.zarr_store(f"{SEGMENTS}/{segment}", read_only=True)
+            _check_segment(report, array, segment, stored, manifest, codec, quick)
+    _report_orphans_v2(report, storage, referenced)
 
 
 def _check_tables_v2(report: VerifyReport, store: Any, per_doc_heads: int) -> None:
@@ -299,14 +319,10 @@ def _check_tables_v2(report: VerifyReport, store: Any, per_doc_heads: int) -> No
             )
 
 
-def _report_orphans_v2(report: VerifyReport, root: Path, referenced: set[str]) -> None:
+def _report_orphans_v2(report: VerifyReport, storage: Storage, referenced: set[str]) -> None:
     for folder in (SEGMENTS, TABLES_DIR):
-        base = root / folder
-        if not base.is_dir():
-            continue
-        for f in sorted(base.rglob("*")):
-            rel = str(f.relative_to(root))
-            if not f.is_file() or rel in referenced or "/_delta_log/" in rel:
+        for rel, _ in storage.walk(folder):
+            if rel in referenced or "/_delta_log/" in rel:
                 continue
             report.problems.append(
                 Problem(
@@ -350,7 +366,7 @@ def _check_tables(
 
 def _check_segment(
     report: VerifyReport,
-    root: Path,
+    array_store: Any,
     name: str,
     stored: list[dict[str, Any]],
     manifest: Any,
@@ -361,7 +377,7 @@ def _check_segment(
 
     where = f"{SEGMENTS}/{name}"
     try:
-        arr = zarr.open_array(root / SEGMENTS / name, mode="r")
+        arr = zarr.open_array(store=array_store, mode="r")
     except Exception as err:  # noqa: BLE001 - any unreadable array is a finding
         report.error(where, f"cannot open the Zarr array: {err}")
         return
