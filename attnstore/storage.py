@@ -143,17 +143,8 @@ class LocalStorage:
     def read_bytes(self, rel: str) -> bytes:
         return (self.path / rel).read_bytes()
 
-    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
-        path = self.path / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-
-    def create_bytes(self, rel: str, data: bytes) -> bool:
+    def _durable_temp(self, rel: str, data: bytes) -> tuple[Path, Path]:
+        """``data`` fsync'ed under a temporary name beside ``rel``; (temporary, final) paths."""
         path = self.path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -161,6 +152,14 @@ class LocalStorage:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        return tmp, path
+
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        tmp, path = self._durable_temp(rel, data)
+        os.replace(tmp, path)
+
+    def create_bytes(self, rel: str, data: bytes) -> bool:
+        tmp, path = self._durable_temp(rel, data)
         try:
             os.link(tmp, path)  # complete content, and fails if the name exists (like O_EXCL)
         except FileExistsError:
