@@ -23,7 +23,6 @@ Format 1 (read-only here; ``attnstore migrate`` converts)::
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import Any, Final, TypedDict
@@ -42,7 +41,6 @@ __all__ = [
     "new_writer_id",
     "read_json",
     "read_manifest",
-    "write_json_atomic",
 ]
 
 FORMAT_NAME: Final = "attnstore"
@@ -113,17 +111,6 @@ def manifest_value(manifest: Manifest, key: str) -> Any:
 def new_writer_id() -> str:
     """A fresh id for one writing process; it prefixes every file that process creates."""
     return secrets.token_hex(4)
-
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Any:

@@ -233,7 +233,7 @@ def read_store_manifest(storage: Storage) -> Manifest:
 
 
 def manifest_bytes(manifest: Manifest) -> bytes:
-    """The manifest file's bytes (as ``write_json_atomic`` writes it)."""
+    """The manifest file's bytes: indented, sorted keys, a final newline."""
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
