@@ -36,10 +36,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from attnstore.errors import CorpusError
-from attnstore.probes import BuiltinProbe, Item, parse_builtin, parse_items, read_corefud
+from attnstore.probes import (
+    BuiltinProbe,
+    Item,
+    parse_builtin,
+    parse_items,
+    read_corefud,
+    spec_options,
+)
 from attnstore.syntax import Word
 
 __all__ = ["DEFAULT_CORPUS", "Document", "InductionProbe", "parse_probe", "read_corpus"]
@@ -83,18 +90,7 @@ def parse_probe(spec: str) -> InductionProbe | BuiltinProbe:
             f"Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]', 'probe:coref[?count=..]' "
             f"or 'probe:ioi[?count=..]'. Got {spec!r}."
         )
-    known = {"n", "reps", "count", "seed"}
-    values: dict[str, int] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key not in known:
-            raise CorpusError(
-                f"Unknown probe option {key!r} in {spec!r}. Expected: {sorted(known)}."
-            )
-        try:
-            values[key] = int(value)
-        except ValueError:
-            raise CorpusError(f"Probe option {key} must be an integer. Got {value!r}.") from None
-    probe = InductionProbe(**values)
+    probe = InductionProbe(**spec_options(spec, {"n", "reps", "count", "seed"}))
     if probe.n < 1 or probe.reps < 1 or probe.count < 1:
         raise CorpusError(f"Probe n, reps and count must be ≥ 1. Got {probe}.")
     return probe

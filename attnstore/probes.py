@@ -57,6 +57,7 @@ __all__ = [
     "parse_builtin",
     "parse_items",
     "read_corefud",
+    "spec_options",
 ]
 
 Span = tuple[int, int]
@@ -359,6 +360,22 @@ class BuiltinProbe:
     seed: int = 0
 
 
+def spec_options(spec: str, known: set[str]) -> dict[str, int]:
+    """The integer options of a ``probe:KIND?key=value&…`` spec; unknown keys and non-integers
+    are a :class:`~attnstore.errors.CorpusError`."""
+    values: dict[str, int] = {}
+    for key, value in parse_qsl(urlsplit(spec).query, keep_blank_values=True):
+        if key not in known:
+            raise CorpusError(
+                f"Unknown probe option {key!r} in {spec!r}. Expected: {sorted(known)}."
+            )
+        try:
+            values[key] = int(value)
+        except ValueError:
+            raise CorpusError(f"Probe option {key} must be an integer. Got {value!r}.") from None
+    return values
+
+
 def parse_builtin(spec: str) -> BuiltinProbe:
     """``probe:ioi?count=48&seed=0`` → :class:`BuiltinProbe`."""
     parts = urlsplit(spec)
@@ -367,17 +384,7 @@ def parse_builtin(spec: str) -> BuiltinProbe:
             f"Expected 'probe:coref[?count=..&seed=..]' or 'probe:ioi[?count=..&seed=..]'. "
             f"Got {spec!r}."
         )
-    values: dict[str, int] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key not in ("count", "seed"):
-            raise CorpusError(
-                f"Unknown probe option {key!r} in {spec!r}. Expected: ['count', 'seed']."
-            )
-        try:
-            values[key] = int(value)
-        except ValueError:
-            raise CorpusError(f"Probe option {key} must be an integer. Got {value!r}.") from None
-    probe = BuiltinProbe(parts.path, **values)
+    probe = BuiltinProbe(parts.path, **spec_options(spec, {"count", "seed"}))
     if probe.count < 2 or probe.count % 2:
         raise CorpusError(
             f"probe:{probe.kind} count must be an even number ≥ 2 (items come in order twins). "
