@@ -124,6 +124,11 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _records(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Result rows as JSON objects keyed by column name."""
+    return [dict(zip(columns, map(_jsonable, r), strict=True)) for r in rows]
+
+
 def _lock_down(con: duckdb.DuckDBPyConnection, root: Path, memory_limit: str) -> None:
     """Confine a connection whose views are already defined (see the module docstring)."""
     # Bind every view once while access is still open, so whatever a view needs (an extension,
@@ -367,7 +372,7 @@ class Viewer:
         names = _unique(columns)
         return {
             "columns": names,
-            "rows": [dict(zip(names, map(_jsonable, r), strict=True)) for r in rows],
+            "rows": _records(names, rows),
             "truncated": truncated,
             "row_cap": self.row_cap,
             "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
@@ -410,7 +415,7 @@ class Viewer:
         columns, rows, _ = self.query(src, "SELECT * FROM head_summary ORDER BY layer, head")
         return {
             "columns": columns,
-            "rows": [dict(zip(columns, map(_jsonable, r), strict=True)) for r in rows],
+            "rows": _records(columns, rows),
         }
 
     def grid(self, params: dict[str, str]) -> dict[str, Any]:
@@ -535,7 +540,7 @@ class Viewer:
                 "WHERE layer = ? AND head = ? ORDER BY gain DESC NULLS LAST LIMIT 30",
                 [layer, head],
             )
-            syntax = [dict(zip(scol, map(_jsonable, r), strict=True)) for r in srows]
+            syntax = _records(scol, srows)
         semantic: list[dict[str, Any]] = []
         if src.has_semantic:
             pcol, prows, _ = self.query(
@@ -544,7 +549,7 @@ class Viewer:
                 "WHERE layer = ? AND head = ? ORDER BY gain DESC NULLS LAST LIMIT 30",
                 [layer, head],
             )
-            semantic = [dict(zip(pcol, map(_jsonable, r), strict=True)) for r in prows]
+            semantic = _records(pcol, prows)
         return {
             "store": src.index,
             "layer": layer,
@@ -553,11 +558,8 @@ class Viewer:
             "n_docs": row["n_docs"],
             "scores": scores,
             "by": by,
-            "top": [dict(zip(doc_fields, map(_jsonable, r), strict=True)) for r in top],
-            "deciles": [
-                {"decile": r[0], **dict(zip(doc_fields, map(_jsonable, r[1:]), strict=True))}
-                for r in dec
-            ],
+            "top": _records(doc_fields, top),
+            "deciles": _records(("decile", *doc_fields), dec),
             "syntax": syntax,
             "semantic": semantic,
         }
