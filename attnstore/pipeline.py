@@ -195,8 +195,8 @@ def extract(
     if limit is not None and limit < 0:
         raise AttnStoreError(f"--limit must be ≥ 0. Got {limit}.")
     the_codec = get_codec(codec)
-    if shard is not None:
-        _parse_shard(shard)  # a bad --shard (or launcher environment) fails before the model load
+    # a bad --shard (or launcher environment) fails before the model load
+    shard_ix = None if shard is None else _parse_shard(shard)
     if shard == "auto" and device is None:
         from attnstore.cluster import local_rank_device
 
@@ -214,7 +214,7 @@ def extract(
             pass
     # A rerun with nothing left to do answers without loading the model (17-30 s).
     pending = _nothing_left(
-        out, model, corpus, text_field, the_codec.get_config(), max_length, limit, shard,
+        out, model, corpus, text_field, the_codec.get_config(), max_length, limit, shard_ix,
         layers, heads, scores_only,
     )  # fmt: skip
     if pending is not None:
@@ -235,8 +235,8 @@ def extract(
         doc_iter = iter(probe_documents(loaded, probe or parse_probe(corpus)))
     if limit is not None:
         doc_iter = itertools.islice(doc_iter, limit)
-    if shard is not None:
-        index, count = _parse_shard(shard)
+    if shard_ix is not None:
+        index, count = shard_ix
         doc_iter = (d for d in doc_iter if d.doc_id % count == index)
     # An empty corpus is refused before anything is written.
     first = next(doc_iter, None)
@@ -248,7 +248,7 @@ def extract(
     writer = StoreWriter(
         out, manifest, allow_different=allow_different, commit_every=commit_every,
         commit_seconds=commit_seconds,
-        app_id=DEFAULT_APP_ID if shard is None else app_id_for_shard(*_parse_shard(shard)),
+        app_id=DEFAULT_APP_ID if shard_ix is None else app_id_for_shard(*shard_ix),
     )  # fmt: skip
     done = Store(out).doc_ids()
     report = ExtractReport(path=str(out))
@@ -283,7 +283,7 @@ def _nothing_left(
     codec: dict[str, Any],
     max_length: int | None,
     limit: int | None,
-    shard: str | None,
+    shard: tuple[int, int] | None,
     layers: Sequence[int] | None,
     heads: Sequence[int] | None,
     scores_only: bool,
@@ -322,7 +322,7 @@ def _nothing_left(
     if limit is not None:
         ids = itertools.islice(ids, limit)
     if shard is not None:
-        index, count = _parse_shard(shard)
+        index, count = shard
         ids = (i for i in ids if i % count == index)
     wanted = set(ids)
     return len(wanted) if wanted and wanted <= store.doc_ids() else None
