@@ -620,16 +620,20 @@ class Store:
         ]
         return self.codec.decode(codes) if decode else codes
 
+    def _doc_tokens(self, doc_id: int, columns: list[str]) -> pa.Table:
+        """``columns`` of one document's ``tokens`` rows in position order (a filtered read)."""
+        rows = self.dataset("tokens").to_table(
+            filter=pc.field("doc_id") == doc_id, columns=["pos", *columns]
+        )
+        return rows.sort_by("pos")
+
     def token_ids(self, doc_id: int) -> np.ndarray:
         """Token ids of one stored document, int64 ``[T]`` (a filtered read of ``tokens``)."""
         doc_id = int(doc_id)
         if self._lookup(doc_id) != "scores-only":
             self._location(doc_id)  # raises the clear error for unknown or skipped documents
-        rows = self.dataset("tokens").to_table(
-            filter=pc.field("doc_id") == doc_id, columns=["pos", "token_id"]
-        )
-        order = np.argsort(rows["pos"].to_numpy(), kind="stable")
-        return np.asarray(rows["token_id"].to_numpy(), dtype=np.int64)[order]
+        ids = self._doc_tokens(doc_id, ["token_id"])["token_id"].to_numpy()
+        return np.asarray(ids, dtype=np.int64)
 
     def token_spans(self, doc_id: int) -> list[tuple[int, int] | None]:
         """Each stored token's ``(char_start, char_end)`` in the document text, in order.
@@ -637,12 +641,9 @@ class Store:
         ``None`` for a token without a span (slow tokenizers, format 1.0); an empty list for a
         document with no stored tokens. A filtered read of ``tokens``, like :meth:`token_ids`.
         """
-        rows = self.dataset("tokens").to_table(
-            filter=pc.field("doc_id") == int(doc_id), columns=["pos", "char_start", "char_end"]
-        )
-        order = np.argsort(rows["pos"].to_numpy(), kind="stable").tolist()
+        rows = self._doc_tokens(int(doc_id), ["char_start", "char_end"])
         starts, ends = rows["char_start"].to_pylist(), rows["char_end"].to_pylist()
-        return [None if starts[i] is None else (starts[i], ends[i]) for i in order]
+        return [None if a is None else (a, b) for a, b in zip(starts, ends, strict=True)]
 
     def matrix(self, doc_id: int, layer: int, head: int) -> np.ndarray:
         """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal."""
