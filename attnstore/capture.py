@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from attnstore import probes, scores, syntax
+from attnstore import needles, probes, scores, syntax
 from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import AttentionCaptureError, ModelError
@@ -594,11 +594,15 @@ def prepare_model(
 
 
 def probe_documents(
-    loaded: LoadedModel, probe: InductionProbe | probes.BuiltinProbe
+    loaded: LoadedModel, probe: InductionProbe | probes.BuiltinProbe | needles.NeedleProbe
 ) -> list[Document]:
     """The induction probe of schemas/scores.md: random ordinary tokens, repeated, optional BOS;
-    or the built-in span probes of schemas/probes.md (``probe:coref``, ``probe:ioi``)."""
+    or the built-in span probes of schemas/probes.md (``probe:coref``, ``probe:ioi``); or the
+    needle documents of schemas/sparsity.md (``probe:needle``)."""
     tok = loaded.tokenizer
+    if isinstance(probe, needles.NeedleProbe):
+        made = needles.build_documents(probe, needles.hf_encoder(tok))
+        return [Document(i, text, needle=nd) for i, (text, nd) in enumerate(made)]
     if isinstance(probe, probes.BuiltinProbe):
         built = probes.builtin_documents(
             probe, lambda text: tok(text, add_special_tokens=False).input_ids

@@ -22,6 +22,8 @@ a time, so a corpus larger than memory works. The Hugging Face readers need ``at
   needs the tokenizer, so it yields token ids rather than text.
 - ``probe:coref[?count=48&seed=0]``, ``probe:ioi[?count=48&seed=0]``: the built-in span probes of
   schemas/probes.md (IOI needs the tokenizer to pick one-token names).
+- ``probe:needle[?tokens=2048&depth=D&count=10&seed=0]``: needle-in-a-haystack documents of
+  schemas/sparsity.md (:mod:`attnstore.needles`; the tokenizer checks the value's tokens).
 
 JSONL lines may carry a ``probes`` field and CoNLL-U files CorefUD ``Entity=`` brackets: both give
 span-probe items (:mod:`attnstore.probes`).
@@ -39,6 +41,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from attnstore.errors import CorpusError
+from attnstore.needles import Needle, NeedleProbe, parse_needle
 from attnstore.probes import (
     BuiltinProbe,
     Item,
@@ -67,6 +70,8 @@ class Document:
     words: tuple[Word, ...] | None = None
     #: span-probe items (a JSONL ``probes`` field, CorefUD coreference, a built-in probe)
     probes: tuple[Item, ...] | None = None
+    #: the needle probe's character spans (``probe:needle``, schemas/sparsity.md)
+    needle: Needle | None = None
 
 
 @dataclass(frozen=True)
@@ -79,16 +84,19 @@ class InductionProbe:
     seed: int = 0
 
 
-def parse_probe(spec: str) -> InductionProbe | BuiltinProbe:
+def parse_probe(spec: str) -> InductionProbe | BuiltinProbe | NeedleProbe:
     """``probe:induction?n=50&reps=2`` → :class:`InductionProbe`; ``probe:coref``, ``probe:ioi``
-    → :class:`~attnstore.probes.BuiltinProbe`."""
+    → :class:`~attnstore.probes.BuiltinProbe`; ``probe:needle`` →
+    :class:`~attnstore.needles.NeedleProbe`."""
     parts = urlsplit(spec)
     if parts.scheme == "probe" and parts.path in ("coref", "ioi"):
         return parse_builtin(spec)
+    if parts.scheme == "probe" and parts.path == "needle":
+        return parse_needle(spec)
     if parts.scheme != "probe" or parts.path != "induction":
         raise CorpusError(
-            f"Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]', 'probe:coref[?count=..]' "
-            f"or 'probe:ioi[?count=..]'. Got {spec!r}."
+            f"Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]', 'probe:coref[?count=..]', "
+            f"'probe:ioi[?count=..]' or 'probe:needle[?tokens=..&depth=..&count=..]'. Got {spec!r}."
         )
     probe = InductionProbe(**spec_options(spec, {"n", "reps", "count", "seed"}))
     if probe.n < 1 or probe.reps < 1 or probe.count < 1:

@@ -9,6 +9,8 @@ Tables (column specs in ``schemas/tables/*.json``; a test keeps code and spec eq
   ``schemas/syntax.md`` (only in stores extracted with ``--parse`` or annotated by ``parse``).
 - ``probes``, ``probe_scores``: span-probe items and their per-head mass and argmax correctness
   (``schemas/probes.md``; only in stores with probe items).
+- ``sparsity``, ``needles``: positional statistics per (document, layer, head) and the needle
+  probe's spans (``schemas/sparsity.md``; owned by :class:`attnstore.analyses.sparsity.Sparsity`).
 
 Each table is a Delta Lake table (format 2). Files are immutable parts written under a temporary
 name then renamed, so a reader never sees half a file; the Delta log adds them. Rows are sorted by
@@ -27,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from attnstore.analyses.sparsity import NEEDLES_SCHEMA
+from attnstore.analyses.sparsity import SCHEMA as SPARSITY_SCHEMA
 from attnstore.scores import SCORE_COLUMNS
 
 __all__ = [
@@ -160,6 +164,8 @@ SCHEMAS: Final[dict[str, pa.Schema]] = {
     "syntax_baseline": SYNTAX_BASELINE,
     "probes": PROBES,
     "probe_scores": PROBE_SCORES,
+    "sparsity": SPARSITY_SCHEMA,
+    "needles": NEEDLES_SCHEMA,
 }
 #: Row order inside every part (lets DuckDB prune row groups on point look-ups).
 SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
@@ -171,6 +177,8 @@ SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "syntax_baseline": ("doc_id", "relation", "direction"),
     "probes": ("doc_id", "item"),
     "probe_scores": ("doc_id", "item", "layer", "head"),
+    "sparsity": ("doc_id", "layer", "head"),
+    "needles": ("doc_id",),
 }
 TABLES: Final = tuple(SCHEMAS)
 

@@ -5,7 +5,9 @@ Each query gets a fresh in-memory connection with one table per store table (``d
 head: count-weighted corpus means and a label, see :mod:`attnstore.labels`) and ``syntax_heads``
 (per layer, head, relation and direction: n, accuracy, the best fixed-offset baseline and the gain,
 schemas/syntax.md) and ``probe_heads`` (per probe kind, layer and head: accuracy, baseline, gain,
-masses, Wilson bound, schemas/probes.md), so readers never see a batch that is still
+masses, Wilson bound, schemas/probes.md) and ``sparsity_summary`` (per layer and head: the
+``sparsity`` statistics weighted by ``n_queries``, ``retrieval`` by ``n_retrieval``, and a
+``streaming``/``retrieval`` label, schemas/sparsity.md), so readers never see a batch that is still
 being written and take no locks: any number of processes can query a store while it grows.
 Only read statements run (``SELECT``/``WITH``/``EXPLAIN``/``DESCRIBE``/``SUMMARIZE``); parameters are
 bound by DuckDB (``?`` or ``$name``), never formatted into the SQL.
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import duckdb
 
 from attnstore import index
+from attnstore.analyses.sparsity import summary_sql
 from attnstore.errors import QueryError
 
 if TYPE_CHECKING:
@@ -155,6 +158,7 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     con.execute(_SYNTAX_HEADS_SQL)
     con.execute(_PROBE_HEADS_SQL)
     con.execute(_head_summary_sql())
+    con.execute(summary_sql())
     return con
 
 

@@ -1,0 +1,456 @@
+"""The ``sparsity`` analysis: where each head's attention goes by position (``schemas/sparsity.md``).
+
+One row per (document, layer, head): the mass on the first four tokens (``sink4``), on a 64-token
+recent window (``local64``), inside DuoAttention's streaming budget (``stream``), how far back a head
+reaches (``span50``, ``span90``), the share of mass on the heaviest 1% of keys (``vertical1``) and of
+offsets (``slash1``), and the needle probe's ``retrieval`` score. A second table, ``needles``, holds
+one row per needle document (``probe:needle``, :mod:`attnstore.needles`): where its value and its
+copied answer are, in token positions.
+
+Everything is computed exactly from blocks of query rows, in memory linear in the document's length:
+per layer and document, column masses ``[H, n]`` and diagonal masses ``[H, n]`` accumulate block by
+block (float64), the other columns are sums over rows, and ``span`` uses a reversed cumulative sum
+within each row of the block. No ``[T, T]`` state is kept across blocks, and a layer's state is
+dropped as soon as its last block has arrived.
+
+The analysis needs ``Batch.documents[i]`` to be the capture's ``Tokenized`` object of document ``i``
+(for ``.doc.needle`` and ``.spans``) only for needle documents; without it every ``retrieval`` is
+NULL and ``needles`` stays empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    import torch
+
+    from attnstore.abc.analysis import Batch
+    from attnstore.needles import Needle
+    from attnstore.store import Store
+
+__all__ = [
+    "COLUMNS",
+    "NEEDLES_SCHEMA",
+    "SCHEMA",
+    "Sparsity",
+    "align_needle",
+    "best_retrieval_heads",
+    "sparsity_heads",
+    "summary_sql",
+    "top_count",
+]
+
+#: StreamingLLM's sink tokens.
+SINK_TOKENS: Final = 4
+#: The recent window of ``local64``, the diagonal included.
+LOCAL_WINDOW: Final = 64
+#: DuoAttention's streaming budget: ``sink`` first tokens plus ``recent`` most recent ones.
+STREAM_SINK: Final = 128
+STREAM_RECENT: Final = 256
+#: ``span50`` and ``span90``.
+SPAN_LEVELS: Final = (0.5, 0.9)
+#: Score columns of the ``sparsity`` table, in order.
+COLUMNS: Final = (
+    "sink4", "local64", "stream", "span50", "span90", "vertical1", "slash1", "retrieval",
+)  # fmt: skip
+#: Labels of the ``sparsity_summary`` view (schemas/sparsity.md). ``streaming``: at least this share
+#: of the mass inside the streaming budget, over documents longer than the budget (shorter ones
+#: are inside it whatever the head does).
+STREAMING_MIN: Final = 0.95
+#: Queries a document needs before its ``stream`` says anything: rows q < 384 see only keys
+#: inside the 128 + 256 budget.
+LONG_QUERIES: Final = STREAM_SINK + STREAM_RECENT
+#: ``retrieval``: Wu et al. 2024 call a head a retrieval head from a retrieval score of 0.1, here
+#: over at least this many answer tokens.
+RETRIEVAL_MIN: Final = 0.1
+RETRIEVAL_MIN_N: Final = 10
+#: float64 elements per head chunk of a block (bounds the working memory of one call).
+_CHUNK_ELEMENTS: Final = 1 << 22
+
+SCHEMA: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("head", pa.int32(), nullable=False),
+        *(pa.field(c, pa.float64()) for c in COLUMNS),
+        pa.field("n_queries", pa.int32(), nullable=False),
+        pa.field("n_retrieval", pa.int32(), nullable=False),
+    ]
+)
+
+#: One row per needle document; positions are NULL when the span is not among the stored tokens
+#: (a document truncated by ``--max-length``, a tokenizer without character offsets).
+NEEDLES_SCHEMA: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("depth", pa.float64(), nullable=False),
+        pa.field("value_first", pa.int32()),
+        pa.field("value_last", pa.int32()),
+        pa.field("answer_first", pa.int32()),
+        pa.field("answer_last", pa.int32()),
+    ]
+)
+
+
+def top_count(n: int) -> int:
+    """``m = ⌈0.01·n⌉`` of ``vertical1`` and ``slash1``, in integers (no float rounding).
+
+    >>> top_count(100), top_count(101), top_count(300), top_count(1)
+    (1, 2, 3, 1)
+    """
+    return (n + 99) // 100
+
+
+@dataclass(frozen=True)
+class AlignedNeedle:
+    """A needle's spans in token positions (inclusive; None when not among the stored tokens)."""
+
+    value: tuple[int, int] | None
+    answer: tuple[int, int] | None
+    #: the answer and value hold the same token ids and the answer is stored: ``retrieval`` scored
+    scorable: bool
+
+
+def _overlapping(spans: Sequence[tuple[int, int] | None], span: tuple[int, int]) -> list[int]:
+    start, end = span
+    return [i for i, s in enumerate(spans) if s is not None and s[0] < end and s[1] > start]
+
+
+def align_needle(
+    needle: Needle, spans: Sequence[tuple[int, int] | None] | None, ids: Sequence[int]
+) -> AlignedNeedle:
+    """The token positions of a needle's value and answer: the stored tokens (``ids``, with their
+    character ``spans``) that overlap each character span.
+
+    >>> from attnstore.needles import Needle
+    >>> align_needle(Needle(0.5, (0, 2), (6, 8)), [(0, 2), (2, 6), (6, 8)], [7, 3, 7])
+    AlignedNeedle(value=(0, 0), answer=(2, 2), scorable=True)
+    """
+    if spans is None:
+        return AlignedNeedle(None, None, False)
+    spans = spans[: len(ids)]
+    found = []
+    for span in (needle.value, needle.answer):
+        pos = _overlapping(spans, span)
+        # a span cut by truncation is not stored whole: treat it as not stored
+        whole = bool(pos) and max((s[1] for s in spans if s is not None), default=0) >= span[1]
+        found.append((pos[0], pos[-1]) if whole else None)
+    value, answer = found
+    scorable = (
+        value is not None
+        and answer is not None
+        and value[1] < answer[0]
+        and list(ids[value[0] : value[1] + 1]) == list(ids[answer[0] : answer[1] + 1])
+    )
+    return AlignedNeedle(value, answer, scorable)
+
+
+@dataclass
+class _Doc:
+    index: int  # row in the batch
+    doc_id: int
+    n: int
+    #: retrieval: answer positions, their ids, and a value-position mask over the tokens
+    answers: list[int] = field(default_factory=list)
+    answer_ids: list[int] = field(default_factory=list)
+    is_value: Any = None  # bool tensor [n] on the device
+    ids: Any = None  # int64 tensor [n] on the device
+
+
+@dataclass
+class _Layer:
+    """Accumulators of one layer over every document of the batch."""
+
+    sums: dict[str, Any]  # column → float64 [B, H] (sink4, local64, stream, span50, span90)
+    cols: list[Any]  # per document: float64 [H, n] column masses (None when n < 2)
+    diags: list[Any]  # per document: float64 [H, n] diagonal masses
+    hits: Any  # int64 [B, H]
+
+
+class Sparsity:
+    """The ``sparsity`` and ``needles`` tables of ``schemas/sparsity.md`` (an analysis).
+
+    Constructed with no arguments. Call :meth:`begin` with a batch, :meth:`rows` for every layer
+    and block of query rows, :meth:`end` for ``{"sparsity": …, "needles": …}``.
+    """
+
+    name = "sparsity"
+    schema = SCHEMA
+    extra_schemas: Final = {"needles": NEEDLES_SCHEMA}
+
+    def __init__(self) -> None:
+        self._docs: list[_Doc] = []
+        self._layers: dict[int, _Layer] = {}
+        self._heads: tuple[int, ...] = ()
+        self._length = 0
+        self._device: Any = None
+        self._rows: dict[str, list[Any]] = {}
+        self._needles: list[dict[str, Any]] = []
+
+    # -- protocol --------------------------------------------------------------------------------
+    def begin(self, batch: Batch) -> None:
+        import torch
+
+        self._docs, self._layers, self._needles = [], {}, []
+        self._rows = {c: [] for c in SCHEMA.names}
+        self._heads = tuple(batch.heads) or tuple(range(batch.n_heads))
+        self._length = int(batch.token_ids.shape[1])
+        self._device = batch.device
+        lengths = [int(x) for x in batch.lengths.tolist()]
+        for i, doc_id in enumerate(batch.doc_ids):
+            doc = _Doc(i, int(doc_id), lengths[i])
+            tokenized = batch.documents[i] if i < len(batch.documents) else None
+            needle = getattr(getattr(tokenized, "doc", None), "needle", None)
+            if needle is not None:
+                ids = [int(x) for x in batch.token_ids[i, : doc.n].tolist()]
+                aligned = align_needle(needle, getattr(tokenized, "spans", None), ids)
+                self._needles.append(_needle_row(doc.doc_id, needle.depth, aligned))
+                if aligned.scorable and aligned.value and aligned.answer:
+                    doc.answers = list(range(aligned.answer[0], aligned.answer[1] + 1))
+                    doc.answer_ids = [ids[a] for a in doc.answers]
+                    is_value = torch.zeros(doc.n, dtype=torch.bool)
+                    is_value[aligned.value[0] : aligned.value[1] + 1] = True
+                    doc.is_value = is_value.to(batch.device)
+                    doc.ids = torch.tensor(ids, dtype=torch.int64, device=batch.device)
+            self._docs.append(doc)
+
+    def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+        import torch
+
+        state = self._layers.get(layer)
+        if state is None:
+            state = self._layers[layer] = self._new_layer(probs.shape[1], probs.device)
+        q_end = q0 + probs.shape[2]
+        with torch.no_grad():
+            for doc in self._docs:
+                lo, hi = max(q0, 1), min(q_end, doc.n)
+                if lo < hi:
+                    self._block(state, doc, probs[doc.index, :, lo - q0 : hi - q0, :hi], lo)
+                if doc.answers:
+                    self._retrieval(state, doc, q0, probs)
+        if q_end >= self._length:
+            self._finish(layer)
+
+    def end(self) -> Mapping[str, pa.Table]:
+        for layer in sorted(self._layers):
+            self._finish(layer)
+        sparsity = _table(SCHEMA, self._rows)
+        needles = pa.Table.from_pylist(self._needles, schema=NEEDLES_SCHEMA)
+        return {
+            "sparsity": sparsity.sort_by(
+                [("doc_id", "ascending"), ("layer", "ascending"), ("head", "ascending")]
+            ),
+            "needles": needles.sort_by("doc_id"),
+        }
+
+    # -- accumulation ------------------------------------------------------------------------------
+    def _new_layer(self, n_heads: int, device: Any) -> _Layer:
+        import torch
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        b = len(self._docs)
+        keys = ("sink4", "local64", "stream", *(f"span{round(p * 100)}" for p in SPAN_LEVELS))
+        return _Layer(
+            sums={k: zeros(b, n_heads) for k in keys},
+            cols=[zeros(n_heads, d.n) if d.n >= 2 else None for d in self._docs],
+            diags=[zeros(n_heads, d.n) if d.n >= 2 else None for d in self._docs],
+            hits=torch.zeros(b, n_heads, dtype=torch.int64, device=device),
+        )
+
+    def _block(self, state: _Layer, doc: _Doc, block: torch.Tensor, lo: int) -> None:
+        """Rows ``lo …`` of one document (``block``: float32 ``[H, R, K]``, K = last row + 1)."""
+        import torch
+
+        n_heads, n_rows, n_keys = block.shape
+        dev = block.device
+        qs = torch.arange(lo, lo + n_rows, device=dev)
+        ks = torch.arange(n_keys, device=dev)
+        dist = qs[:, None] - ks[None, :]  # q - k, [R, K]
+        causal = dist >= 0
+        local = causal & (dist < LOCAL_WINDOW)
+        stream = causal & ((ks[None, :] < STREAM_SINK) | (dist < STREAM_RECENT))
+        offsets = dist[causal]
+        sums, i = state.sums, doc.index
+        step = max(1, _CHUNK_ELEMENTS // max(1, n_rows * n_keys))
+        for h0 in range(0, n_heads, step):
+            h1 = min(n_heads, h0 + step)
+            a = torch.where(causal, block[h0:h1].to(torch.float64), 0.0)  # [h, R, K]
+            sums["sink4"][i, h0:h1] += a[..., :SINK_TOKENS].sum(dim=(1, 2))
+            sums["local64"][i, h0:h1] += torch.where(local, a, 0.0).sum(dim=(1, 2))
+            sums["stream"][i, h0:h1] += torch.where(stream, a, 0.0).sum(dim=(1, 2))
+            # Σ_{q-D ≤ k ≤ q} A[q, k] for every D: a cumulative sum from the diagonal backwards
+            # (the zeros above the diagonal add nothing); the row mass is its last value
+            back = a.flip(-1).cumsum(-1).flip(-1)
+            mass = back[..., 0:1]
+            for p in SPAN_LEVELS:
+                short = (back < p * mass) & causal  # D values that do not reach p · r_q yet
+                sums[f"span{round(p * 100)}"][i, h0:h1] += short.sum(-1).sum(-1).to(torch.float64)
+            state.cols[i][h0:h1, :n_keys] += a.sum(1)
+            state.diags[i][h0:h1].index_add_(1, offsets, a[:, causal])
+
+    def _retrieval(self, state: _Layer, doc: _Doc, q0: int, probs: torch.Tensor) -> None:
+        """Hits of the answer positions whose query row ``a - 1`` lies in this block."""
+        import torch
+
+        q_end = q0 + probs.shape[2]
+        mine = [(a, t) for a, t in zip(doc.answers, doc.answer_ids, strict=True)
+                if q0 <= a - 1 < q_end]  # fmt: skip
+        if not mine:
+            return
+        rows = torch.tensor([a - 1 - q0 for a, _ in mine], device=probs.device)
+        n_keys = min(probs.shape[3], doc.n)
+        # [H, m, K]: entries above the diagonal are 0, so the first maximum is at k ≤ q
+        best = probs[doc.index, :, rows, :n_keys].argmax(dim=-1)
+        want = torch.tensor([t for _, t in mine], device=probs.device)
+        hit = doc.is_value[best] & (doc.ids[best] == want[None, :])
+        state.hits[doc.index] += hit.sum(-1)
+
+    def _finish(self, layer: int) -> None:
+        """Turn one layer's accumulators into rows and drop them."""
+        import torch
+
+        state = self._layers.pop(layer, None)
+        if state is None:
+            return
+        n_heads = state.hits.shape[1]
+        sums = {k: v.cpu().numpy() for k, v in state.sums.items()}
+        hits = state.hits.cpu().numpy()
+        for doc in self._docs:
+            i, nq = doc.index, doc.n - 1
+            values: dict[str, np.ndarray] = {}
+            nan = np.full(n_heads, np.nan)
+            if doc.n < 2:
+                values = dict.fromkeys(COLUMNS, nan)
+            else:
+                for key, total in sums.items():
+                    values[key] = total[i] / nq
+                m = top_count(doc.n)
+                for name, masses in (("vertical1", state.cols[i]), ("slash1", state.diags[i])):
+                    total_mass = masses.sum(-1)
+                    top = torch.topk(masses, m, dim=-1).values.sum(-1)
+                    share = (top / total_mass).cpu().numpy()
+                    values[name] = np.where(total_mass.cpu().numpy() > 0, share, np.nan)
+                values["retrieval"] = hits[i] / len(doc.answers) if doc.answers else nan
+            rows = self._rows
+            rows["doc_id"].append(np.full(n_heads, doc.doc_id, np.int64))
+            rows["layer"].append(np.full(n_heads, layer, np.int32))
+            rows["head"].append(np.asarray(self._heads[:n_heads], np.int32))
+            for c in COLUMNS:
+                rows[c].append(np.asarray(values[c], np.float64))
+            rows["n_queries"].append(np.full(n_heads, max(nq, 0), np.int32))
+            n_ret = len(doc.answers) if doc.n >= 2 else 0
+            rows["n_retrieval"].append(np.full(n_heads, n_ret, np.int32))
+
+
+def _needle_row(doc_id: int, depth: float, aligned: AlignedNeedle) -> dict[str, Any]:
+    value, answer = aligned.value or (None, None), aligned.answer or (None, None)
+    return {
+        "doc_id": doc_id, "depth": float(depth), "value_first": value[0], "value_last": value[1],
+        "answer_first": answer[0], "answer_last": answer[1],
+    }  # fmt: skip
+
+
+def _table(schema: pa.Schema, columns: dict[str, list[Any]]) -> pa.Table:
+    """Columns (lists of numpy chunks) → a table of ``schema``; NaN in float columns is NULL."""
+    arrays = []
+    for f in schema:
+        chunks = columns.get(f.name) or []
+        values = np.concatenate(chunks) if chunks else np.zeros(0, f.type.to_pandas_dtype())
+        if pa.types.is_floating(f.type):
+            arrays.append(pa.array(values, type=f.type, mask=np.isnan(values)))
+        else:
+            arrays.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ------------------------------------------------------------------------------------------------
+# corpus level: the sparsity_summary view and the CLI listings
+# ------------------------------------------------------------------------------------------------
+def summary_sql() -> str:
+    """``CREATE VIEW sparsity_summary``: per (layer, head), means weighted by ``n_queries``
+    (``retrieval`` by ``n_retrieval``), ``stream_long`` over documents longer than the streaming
+    budget, and a label (``retrieval``, ``streaming`` or ``none``)."""
+    means = [
+        f"sum({c} * n_queries) / nullif(sum(n_queries), 0) AS {c}"
+        for c in COLUMNS
+        if c != "retrieval"
+    ]
+    long = f"CASE WHEN n_queries >= {LONG_QUERIES} THEN n_queries END"
+    return (
+        "CREATE VIEW sparsity_summary AS WITH m AS (SELECT layer, head, count(*) AS n_docs, "
+        + ", ".join(means)
+        + f", sum(stream * ({long})) / nullif(sum({long}), 0) AS stream_long, "
+        "sum(retrieval * n_retrieval) / nullif(sum(n_retrieval), 0) AS retrieval, "
+        f"sum(n_queries)::BIGINT AS n_queries, coalesce(sum({long}), 0)::BIGINT AS n_queries_long, "
+        "sum(n_retrieval)::BIGINT AS n_retrieval, count(retrieval)::BIGINT AS n_needles "
+        "FROM sparsity GROUP BY layer, head) "
+        f"SELECT *, CASE WHEN retrieval >= {RETRIEVAL_MIN} AND n_retrieval >= {RETRIEVAL_MIN_N} "
+        f"THEN 'retrieval' WHEN stream_long >= {STREAMING_MIN} THEN 'streaming' ELSE 'none' END "
+        "AS label FROM m ORDER BY layer, head"
+    )
+
+
+_NO_SPARSITY: Final = (
+    "This store has no sparsity rows (it was extracted without the sparsity analysis, or before "
+    "it existed): extract again to get them."
+)
+
+
+def _count(store: Store, sql: str) -> int:
+    return int(store.sql(sql).column(0)[0].as_py() or 0)
+
+
+def best_retrieval_heads(store: Store, *, top: int = 10) -> pa.Table:
+    """The ``top`` heads with the highest corpus ``retrieval`` score (``sparsity_summary``).
+
+    Raises :class:`~attnstore.errors.QueryError` saying why when there is nothing to list.
+    """
+    from attnstore.errors import QueryError
+
+    if not _count(store, "SELECT count(*) FROM needles"):
+        raise QueryError(
+            "This store has no needle documents, so no head has a retrieval score. Extract "
+            "with --corpus 'probe:needle?tokens=2048&count=10' (a --max-length of at least "
+            "tokens) to score retrieval heads."
+        )
+    if not _count(store, "SELECT count(*) FROM sparsity WHERE n_retrieval > 0"):
+        raise QueryError(
+            "This store has needle documents but no retrieval scores: their answers were not "
+            "stored (truncated by --max-length?) or the store has no sparsity rows."
+        )
+    return store.sql(
+        "SELECT layer, head, round(retrieval, 4) AS retrieval, n_retrieval, n_needles, "
+        "round(stream_long, 4) AS stream_long, round(span90, 1) AS span90, label "
+        "FROM sparsity_summary WHERE n_retrieval > 0 "
+        "ORDER BY retrieval DESC, layer, head LIMIT ?",
+        [top],
+    )
+
+
+def sparsity_heads(store: Store, *, top: int | None = None) -> pa.Table:
+    """Every head's corpus sparsity statistics; with ``top``, the ``top`` most streaming heads
+    (highest ``stream_long``, then ``stream``)."""
+    from attnstore.errors import QueryError
+
+    if not _count(store, "SELECT count(*) FROM sparsity"):
+        raise QueryError(_NO_SPARSITY)
+    cols = ", ".join(
+        f"round({c}, {1 if c.startswith('span') else 4}) AS {c}"
+        for c in (*COLUMNS[:-1], "stream_long", "retrieval")
+    )
+    sql = f"SELECT layer, head, n_docs, {cols}, n_queries, n_retrieval, label FROM sparsity_summary"
+    if top is None:
+        return store.sql(sql + " ORDER BY layer, head")
+    return store.sql(
+        sql + " ORDER BY stream_long DESC NULLS LAST, stream DESC NULLS LAST, layer, head LIMIT ?",
+        [top],
+    )

@@ -1,0 +1,281 @@
+"""The sparsity analysis (schemas/sparsity.md) against a plain implementation from full matrices,
+the needle probe's documents, the sparsity_summary view and its CLI listings."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attnstore.abc.analysis import Analysis, Batch
+from attnstore.analyses.sparsity import (
+    COLUMNS,
+    NEEDLES_SCHEMA,
+    SCHEMA,
+    Sparsity,
+    align_needle,
+)
+from attnstore.needles import Needle
+
+# ------------------------------------------------------------------------------------------------
+# the reference: the spec read literally, one full matrix at a time
+# ------------------------------------------------------------------------------------------------
+
+
+def reference(
+    a: np.ndarray, ids: list[int], needle: tuple[list[int], list[int]] | None
+) -> dict[str, list[float | None]]:
+    """Columns of one document (``a``: float32 ``[H, n, n]``, causal) per head."""
+    n_heads, n, _ = a.shape
+    out: dict[str, list[float | None]] = {c: [] for c in (*COLUMNS, "n_queries", "n_retrieval")}
+    for h in range(n_heads):
+        if n < 2:
+            for c in COLUMNS:
+                out[c].append(None)
+            out["n_queries"].append(0)
+            out["n_retrieval"].append(0)
+            continue
+        m = a[h].astype(np.float64)
+        sink = local = stream = span50 = span90 = 0.0
+        cols = np.zeros(n)
+        diags = np.zeros(n)
+        for q in range(1, n):
+            row = m[q, : q + 1]
+            sink += sum(row[k] for k in range(min(4, q + 1)))
+            local += sum(row[k] for k in range(q + 1) if q - k <= 63)
+            stream += sum(row[k] for k in range(q + 1) if k < 128 or q - k < 256)
+            back = np.cumsum(row[::-1])  # Σ_{q-D ≤ k ≤ q} for D = 0 … q
+            r = back[-1]
+            span50 += next(d for d in range(q + 1) if back[d] >= 0.5 * r)
+            span90 += next(d for d in range(q + 1) if back[d] >= 0.9 * r)
+            for k in range(q + 1):
+                cols[k] += row[k]
+                diags[q - k] += row[k]
+        nq = n - 1
+        top = math.ceil(n / 100)
+        out["sink4"].append(sink / nq)
+        out["local64"].append(local / nq)
+        out["stream"].append(stream / nq)
+        out["span50"].append(span50 / nq)
+        out["span90"].append(span90 / nq)
+        out["vertical1"].append(
+            float(np.sort(cols)[::-1][:top].sum() / cols.sum()) if cols.sum() > 0 else None
+        )
+        out["slash1"].append(
+            float(np.sort(diags)[::-1][:top].sum() / diags.sum()) if diags.sum() > 0 else None
+        )
+        if needle is None:
+            out["retrieval"].append(None)
+            out["n_retrieval"].append(0)
+        else:
+            value, answer = needle
+            hits = 0
+            for pos in answer:
+                q = pos - 1
+                row = m[q, : q + 1]
+                best = int(np.flatnonzero(row == row.max())[0])  # lowest k on ties
+                hits += best in value and ids[best] == ids[pos]
+            out["retrieval"].append(hits / len(answer))
+            out["n_retrieval"].append(len(answer))
+        out["n_queries"].append(nq)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# random batches
+# ------------------------------------------------------------------------------------------------
+
+
+def causal_matrix(rng: np.random.Generator, n_heads: int, n: int) -> np.ndarray:
+    """Random causal rows: sparse, with ties, some summing below 1 (a dropped sink logit), some 0."""
+    a = np.zeros((n_heads, n, n), np.float32)
+    for h in range(n_heads):
+        for q in range(n):
+            kind = rng.integers(0, 6)
+            if kind == 0:  # quantized weights: exact ties in argmax, columns and diagonals
+                w = rng.integers(0, 3, q + 1).astype(np.float64)
+            elif kind == 1:  # a peaked row
+                w = np.zeros(q + 1)
+                w[rng.integers(0, q + 1)] = 1.0
+            else:
+                w = rng.random(q + 1) ** 4
+                w[rng.random(q + 1) < 0.3] = 0.0
+            total = w.sum()
+            mass = 1.0 if kind < 4 else rng.uniform(0.2, 1.0)  # rows summing below 1
+            if total > 0:
+                a[h, q, : q + 1] = (w / total * mass).astype(np.float32)
+    return a
+
+
+def make_batch(
+    lengths: list[int], n_heads: int, seed: int, pad: int, needles: bool
+) -> tuple[Batch, list[np.ndarray], list[list[int]], list[tuple[list[int], list[int]] | None]]:
+    rng = np.random.default_rng(seed)
+    t = max(lengths) + pad
+    token_ids = torch.zeros(len(lengths), t, dtype=torch.int64)
+    mats, all_ids, marks, documents = [], [], [], []
+    for i, n in enumerate(lengths):
+        ids = rng.integers(0, 5, n).tolist()  # a small vocabulary: equal ids away from the value
+        mark = None
+        doc: Any = SimpleNamespace(doc=SimpleNamespace(needle=None), spans=None)
+        if needles and n >= 6 and rng.random() < 0.7:
+            v0 = int(rng.integers(0, n // 2 - 1))
+            width = int(rng.integers(1, min(3, n // 2 - v0) + 1))
+            a0 = int(rng.integers(max(v0 + width, n // 2), n - width + 1))
+            ids[a0 : a0 + width] = ids[v0 : v0 + width]
+            value, answer = list(range(v0, v0 + width)), list(range(a0, a0 + width))
+            mark = (value, answer)
+            # one character per token: token i covers [i, i + 1)
+            needle = Needle(0.5, (v0, v0 + width), (a0, a0 + width))
+            doc = SimpleNamespace(
+                doc=SimpleNamespace(needle=needle), spans=[(k, k + 1) for k in range(n)]
+            )
+        a = causal_matrix(rng, n_heads, n)
+        if mark is not None:  # make some answer rows look at the value
+            for pos in mark[1]:
+                a[0, pos - 1, :] = 0
+                a[0, pos - 1, mark[0][0]] = 1.0
+        token_ids[i, :n] = torch.tensor(ids)
+        mats.append(a)
+        all_ids.append(ids)
+        marks.append(mark)
+        documents.append(doc)
+    batch = Batch(
+        doc_ids=[100 + i for i in range(len(lengths))],
+        token_ids=token_ids,
+        lengths=torch.tensor(lengths),
+        n_layers=8,
+        n_heads=n_heads + 2,
+        device=torch.device("cpu"),
+        texts=[""] * len(lengths),
+        layers=(2, 5),
+        heads=tuple(range(1, n_heads + 1)),
+        documents=documents,
+    )
+    return batch, mats, all_ids, marks
+
+
+def feed(analysis: Sparsity, batch: Batch, layer_mats: dict[int, list[np.ndarray]],
+         blocks: list[int], rng: np.random.Generator) -> None:  # fmt: skip
+    """Rows of every layer in blocks of the given sizes, K between the block's end and T."""
+    t = batch.token_ids.shape[1]
+    n_heads = len(batch.heads)
+    for layer, mats in layer_mats.items():
+        full = np.zeros((len(mats), n_heads, t, t), np.float32)
+        for i, a in enumerate(mats):
+            n = a.shape[1]
+            full[i, :, :n, :n] = a
+        q0, j = 0, 0
+        while q0 < t:
+            q = min(blocks[j % len(blocks)], t - q0)
+            k = int(rng.integers(q0 + q, t + 1))
+            analysis.rows(layer, q0, torch.from_numpy(full[:, :, q0 : q0 + q, :k].copy()))
+            q0, j = q0 + q, j + 1
+
+
+def check(
+    table: pa.Table, batch: Batch, expected: dict[tuple[int, int], dict[str, list[Any]]]
+) -> None:
+    assert table.schema == SCHEMA
+    rows = table.to_pylist()
+    assert len(rows) == sum(len(v["n_queries"]) for v in expected.values())
+    for row in rows:
+        ref = expected[(row["doc_id"], row["layer"])]
+        j = batch.heads.index(row["head"])
+        for c in (*COLUMNS, "n_queries", "n_retrieval"):
+            want, got = ref[c][j], row[c]
+            if want is None:
+                assert got is None, (c, row)
+            else:
+                assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (c, row, want)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    n_heads=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+    pad=st.integers(0, 3),
+    blocks=st.lists(st.integers(1, 17), min_size=1, max_size=4),
+)
+def test_columns_equal_the_spec_from_full_matrices(
+    lengths: list[int], n_heads: int, seed: int, pad: int, blocks: list[int]
+) -> None:
+    batch, mats, ids, marks = make_batch(lengths, n_heads, seed, pad, needles=True)
+    rng = np.random.default_rng(seed + 1)
+    layer_mats = {2: mats, 5: [causal_matrix(rng, n_heads, n) for n in lengths]}
+    analysis = Sparsity()
+    analysis.begin(batch)
+    feed(analysis, batch, layer_mats, blocks, rng)
+    out = analysis.end()
+    expected = {
+        (100 + i, layer): reference(m[i], ids[i], marks[i])
+        for layer, m in layer_mats.items()
+        for i in range(len(lengths))
+    }
+    check(out["sparsity"], batch, expected)
+    needles = out["needles"].to_pylist()
+    want = [
+        {"doc_id": 100 + i, "depth": 0.5, "value_first": v[0], "value_last": v[-1],
+         "answer_first": a[0], "answer_last": a[-1]}
+        for i, mark in enumerate(marks) if mark is not None for v, a in [mark]
+    ]  # fmt: skip
+    assert needles == want
+    assert out["needles"].schema == NEEDLES_SCHEMA
+
+
+def test_long_rows_windows_and_blocks() -> None:
+    """Windows of 64 and 128 + 256 tokens and 1% of 700 keys, in blocks that do not divide T."""
+    batch, mats, ids, _marks = make_batch([700, 450], 2, 7, 5, needles=False)
+    analysis = Sparsity()
+    analysis.begin(batch)
+    feed(analysis, batch, {2: mats}, [97, 256], np.random.default_rng(0))
+    expected = {(100 + i, 2): reference(m, ids[i], None) for i, m in enumerate(mats)}
+    check(analysis.end()["sparsity"], batch, expected)
+
+
+def test_short_documents_are_null() -> None:
+    batch, mats, _ids, _marks = make_batch([1, 2], 1, 3, 0, needles=False)
+    analysis = Sparsity()
+    analysis.begin(batch)
+    feed(analysis, batch, {2: mats}, [1], np.random.default_rng(0))
+    rows = {r["doc_id"]: r for r in analysis.end()["sparsity"].to_pylist()}
+    assert all(rows[100][c] is None for c in COLUMNS)
+    assert rows[100]["n_queries"] == 0
+    assert rows[100]["n_retrieval"] == 0
+    assert rows[101]["n_queries"] == 1
+    assert rows[101]["sink4"] == pytest.approx(1.0)
+    assert rows[101]["span50"] == 0.0 or rows[101]["span50"] == 1.0
+    assert rows[101]["retrieval"] is None
+
+
+def test_protocol_and_state_dropped_per_layer() -> None:
+    analysis = Sparsity()
+    assert isinstance(analysis, Analysis)
+    assert analysis.name == "sparsity"
+    assert set(analysis.extra_schemas) == {"needles"}
+    batch, mats, _ids, _marks = make_batch([30, 12], 2, 1, 2, needles=False)
+    analysis.begin(batch)
+    feed(analysis, batch, {2: mats}, [8], np.random.default_rng(0))
+    assert not analysis._layers  # the layer's [H, n] accumulators went with its last block
+    second = analysis.end()["sparsity"]
+    assert second.num_rows == 2 * 2
+
+
+def test_align_needle_edges() -> None:
+    needle = Needle(0.3, (2, 4), (8, 10))
+    spans = [(0, 2), (2, 4), (4, 8), (8, 10)]
+    assert align_needle(needle, spans, [1, 2, 3, 2]).scorable
+    assert not align_needle(needle, spans, [1, 2, 3, 4]).scorable  # different ids
+    cut = align_needle(needle, spans[:3], [1, 2, 3])  # answer truncated away
+    assert cut.answer is None
+    assert cut.value == (1, 1)
+    assert not cut.scorable
+    assert align_needle(needle, None, [1, 2, 3, 2]) == align_needle(needle, None, [])
