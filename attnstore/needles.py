@@ -1,7 +1,8 @@
 """The needle probe ``probe:needle?tokens=N&depth=D&count=C&seed=S`` (``schemas/sparsity.md``).
 
-Each document is a haystack of ordinary prose (the built-in sample corpus, Python's own
-``pydoc_data.topics``, concatenated from a seeded topic on and cut at a sentence boundary), a needle
+Each document is a haystack of ordinary prose (the prose paragraphs of the built-in sample
+corpus, Python's own ``pydoc_data.topics``, concatenated from a seeded paragraph on and cut at a
+sentence boundary), a needle
 sentence stating a fact (``The secret passphrase is <value>.``) inserted at the sentence boundary
 nearest to ``depth`` × the haystack's length in tokens, then a question and the answer, the value
 copied verbatim (``Question: What is the secret passphrase? Answer: <value>.``).
@@ -19,6 +20,7 @@ The document carries its needle's character spans (:class:`Needle`, the ``needle
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -156,18 +158,32 @@ def hf_encoder(tokenizer: Any) -> Encoder:
     return encode
 
 
-def _topics() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _paragraphs() -> tuple[str, ...]:
+    """The prose paragraphs of the sample corpus, in sorted topic order, soft line breaks joined:
+    no code, tables, headings or lists (indented, ``>>>``, ``|``, ``+--``, ``***`` lines)."""
     from pydoc_data.topics import topics
 
-    return [topics[k] for k in sorted(topics)]
+    out = []
+    for key in sorted(topics):
+        for block in re.split(r"\n[ \t]*\n", topics[key]):
+            lines = block.strip("\n").split("\n")
+            if (
+                len(block) < 80
+                or any(not line or line[0] in " \t*+|=-" or ">>>" in line for line in lines)
+                or not block.rstrip().endswith(".")
+            ):
+                continue
+            out.append(" ".join(line.strip() for line in lines))
+    return tuple(out)
 
 
 def _prose(start: int, n_chars: int) -> str:
-    """The sample corpus from topic ``start`` on (wrapping around), at least ``n_chars`` long."""
-    topics = _topics()
+    """Prose paragraphs from paragraph ``start`` on (wrapping around), at least ``n_chars``."""
+    paragraphs = _paragraphs()
     out, size, i = [], 0, start
     while size < n_chars:
-        text = topics[i % len(topics)].strip() + "\n\n"
+        text = paragraphs[i % len(paragraphs)] + "\n\n"
         out.append(text)
         size += len(text)
         i += 1
@@ -179,26 +195,38 @@ def _boundaries(text: str) -> list[int]:
     return [0, *(m.end() for m in _BOUNDARY.finditer(text) if m.end() < len(text))]
 
 
+def _starts(spans: Sequence[Span | None]) -> list[int]:
+    """The character where each token starts; a token without a span (a special or unknown
+    token) starts where the token before it ended."""
+    out, at = [], 0
+    for span in spans:
+        if span is not None:
+            at = span[0]
+        out.append(at)
+        if span is not None:
+            at = span[1]
+    return out
+
+
 def _haystack(start: int, budget: int, encode: Encoder) -> tuple[str, list[int], list[int]]:
     """Prose of about ``budget`` tokens cut at a sentence boundary, its sentence boundaries (the
     last one: its end) and the token count before each of them."""
     n_chars = max(4096, budget * 8)
     while True:
         text = _prose(start, n_chars)
-        _, spans = encode(text)
-        starts = [s[0] for s in spans if s is not None]
+        starts = _starts(encode(text)[1])
         if len(starts) > budget or n_chars > 64 * max(budget, 1) * 8:
             break
         n_chars *= 2
     cut_at = starts[budget] if len(starts) > budget else len(text)
-    bounds = [b for b in _boundaries(text) if b <= cut_at]
-    cut = bounds[-1] if len(bounds) > 1 else cut_at
+    every = _boundaries(text)
+    cut = min(every[1:] or [cut_at], key=lambda b: (abs(b - cut_at), b))  # the nearest boundary
+    bounds = [b for b in every if b <= cut]
     hay = text[:cut]
     if hay and not hay[-1].isspace():
         hay += " "
     # tokens before each boundary (of the haystack alone, cut where it is cut)
-    _, spans = encode(hay)
-    starts = [s[0] for s in spans if s is not None]
+    starts = _starts(encode(hay)[1])
     bounds = [*(x for x in bounds if x < len(hay)), len(hay)]
     counts, j = [], 0
     for b in bounds:
@@ -236,6 +264,9 @@ def _problem(built: _Built, encode: Encoder) -> str | None:
         text = built.text
         if not pos or any(text[a:start].strip() or text[end:b].strip() for a, b in edges):
             return "merge"
+        covered = set().union(*(range(a, b) for a, b in edges))
+        if any(not text[c].isspace() for c in range(start, end) if c not in covered):
+            return "merge"  # part of the value is in a token without a span (unknown)
         positions.append(pos)
     value_ids = [ids[i] for i in positions[0]]
     if value_ids != [ids[i] for i in positions[1]]:
@@ -250,7 +281,6 @@ def _problem(built: _Built, encode: Encoder) -> str | None:
 def build_documents(probe: NeedleProbe, encode: Encoder) -> list[tuple[str, Needle]]:
     """The documents of ``probe`` as (text, needle) pairs, checked under ``encode``."""
     rng = random.Random(probe.seed)
-    topics = len(_topics())
     out = []
     overhead = len(encode(_assemble("", 0, " ".join(VALUE_WORDS[:VALUE_LENGTH]),
                                     LAYOUTS[0], 0.0).text)[0])  # fmt: skip
@@ -261,7 +291,7 @@ def build_documents(probe: NeedleProbe, encode: Encoder) -> list[tuple[str, Need
             f"tokenizer (the needle, question and answer take {overhead} tokens)."
         )
     for i, want in enumerate(depths(probe)):
-        hay, bounds, counts = _haystack(rng.randrange(topics), budget, encode)
+        hay, bounds, counts = _haystack(rng.randrange(len(_paragraphs())), budget, encode)
         total = max(counts[-1], 1)
         k = min(range(len(bounds)), key=lambda j: (abs(counts[j] / total - want), j))
         depth = counts[k] / total

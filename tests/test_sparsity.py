@@ -279,3 +279,160 @@ def test_align_needle_edges() -> None:
     assert cut.value == (1, 1)
     assert not cut.scorable
     assert align_needle(needle, None, [1, 2, 3, 2]) == align_needle(needle, None, [])
+
+
+# ------------------------------------------------------------------------------------------------
+# the needle probe's documents
+# ------------------------------------------------------------------------------------------------
+
+
+def word_tokenizer(split: str) -> Any:
+    """A fast word-level tokenizer (BOS first): ``words`` splits words from punctuation,
+    ``spaces`` splits at white space only (``maple.`` is one token), ``blanks`` at spaces only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from attnstore.needles import VALUE_WORDS
+
+    words = ["The", "secret", "passphrase", "is", ".", "Question", ":", "What", "the", "?"]
+    vocab = {"[UNK]": 0, "<s>": 1}
+    for w in [*VALUE_WORDS, *words, "Answer", "a", "of", "to", "and", "in", "object"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = {
+        "words": pre_tokenizers.Whitespace(),
+        "spaces": pre_tokenizers.WhitespaceSplit(),
+        "blanks": pre_tokenizers.CharDelimiterSplit(" "),
+    }[split]
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
+
+
+def needle_positions(
+    text: str, needle: Needle, encode: Any
+) -> tuple[list[int], list[int], list[int]]:
+    ids, spans = encode(text)
+    aligned = align_needle(needle, spans, ids)
+    assert aligned.scorable
+    assert aligned.value is not None
+    assert aligned.answer is not None
+    v = list(range(aligned.value[0], aligned.value[1] + 1))
+    a = list(range(aligned.answer[0], aligned.answer[1] + 1))
+    return list(ids), v, a
+
+
+@pytest.mark.parametrize("split", ["words", "spaces"])
+def test_needle_value_and_answer_hold_the_same_ids_found_nowhere_else(split: str) -> None:
+    from attnstore.corpus import parse_probe
+    from attnstore.needles import NeedleProbe, build_documents, hf_encoder
+
+    probe = parse_probe("probe:needle?tokens=400&count=5&seed=3")
+    assert isinstance(probe, NeedleProbe)
+    encode = hf_encoder(word_tokenizer(split))
+    docs = build_documents(probe, encode)
+    assert docs == build_documents(probe, encode)  # seeded
+    assert len(docs) == 5
+    for (text, needle), want in zip(docs, [0.1, 0.3, 0.5, 0.7, 0.9], strict=True):
+        ids, v, a = needle_positions(text, needle, encode)
+        value = [ids[i] for i in v]
+        assert value == [ids[i] for i in a]
+        assert 0 not in value  # no unknown token: three real words
+        assert not set(value) & {t for i, t in enumerate(ids) if i not in {*v, *a}}
+        assert text[needle.value[0] : needle.value[1]] == text[needle.answer[0] : needle.answer[1]]
+        assert abs(needle.depth - want) < 0.1
+        assert 0.8 * 400 <= len(ids) <= 1.1 * 400
+        if split == "spaces":  # 'maple.' would be one token: the newline layout
+            assert text.endswith("\n")
+        else:
+            assert text.endswith(".")
+
+
+def test_needle_depth_option_and_one_document() -> None:
+    from attnstore.needles import build_documents, hf_encoder, parse_needle
+
+    encode = hf_encoder(word_tokenizer("words"))
+    ((text, needle),) = build_documents(
+        parse_needle("probe:needle?tokens=300&depth=0&count=1"), encode
+    )
+    assert needle.depth == 0.0
+    assert text.startswith("The secret passphrase is ")
+    docs = build_documents(parse_needle("probe:needle?tokens=300&count=1"), encode)
+    assert abs(docs[0][1].depth - 0.5) < 0.1
+
+
+def test_needle_refused_when_the_tokenizer_merges_or_repeats() -> None:
+    from attnstore.errors import CorpusError
+    from attnstore.needles import build_documents, hf_encoder, parse_needle
+    from attnstore.testing import tiny_tokenizer
+
+    probe = parse_needle("probe:needle?tokens=300&count=1")
+    with pytest.raises(CorpusError, match="merges the value with its neighbours") as err:
+        build_documents(probe, hf_encoder(word_tokenizer("blanks")))
+    assert "\n" not in str(err.value)
+    with pytest.raises(CorpusError, match="occur nowhere else") as err:
+        build_documents(probe, hf_encoder(tiny_tokenizer(400)))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("probe:needle?tokens=abc", "tokens must be an integer"),
+        ("probe:needle?depth=deep", "depth must be a number"),
+        ("probe:needle?depth=1.5", r"depth must be in \[0, 1\]"),
+        ("probe:needle?count=0", "count must be ≥ 1"),
+        ("probe:needle?tokens=10", "tokens must be ≥ 64"),
+        ("probe:needle?needles=3", "Unknown probe option 'needles'"),
+        ("probe:neddle", "probe:needle"),
+    ],
+)
+def test_bad_needle_specs_get_one_clear_line(spec: str, match: str) -> None:
+    from attnstore.corpus import parse_probe
+    from attnstore.errors import CorpusError
+
+    with pytest.raises(CorpusError, match=match) as err:
+        parse_probe(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_needle_documents_through_the_analysis() -> None:
+    """Generated documents, tokenized as extraction does, scored against the reference."""
+    from attnstore.corpus import Document
+    from attnstore.needles import build_documents, hf_encoder, parse_needle
+
+    encode = hf_encoder(word_tokenizer("words"))
+    docs = build_documents(parse_needle("probe:needle?tokens=120&count=2&seed=1"), encode)
+    encoded = [encode(text) for text, _ in docs]
+    lengths = [len(ids) for ids, _ in encoded]
+    token_ids = torch.zeros(2, max(lengths), dtype=torch.int64)
+    documents = []
+    for i, ((text, needle), (ids, spans)) in enumerate(zip(docs, encoded, strict=True)):
+        token_ids[i, : len(ids)] = torch.tensor(list(ids))
+        documents.append(SimpleNamespace(doc=Document(i, text, needle=needle), spans=list(spans)))
+    batch = Batch(
+        doc_ids=[0, 1], token_ids=token_ids, lengths=torch.tensor(lengths), n_layers=1, n_heads=2,
+        device=torch.device("cpu"), texts=[t for t, _ in docs], layers=(0,), heads=(0, 1),
+        documents=documents,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    mats = [causal_matrix(rng, 2, n) for n in lengths]
+    marks = []
+    for i, (text, needle) in enumerate(docs):
+        ids, v, a = needle_positions(text, needle, encode)
+        for pos, src in zip(a, v, strict=True):  # head 0 copies the value
+            mats[i][0, pos - 1, :] = 0
+            mats[i][0, pos - 1, src] = 1
+        marks.append((v, a))
+    analysis = Sparsity()
+    analysis.begin(batch)
+    feed(analysis, batch, {0: mats}, [33], rng)
+    out = analysis.end()
+    expected = {(i, 0): reference(mats[i], list(encoded[i][0]), marks[i]) for i in range(2)}
+    check(out["sparsity"], batch, expected)
+    rows = out["sparsity"].to_pylist()
+    assert [r["retrieval"] for r in rows if r["head"] == 0] == [1.0, 1.0]
+    needles = out["needles"].to_pylist()
+    assert [(r["value_first"], r["answer_last"]) for r in needles] == [
+        (v[0], a[-1]) for v, a in marks
+    ]
+    assert [r["depth"] for r in needles] == [needle.depth for _, needle in docs]
