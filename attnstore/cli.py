@@ -214,7 +214,7 @@ def _int_list(value: str | None) -> list[int] | None:
     "--corpus",
     "-c",
     default=None,
-    help="file.txt|.jsonl|.parquet|.conllu, a Parquet glob ('data/train-*.parquet'), a folder of .txt, a datasets save_to_disk folder[@SPLIT], 'hf:NAME[:CONFIG][@SPLIT]' (local HF cache, never downloaded), 'pydoc:topics' (default) or 'probe:induction?n=50&reps=2&count=20&seed=0'.",
+    help="file.txt|.jsonl|.parquet|.conllu, a Parquet glob ('data/train-*.parquet'), a folder of .txt, a datasets save_to_disk folder[@SPLIT], 'hf:NAME[:CONFIG][@SPLIT]' (local HF cache, never downloaded), 'pydoc:topics' (default), 'probe:induction?n=50&reps=2&count=20&seed=0' or 'probe:needle?tokens=2048&count=10' (needle documents: retrieval heads).",
 )
 @click.option(
     "--text-field",
@@ -538,6 +538,15 @@ def materialize(
     help="Best heads per probe kind (probe_heads), or of one KIND: accuracy, baseline, gain, "
     "mass on target vs distractors, Wilson lower bound, n. --top per kind (default 5).",
 )
+@click.option(
+    "--retrieval", is_flag=True,
+    help="Best retrieval heads of the needle probe (sparsity_summary; --top, default 10).",
+)  # fmt: skip
+@click.option(
+    "--sparsity", "sparse", is_flag=True,
+    help="Sinks, windows, streaming, span and heavy-key shares per head (sparsity_summary); "
+    "--top K: the K most streaming heads.",
+)  # fmt: skip
 def heads(
     store: str,
     score: str | None,
@@ -547,6 +556,8 @@ def heads(
     syntactic: bool,
     min_n: int,
     probe_kind: str | None,
+    retrieval: bool,
+    sparse: bool,
 ) -> None:
     """Corpus-level summary of every (layer, head): count-weighted mean scores and a label.
 
@@ -554,6 +565,14 @@ def heads(
     head_summary.
     """
     from attnstore.store import Store
+
+    if retrieval or sparse:
+        from attnstore.analyses.sparsity import best_retrieval_heads, sparsity_heads
+
+        st = Store(store)
+        table = best_retrieval_heads(st, top=top or 10) if retrieval else sparsity_heads(st, top=top)
+        click.echo(_render(table, fmt))
+        return
 
     if probe_kind is not None:
         from attnstore.probes import best_heads
@@ -648,6 +667,29 @@ def export(store: str, where: str | None, fmt: str | None, out: str, as_json: bo
         click.echo(
             f"{summary['path']}: {summary['items']} heads of {summary['documents']} documents, {summary['bytes']} bytes"
         )
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", "-o", required=True, type=click.Path(), help="Folder to write (created).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def profile(store: str, out: str, as_json: bool) -> None:
+    """Write the head profile of STORE to OUT: Parquet + dataset card (datasets.load_dataset(
+    "parquet", data_dir=OUT) reads it) and DuoAttention's full_attention_heads.tsv.
+
+    \b
+    attnstore profile demo.attn --out demo-profile
+    """
+    from attnstore.profiles import write_profile
+
+    report = write_profile(store, out)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(
+        f"{report['path']}: {report['heads']} heads, {report['columns']} columns; "
+        f"{report['streaming_kv_heads']} of {report['kv_heads']} key-value heads stream"
+    )
 
 
 @cli.group()

@@ -4,6 +4,7 @@ the needle probe's documents, the sparsity_summary view and its CLI listings."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -436,3 +437,190 @@ def test_needle_documents_through_the_analysis() -> None:
         (v[0], a[-1]) for v, a in marks
     ]
     assert [r["depth"] for r in needles] == [needle.depth for _, needle in docs]
+
+
+# ------------------------------------------------------------------------------------------------
+# a store: sparsity_summary, the CLI listings, head profiles
+# ------------------------------------------------------------------------------------------------
+
+
+def add_sparsity(path: Path, *, needles: bool) -> None:
+    """Score the store's decoded matrices with :class:`Sparsity` (one block per layer) and commit
+    its tables; with ``needles``, pretend each document repeats a token as a needle."""
+    from attnstore.store import Segment, Store, StoreWriter
+
+    store = Store(path)
+    m = store.manifest
+    layers, heads = tuple(m["layers"]), tuple(m["heads"])
+    analysis = Sparsity()
+    tables: dict[str, list[pa.Table]] = {"sparsity": [], "needles": []}
+    for doc_id in store.sql("SELECT doc_id FROM docs WHERE skipped IS NULL").column(0).to_pylist():
+        ids = [int(x) for x in store.token_ids(doc_id)]
+        spans = store.token_spans(doc_id)
+        doc: Any = SimpleNamespace(doc=SimpleNamespace(needle=None), spans=spans)
+        if needles:  # the first id seen again two or more tokens later: "value" and "answer"
+            pairs = [(i, j) for i in range(1, len(ids)) for j in range(i + 2, len(ids))
+                     if ids[i] == ids[j] and spans[i] and spans[j]]  # fmt: skip
+            if pairs:
+                i, j = pairs[0]
+                needle = Needle(0.5, spans[i], spans[j])  # type: ignore[arg-type]
+                doc = SimpleNamespace(doc=SimpleNamespace(needle=needle), spans=spans)
+        batch = Batch(
+            doc_ids=[doc_id], token_ids=torch.tensor([ids]), lengths=torch.tensor([len(ids)]),
+            n_layers=m["model"]["n_layers"], n_heads=m["model"]["n_heads"],
+            device=torch.device("cpu"), texts=[""], layers=layers, heads=heads, documents=[doc],
+        )  # fmt: skip
+        analysis.begin(batch)
+        mats = store.matrices(doc_id)
+        for li, layer in enumerate(layers):
+            analysis.rows(layer, 0, torch.from_numpy(np.ascontiguousarray(mats[li][None])))
+        for name, table in analysis.end().items():
+            tables[name].append(table)
+    extra = {k: pa.concat_tables(v).to_pydict() for k, v in tables.items() if v}
+    StoreWriter(path, m).commit(Segment(docs={}, tokens={}, heads={}, extra=extra))
+
+
+@pytest.fixture
+def sparse_store(tmp_path: Path, llama_store: Path) -> Path:
+    import shutil
+
+    path = tmp_path / "sparse.attn"
+    shutil.copytree(llama_store, path)
+    add_sparsity(path, needles=True)
+    return path
+
+
+def test_sparsity_summary_weights_and_labels(sparse_store: Path) -> None:
+    import attnstore
+    from attnstore.analyses.sparsity import RETRIEVAL_MIN, RETRIEVAL_MIN_N
+
+    store = attnstore.open(str(sparse_store))
+    rows = store.sql("SELECT * FROM sparsity ORDER BY doc_id, layer, head").to_pylist()
+    summary = {
+        (r["layer"], r["head"]): r for r in store.sql("SELECT * FROM sparsity_summary").to_pylist()
+    }
+    assert len(summary) == len(store.manifest["layers"]) * len(store.manifest["heads"])
+    for (layer, head), s in summary.items():
+        mine = [r for r in rows if r["layer"] == layer and r["head"] == head]
+        w = sum(r["n_queries"] for r in mine)
+        assert s["n_queries"] == w
+        assert s["n_docs"] == len(mine)
+        for c in ("sink4", "stream", "span90", "vertical1"):
+            want = sum(r[c] * r["n_queries"] for r in mine if r[c] is not None) / w
+            assert s[c] == pytest.approx(want)
+        nr = sum(r["n_retrieval"] for r in mine)
+        assert s["n_retrieval"] == nr > 0
+        hits = sum(r["retrieval"] * r["n_retrieval"] for r in mine if r["retrieval"] is not None)
+        assert s["retrieval"] == pytest.approx(hits / nr)
+        assert s["stream_long"] is None  # documents of ≤ 96 tokens say nothing about streaming
+        want_label = (
+            "retrieval" if s["retrieval"] >= RETRIEVAL_MIN and nr >= RETRIEVAL_MIN_N else "none"
+        )
+        assert s["label"] == want_label
+    for r in rows:  # the tiny documents: every row inside the budget
+        assert r["stream"] == pytest.approx(1.0, abs=1e-4)
+    assert store.sql("SELECT count(*) FROM needles").column(0)[0].as_py() > 0
+
+
+def test_cli_lists_retrieval_and_sparsity_heads(sparse_store: Path, llama_store: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from attnstore.cli import cli
+
+    runner = CliRunner()
+    out = runner.invoke(
+        cli, ["heads", str(sparse_store), "--retrieval", "--top", "3", "-f", "json"]
+    )
+    assert out.exit_code == 0, out.output
+    best = json.loads(out.output)
+    assert len(best) == 3
+    assert [b["retrieval"] for b in best] == sorted((b["retrieval"] for b in best), reverse=True)
+    out = runner.invoke(cli, ["heads", str(sparse_store), "--sparsity", "-f", "json"])
+    assert out.exit_code == 0, out.output
+    assert {"sink4", "stream", "span50", "slash1", "label"} <= set(json.loads(out.output)[0])
+    # a store without them says why
+    out = runner.invoke(cli, ["heads", str(llama_store), "--retrieval"])
+    assert out.exit_code == 1
+    assert "no needle documents" in out.output
+    assert "probe:needle" in out.output
+    out = runner.invoke(cli, ["heads", str(llama_store), "--sparsity"])
+    assert out.exit_code == 1
+    assert "no sparsity rows" in out.output
+    assert "Traceback" not in out.output
+
+
+def test_profile_reads_with_datasets_and_duo_attention(
+    sparse_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import datasets
+    from click.testing import CliRunner
+
+    import attnstore
+    from attnstore.cli import cli
+    from attnstore.profiles import DATA_FILE
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out_dir = tmp_path / "profile"
+    result = CliRunner().invoke(
+        cli, ["profile", str(sparse_store), "--out", str(out_dir), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    store = attnstore.open(str(sparse_store))
+    m = store.manifest
+    assert report["heads"] == len(m["layers"]) * len(m["heads"])
+    ds = datasets.load_dataset("parquet", data_dir=str(out_dir))["train"]
+    assert ds.num_rows == report["heads"]
+    row = ds[0]
+    assert row["model"] == m["model"]["id"]
+    assert row["corpus"] == "pydoc:topics"
+    tokens = store.sql("SELECT sum(n_tokens) FROM docs WHERE skipped IS NULL").column(0)[0].as_py()
+    assert row["corpus_tokens"] == tokens
+    for c in ("induction", "sink", "sink4", "span90", "retrieval"):
+        assert {f"{c}_mean", f"{c}_p10", f"{c}_p50", f"{c}_p90"} <= set(ds.column_names)
+    summary = store.sql("SELECT * FROM head_summary ORDER BY layer, head").to_pylist()
+    assert [r["label"] for r in ds] == [s["label"] for s in summary]
+    assert ds["induction_mean"] == pytest.approx([s["induction"] for s in summary])
+    per_doc = (
+        store.sql(
+            "SELECT sink4 FROM sparsity WHERE layer = ? AND head = ?", [row["layer"], row["head"]]
+        )
+        .column(0)
+        .to_pylist()
+    )
+    assert row["sink4_p50"] == pytest.approx(float(np.quantile(per_doc, 0.5)))
+    assert (out_dir / DATA_FILE).is_file()
+    card = (out_dir / "README.md").read_text()
+    assert card.startswith("---\n")
+    assert "data_files" in card
+    # DuoAttention's layout: a row per layer, a gate per kv head; no long document: all full
+    gates = np.loadtxt(out_dir / "full_attention_heads.tsv", delimiter="\t", ndmin=2)
+    assert gates.shape == (m["model"]["n_layers"], m["model"]["n_kv_heads"])
+    assert (gates == 1).all()
+    assert json.loads((out_dir / "config.json").read_text())["recent_size"] == 256
+
+
+def test_gates_rule(sparse_store: Path) -> None:
+    import attnstore
+    from attnstore.profiles import gates
+
+    store = attnstore.open(str(sparse_store))
+    m = store.manifest["model"]  # 3 layers, 4 query heads on 2 kv heads
+    rows = [
+        {"layer": 0, "head": 0, "stream_long": 0.99, "sparsity_label": "streaming"},
+        {"layer": 0, "head": 1, "stream_long": 0.97, "sparsity_label": "streaming"},
+        {"layer": 0, "head": 2, "stream_long": 0.99, "sparsity_label": "streaming"},
+        {"layer": 0, "head": 3, "stream_long": 0.50, "sparsity_label": "none"},
+        {"layer": 1, "head": 0, "stream_long": 0.99, "sparsity_label": "retrieval"},
+        {"layer": 1, "head": 1, "stream_long": 0.99, "sparsity_label": "streaming"},
+        {"layer": 1, "head": 2, "stream_long": None, "sparsity_label": "none"},
+        {"layer": 1, "head": 3, "stream_long": 0.99, "sparsity_label": "streaming"},
+    ]  # layer 2 not stored
+    g = gates(store, pa.Table.from_pylist(rows))
+    assert g.shape == (m["n_layers"], m["n_kv_heads"])
+    assert g.tolist() == [[0.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
