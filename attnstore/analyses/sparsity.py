@@ -9,9 +9,11 @@ copied answer are, in token positions.
 
 Everything is computed exactly from blocks of query rows, in memory linear in the document's length:
 per layer and document, column masses ``[H, n]`` and diagonal masses ``[H, n]`` accumulate block by
-block (float64), the other columns are sums over rows, and ``span`` uses a reversed cumulative sum
-within each row of the block. No ``[T, T]`` state is kept across blocks, and a layer's state is
-dropped as soon as its last block has arrived.
+block (float64) and the other columns are sums over rows. Within a block, each row's float64
+cumulative sum from the diagonal backwards gives the row mass, both windows and ``span`` (by a
+binary search); the diagonal masses are a strided (skewed) view of the reversed rows. No
+``[T, T]`` state is kept across blocks, a layer's state is dropped as soon as its last block has
+arrived, and the work buffers are at most one block (in float64) wide.
 
 The analysis needs ``Batch.documents[i]`` to be the capture's ``Tokenized`` object of document ``i``
 (for ``.doc.needle`` and ``.spans``) only for needle documents; without it every ``retrieval`` is
@@ -193,6 +195,7 @@ class Sparsity:
         self._device: Any = None
         self._rows: dict[str, list[Any]] = {}
         self._needles: list[dict[str, Any]] = []
+        self._work: dict[str, Any] = {}  # float64 work buffers (see _buffer)
 
     # -- protocol --------------------------------------------------------------------------------
     def begin(self, batch: Batch) -> None:
@@ -241,6 +244,7 @@ class Sparsity:
     def end(self) -> Mapping[str, pa.Table]:
         for layer in sorted(self._layers):
             self._finish(layer)
+        self._work = {}
         sparsity = _table(SCHEMA, self._rows)
         needles = pa.Table.from_pylist(self._needles, schema=NEEDLES_SCHEMA)
         return {
@@ -267,35 +271,75 @@ class Sparsity:
         )
 
     def _block(self, state: _Layer, doc: _Doc, block: torch.Tensor, lo: int) -> None:
-        """Rows ``lo …`` of one document (``block``: float32 ``[H, R, K]``, K = last row + 1)."""
+        """Rows ``lo …`` of one document (``block``: float32 ``[H, R, K]``, K = lo + R: keys up to
+        the block's last row; entries above the diagonal are 0).
+
+        Each row is reversed (key ``k`` at ``j = K-1-k``) into a zero-padded float64 buffer ``g``
+        of R + K columns; its cumulative sum ``c[j] = Σ_{k ≥ K-1-j} A[q, k]`` is, from the diagonal
+        ``j = K-1-q`` on, the sum from the diagonal backwards that ``span`` is defined by (the
+        zeros above the diagonal add nothing), and its last value is the row mass. Windows are
+        read off it; the diagonal masses are a strided view of ``g`` (row ``r`` shifted by ``r``).
+        """
         import torch
 
         n_heads, n_rows, n_keys = block.shape
         dev = block.device
         qs = torch.arange(lo, lo + n_rows, device=dev)
-        ks = torch.arange(n_keys, device=dev)
-        dist = qs[:, None] - ks[None, :]  # q - k, [R, K]
-        causal = dist >= 0
-        local = causal & (dist < LOCAL_WINDOW)
-        stream = causal & ((ks[None, :] < STREAM_SINK) | (dist < STREAM_RECENT))
-        offsets = dist[causal]
+        diag = n_keys - 1 - qs  # j of the diagonal in each reversed row, [R]
+
+        def window(width: int) -> torch.Tensor:  # index of Σ_{q-width+1 ≤ k ≤ q} in c
+            return (diag + width - 1).clamp(max=n_keys - 1)
+
+        # stream = Σ over the last 256 keys + Σ_{k < m} with m = min(128, q-255) (0 if q < 256)
+        sink_end = (qs - (STREAM_RECENT - 1)).clamp(min=0, max=STREAM_SINK)
+        where = {
+            "local64": window(LOCAL_WINDOW),
+            "recent": window(STREAM_RECENT),
+            "outside": n_keys - 1 - sink_end,  # c there: Σ_{k ≥ m}
+        }
+        width = n_keys + n_rows
         sums, i = state.sums, doc.index
-        step = max(1, _CHUNK_ELEMENTS // max(1, n_rows * n_keys))
+        step = max(1, _CHUNK_ELEMENTS // max(1, n_rows * width))
         for h0 in range(0, n_heads, step):
             h1 = min(n_heads, h0 + step)
-            a = torch.where(causal, block[h0:h1].to(torch.float64), 0.0)  # [h, R, K]
-            sums["sink4"][i, h0:h1] += a[..., :SINK_TOKENS].sum(dim=(1, 2))
-            sums["local64"][i, h0:h1] += torch.where(local, a, 0.0).sum(dim=(1, 2))
-            sums["stream"][i, h0:h1] += torch.where(stream, a, 0.0).sum(dim=(1, 2))
-            # Σ_{q-D ≤ k ≤ q} A[q, k] for every D: a cumulative sum from the diagonal backwards
-            # (the zeros above the diagonal add nothing); the row mass is its last value
-            back = a.flip(-1).cumsum(-1).flip(-1)
-            mass = back[..., 0:1]
+            h = h1 - h0
+            g = self._buffer("g", (h, n_rows, width), dev)
+            g[..., n_keys:] = 0.0
+            g[..., :n_keys] = block[h0:h1].flip(-1)
+            c = torch.cumsum(g[..., :n_keys], -1, out=self._buffer("c", (h, n_rows, n_keys), dev))
+            mass = c[..., -1]  # r_q, [h, R]
+
+            def read(index: torch.Tensor, c: torch.Tensor = c, h: int = h) -> torch.Tensor:
+                return c.gather(-1, index[None, :, None].expand(h, n_rows, 1))[..., 0]
+
+            sums["sink4"][i, h0:h1] += block[h0:h1, :, :SINK_TOKENS].to(torch.float64).sum((1, 2))
+            sums["local64"][i, h0:h1] += read(where["local64"]).sum(-1)
+            stream = read(where["recent"]) + (mass - read(where["outside"]))
+            sums["stream"][i, h0:h1] += stream.sum(-1)
             for p in SPAN_LEVELS:
-                short = (back < p * mass) & causal  # D values that do not reach p · r_q yet
-                sums[f"span{round(p * 100)}"][i, h0:h1] += short.sum(-1).sum(-1).to(torch.float64)
-            state.cols[i][h0:h1, :n_keys] += a.sum(1)
-            state.diags[i][h0:h1].index_add_(1, offsets, a[:, causal])
+                # the first j with c[j] ≥ p·r_q (c is non-decreasing): D = j - diag
+                first = torch.searchsorted(c, (p * mass)[..., None])[..., 0]
+                span = (first - diag[None, :]).clamp(min=0)
+                sums[f"span{round(p * 100)}"][i, h0:h1] += span.sum(-1).to(torch.float64)
+            state.cols[i][h0:h1, :n_keys] += g[..., :n_keys].sum(1).flip(-1)
+            # (r, d) ↦ g[r, diag_r + d] = A[q_r, q_r - d]: row stride width-1, offset diag_0
+            shifted = g.as_strided(
+                (h, n_rows, n_keys),
+                (n_rows * width, width - 1, 1),
+                g.storage_offset() + n_keys - 1 - lo,
+            )
+            state.diags[i][h0:h1, :n_keys] += shifted.sum(1)
+
+    def _buffer(self, name: str, shape: tuple[int, ...], device: Any) -> torch.Tensor:
+        """A float64 work buffer of ``shape``, reused across calls (first-touch page faults of a
+        fresh allocation cost as much as the arithmetic); at most one block's size."""
+        import torch
+
+        size = int(np.prod(shape))
+        buf = self._work.get(name)
+        if buf is None or buf.numel() < size or buf.device != torch.device(device):
+            buf = self._work[name] = torch.empty(size, dtype=torch.float64, device=device)
+        return buf[:size].view(shape)
 
     def _retrieval(self, state: _Layer, doc: _Doc, q0: int, probs: torch.Tensor) -> None:
         """Hits of the answer positions whose query row ``a - 1`` lies in this block."""
