@@ -624,3 +624,40 @@ def test_gates_rule(sparse_store: Path) -> None:
     g = gates(store, pa.Table.from_pylist(rows))
     assert g.shape == (m["n_layers"], m["n_kv_heads"])
     assert g.tolist() == [[0.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
+
+
+def test_probe_documents_carry_the_needle() -> None:
+    from attnstore.capture import probe_documents
+    from attnstore.corpus import parse_probe
+
+    probe = parse_probe("probe:needle?tokens=200&count=2")
+    docs = probe_documents(SimpleNamespace(tokenizer=word_tokenizer("words")), probe)  # type: ignore[arg-type]
+    assert [d.doc_id for d in docs] == [0, 1]
+    for d in docs:
+        assert d.needle is not None
+        assert d.token_ids is None
+        value = d.text[d.needle.value[0] : d.needle.value[1]]
+        assert d.text.endswith(f"Answer: {value}.")
+
+
+def test_extract_refuses_a_needle_corpus_the_tokenizer_cannot_carry(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from attnstore.cli import cli
+
+    out = tmp_path / "n.attn"
+    result = CliRunner().invoke(
+        cli, ["extract", "--out", str(out), "--model", str(llama_dir), "--corpus",
+              "probe:needle?tokens=100&count=1", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "occur nowhere else" in result.output
+    assert "Traceback" not in result.output
+    assert not (out / "tables").exists()
+    bad = CliRunner().invoke(
+        cli, ["extract", "--out", str(out), "--corpus", "probe:needle?depth=2"]
+    )
+    assert bad.exit_code == 1
+    assert "depth must be in [0, 1]" in bad.output
