@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from attnstore.errors import CorpusError
 from attnstore.probes import (
+    BUILTIN_KINDS,
     BuiltinProbe,
     Item,
     parse_builtin,
@@ -83,12 +84,13 @@ def parse_probe(spec: str) -> InductionProbe | BuiltinProbe:
     """``probe:induction?n=50&reps=2`` → :class:`InductionProbe`; ``probe:coref``, ``probe:ioi``
     → :class:`~attnstore.probes.BuiltinProbe`."""
     parts = urlsplit(spec)
-    if parts.scheme == "probe" and parts.path in ("coref", "ioi"):
+    if parts.scheme == "probe" and parts.path in BUILTIN_KINDS:
         return parse_builtin(spec)
     if parts.scheme != "probe" or parts.path != "induction":
         raise CorpusError(
-            f"Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]', 'probe:coref[?count=..]' "
-            f"or 'probe:ioi[?count=..]'. Got {spec!r}."
+            "Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]' or "
+            + " or ".join(f"'probe:{kind}[?count=..]'" for kind in BUILTIN_KINDS)
+            + f". Got {spec!r}."
         )
     probe = InductionProbe(**spec_options(spec, {"n", "reps", "count", "seed"}))
     if probe.n < 1 or probe.reps < 1 or probe.count < 1:

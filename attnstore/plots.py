@@ -238,7 +238,9 @@ def plot_probe(store: Store | str, kind: str, out: str | os.PathLike[str]) -> Pa
     plt = _pyplot()
     st = store if isinstance(store, Store) else Store(store)
     check_kind(st, kind)
-    rows = st.sql("SELECT * FROM probe_heads WHERE kind = ?", [kind]).to_pylist()
+    from attnstore.catalog import PROBE_KIND_SQL
+
+    rows = st.sql(PROBE_KIND_SQL, [kind]).to_pylist()
     layers, heads = st.manifest["layers"], st.manifest["heads"]
     grid = np.full((len(layers), len(heads)), np.nan)
     marked = []

@@ -428,6 +428,7 @@ class Viewer:
         ``agg`` is ``mean`` (count-weighted, as ``head_summary``), ``median``, ``p90``, ``max`` or ``min``
         over documents.
         """
+        from attnstore import catalog
         from attnstore.query import SYNTACTIC_MIN_N
 
         src = self.source(params)
@@ -441,26 +442,18 @@ class Viewer:
             if not src.has_syntax:
                 raise ApiError(
                     400,
-                    f"Store {src.name!r} has no syntactic results. Add parses with "
-                    "`attnstore parse STORE`, or pick a score.",
+                    f"Store {src.name!r} has no syntactic results ({catalog.SYNTAX.what}): "
+                    f"{catalog.SYNTAX.remedy}; or pick a score.",
                 )
-            sql = (
-                "SELECT s.layer, s.head, max(gain) AS value, any_value(h.label) AS label "
-                "FROM syntax_heads s LEFT JOIN head_summary h USING (layer, head) "
-                f"WHERE n >= {SYNTACTIC_MIN_N} GROUP BY ALL"
-            )
+            sql = catalog.grid_sql("syntax", SYNTACTIC_MIN_N)
         elif score == "semantic":
             if not src.has_semantic:
                 raise ApiError(
                     400,
-                    f"Store {src.name!r} has no span-probe results. Add them with "
-                    "`attnstore probe STORE --corpus …`, or pick a score.",
+                    f"Store {src.name!r} has no span-probe results ({catalog.PROBE.what}): "
+                    f"{catalog.PROBE.remedy}; or pick a score.",
                 )
-            sql = (
-                "SELECT p.layer, p.head, max(gain) AS value, any_value(h.label) AS label "
-                "FROM probe_heads p LEFT JOIN head_summary h USING (layer, head) "
-                f"WHERE n >= {SYNTACTIC_MIN_N} GROUP BY ALL"
-            )
+            sql = catalog.grid_sql("probe", SYNTACTIC_MIN_N)
         else:
             score = self._score(src, params, "score", score)
             if agg == "mean":
@@ -488,6 +481,8 @@ class Viewer:
 
     def head(self, params: dict[str, str]) -> dict[str, Any]:
         """``/api/head``: one head's scores with ranks, label, top and per-decile documents."""
+        from attnstore import catalog
+
         src = self.source(params)
         layer, head = self._layer_head(src, params)
         k = _int(params, "k", 10, 1, 100)
@@ -534,21 +529,11 @@ class Viewer:
         doc_fields = ("doc_id", "value", "n_tokens", "text")
         syntax: list[dict[str, Any]] = []
         if src.has_syntax:
-            scol, srows, _ = self.query(
-                src,
-                "SELECT relation, direction, n, accuracy, baseline, gain FROM syntax_heads "
-                "WHERE layer = ? AND head = ? ORDER BY gain DESC NULLS LAST LIMIT 30",
-                [layer, head],
-            )
+            scol, srows, _ = self.query(src, catalog.HEAD_ROWS_SQL["syntax"], [layer, head])
             syntax = _records(scol, srows)
         semantic: list[dict[str, Any]] = []
         if src.has_semantic:
-            pcol, prows, _ = self.query(
-                src,
-                "SELECT * EXCLUDE (layer, head) FROM probe_heads "
-                "WHERE layer = ? AND head = ? ORDER BY gain DESC NULLS LAST LIMIT 30",
-                [layer, head],
-            )
+            pcol, prows, _ = self.query(src, catalog.HEAD_ROWS_SQL["probe"], [layer, head])
             semantic = _records(pcol, prows)
         return {
             "store": src.index,

@@ -1,0 +1,88 @@
+"""Issue 21, what a new user trips over in the first hour: empty listings that say why, the help
+text, readable token strings in exports, uncached models and no-op reruns answered without torch,
+a freshly installed CJK font, the quantised default model named where it matters."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+import attnstore
+from attnstore.cli import cli
+
+GOLDEN_PARSED = Path(__file__).parent / "golden" / "v2.0.attn"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+# -- trip 4: every listing says why it is empty ---------------------------------------------------
+def test_heads_syntax_without_parses_says_what_to_run(llama_store: Path) -> None:
+    code, output = run("heads", str(llama_store), "--syntax")
+    assert code == 1, output
+    assert "no parses" in output
+    assert "attnstore parse STORE" in output
+    assert "--parse" in output
+
+
+def test_heads_probe_without_probes_says_what_to_run(llama_store: Path) -> None:
+    code, output = run("heads", str(llama_store), "--probe")
+    assert code == 1, output
+    assert "no probe items" in output
+    assert "attnstore probe STORE" in output
+
+
+def test_heads_syntax_filtered_to_nothing_says_which_option(tmp_path: Path) -> None:
+    store = shutil.copytree(GOLDEN_PARSED, tmp_path / "parsed.attn")
+    code, output = run("heads", str(store), "--syntax", "--min-n", "1000", "-f", "json")
+    assert code == 0, output
+    assert "--min-n" in output
+    assert "the most is 3" in output
+    # the default --min-n 30 on a two-document store: the same explanation, not a bare table
+    code, output = run("heads", str(store), "--syntax")
+    assert code == 0, output
+    assert "(0 rows)" in output
+    assert "lower --min-n" in output
+    # with a low enough --min-n the listing has rows and no explanation
+    code, output = run("heads", str(store), "--syntax", "--min-n", "1")
+    assert code == 0, output
+    assert "lower --min-n" not in output
+
+
+def test_catalog_registers_new_listings(llama_store: Path) -> None:
+    from attnstore import catalog
+
+    assert {"syntax", "probe"} <= set(catalog.LISTINGS)
+    sparsity = catalog.Listing(
+        name="test-sparsity", view="heads", source_count="SELECT count(*) FROM heads WHERE false",
+        what="sparsity scores", remedy="run `attnstore sparsity STORE`",
+    )  # fmt: skip
+    try:
+        catalog.register(sparsity)
+        reason = catalog.why_empty(attnstore.open(llama_store), "test-sparsity")
+        assert reason == (
+            "This store has no sparsity scores: run `attnstore sparsity STORE`."
+        )
+    finally:
+        catalog.LISTINGS.pop("test-sparsity", None)
+
+
+# -- trip 5: extract --help --------------------------------------------------------------------
+def test_extract_help_lists_every_builtin_probe_and_quiet_matches_readme() -> None:
+    from attnstore.probes import BUILTIN_KINDS
+
+    code, output = run("extract", "--help")
+    assert code == 0
+    flat = " ".join(output.split())
+    for kind in ("induction", *BUILTIN_KINDS):
+        assert f"probe:{kind}" in flat
+    assert {"coref", "ioi"} <= set(BUILTIN_KINDS)
+    assert "No progress bar." not in flat
+    assert "nothing but the result" in flat
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "`--quiet` prints nothing but the result" in readme
