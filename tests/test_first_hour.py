@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import attnstore
@@ -86,3 +87,43 @@ def test_extract_help_lists_every_builtin_probe_and_quiet_matches_readme() -> No
     assert "nothing but the result" in flat
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert "`--quiet` prints nothing but the result" in readme
+
+
+# -- trip 6: exports hold the readable token text ----------------------------------------------
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    folder = tmp_path_factory.mktemp("text")
+    corpus = folder / "c.txt"
+    corpus.write_text("注意力机制 is attention.\nnaïve café, “quoted” 🙂 tokens\n", encoding="utf-8")
+    out = folder / "text.attn"
+    attnstore.extract(str(out), model=str(llama_dir), corpus=str(corpus), max_length=64,
+                      progress=False)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npz"])
+def test_exports_hold_readable_token_strings(text_store: Path, tmp_path: Path, suffix: str) -> None:
+    import h5py
+    import numpy as np
+
+    out = tmp_path / f"sel{suffix}"
+    code, output = run("export", str(text_store), "--where", "layer = 0 AND head = 0", "-o", str(out))
+    assert code == 0, output
+    store = attnstore.open(text_store)
+    expected = [
+        str(r["t"])
+        for r in store.sql(
+            "SELECT coalesce(text, token) AS t FROM tokens ORDER BY doc_id, pos"
+        ).to_pylist()
+    ]
+    assert any("注" in t for t in expected) and any("🙂" in t or "<" in t for t in expected)
+    if suffix == ".h5":
+        with h5py.File(out, "r") as f:
+            tokens = [t.decode("utf-8") for t in f["tokens"][()]]
+            ids = f["token_ids"][()].tolist()
+    else:
+        with np.load(out) as z:  # no pickle: a plain unicode array
+            tokens = z["tokens"].tolist()
+            ids = z["token_ids"].tolist()
+    assert tokens == expected
+    assert len(tokens) == len(ids)
