@@ -591,8 +591,6 @@ def heads(
         check_label(label, _known_labels(st))
     table = catalog.run(st, catalog.head_summary_sql(score, top, label))
     click.echo(_render(table, fmt))
-    if table.num_rows == 0 and label is not None:
-        click.echo(f"No head is labelled {label!r} in this store.", err=True)
 
 
 def _echo_listing(st: Any, table: pa.Table, fmt: str, name: str, **why: Any) -> None:

@@ -4,7 +4,10 @@ a freshly installed CJK font, the quantised default model named where it matters
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,58 @@ def test_exports_hold_readable_token_strings(text_store: Path, tmp_path: Path, s
             ids = z["token_ids"].tolist()
     assert tokens == expected
     assert len(tokens) == len(ids)
+
+
+# -- trip 3: answers that need no model import no torch --------------------------------------------
+_PROBE_IMPORTS = """
+import json, sys
+from attnstore.cli import cli
+try:
+    cli.main(sys.argv[1:], prog_name="attnstore", standalone_mode=False)
+    code = 0
+except Exception as err:  # noqa: BLE001
+    print(err, file=sys.stderr)
+    code = 1
+print(json.dumps({"code": code, "torch": "torch" in sys.modules,
+                  "transformers": "transformers" in sys.modules}))
+"""
+
+
+def _cli_imports(args: list[str], env: dict[str, str] | None = None) -> tuple[dict[str, object], str]:
+    """Run the CLI in a fresh interpreter; report its exit and whether torch was imported."""
+    import os
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE_IMPORTS, *args],
+        capture_output=True, text=True, check=False, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr
+    return json.loads(lines[-1]), proc.stderr + "\n".join(lines[:-1])
+
+
+def test_uncached_model_id_fails_before_torch_is_imported(tmp_path: Path) -> None:
+    out = tmp_path / "x.attn"
+    report, output = _cli_imports(
+        ["extract", "--out", str(out), "--model", "someone/not-cached-model", "--quiet"],
+        {"HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert report["code"] == 1
+    assert "not in the local Hugging Face cache" in output
+    assert report["torch"] is False, "torch was imported before the cache lookup"
+    assert report["transformers"] is False
+    assert not out.exists()
+
+
+def test_rerun_with_nothing_left_imports_no_torch(llama_dir: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("One small document.\nAnd a second one.\n", encoding="utf-8")
+    out = tmp_path / "s.attn"
+    args = ["extract", "--out", str(out), "--model", str(llama_dir), "--corpus", str(corpus),
+            "--max-length", "16", "--quiet"]  # fmt: skip
+    code, output = run(*args)
+    assert code == 0, output
+    report, output = _cli_imports(args)
+    assert report["code"] == 0, output
+    assert "already committed: 2" in output
+    assert report["torch"] is False
