@@ -400,7 +400,21 @@ def info(store: str, as_json: bool) -> None:
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
+        if key == "model_quantization":
+            value = _quantization_text(value)
         click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _quantization_text(value: str | None) -> str:
+    """``info``'s words for the model's weight quantisation."""
+    if value is None:
+        return "none (full-precision weights)"
+    from attnstore.modelref import FULL_PRECISION_HINT
+
+    return (
+        f"{value} (quantised weights, de-quantised to run: the attention is not the "
+        f"full-precision model's; {FULL_PRECISION_HINT})"
+    )
 
 
 @cli.command()

@@ -344,6 +344,8 @@ def _manifest(
 ) -> Manifest:
     """The manifest of a store written by ``extractor`` (``created_at`` fixed by a caller whose
     many writers must create byte-identical manifests, e.g. :mod:`attnstore.cluster`)."""
+    from attnstore.modelref import quantization
+
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -366,6 +368,8 @@ def _manifest(
             "attention": {"function": "capture", "output_attentions": "eager"}.get(
                 loaded.path, loaded.path
             ),
+            # the default model is 4-bit (GGUF Q4_1), de-quantised to run: not the released weights
+            "model_quantization": quantization(loaded.info["id"]),
         },
     }
 

