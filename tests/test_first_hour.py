@@ -230,3 +230,56 @@ def test_readme_says_the_default_model_is_quantised() -> None:
     assert "Q4_1" in intro
     assert "de-quantised" in intro
     assert "save_pretrained" in intro
+
+
+# -- trip 1: a CJK font installed after matplotlib built its font cache ---------------------------
+def test_stale_font_cache_learns_a_freshly_installed_cjk_font(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import copy
+
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    from attnstore import plots
+
+    if not any(Path("/usr/share/fonts").rglob("NotoSans*CJK*")):
+        pytest.skip("no Noto CJK font files on disk (scripts/install.sh installs fonts-noto-cjk)")
+    # the cache as matplotlib built it before fonts-noto-cjk arrived: no CJK font in it
+    stale = copy.copy(font_manager.fontManager)
+    stale.ttflist = [f for f in font_manager.fontManager.ttflist if "CJK" not in f.name]
+    monkeypatch.setattr(font_manager, "fontManager", stale)
+    persisted: list[bool] = []
+    monkeypatch.setattr(plots, "_persist_font_cache", lambda: persisted.append(True))
+    plots._fonts.cache_clear()
+    try:
+        sans, mono, has_cjk = plots._fonts()
+        assert has_cjk, "the installed CJK font stayed unknown to matplotlib"
+        assert sans[-1] in plots.CJK_SANS
+        assert mono[-1] in plots.CJK_MONO
+        assert persisted == [True]  # the cache is rewritten, so the next process knows it
+        path = stale.findfont(font_manager.FontProperties(family=mono[-1]), fallback_to_default=False)
+        assert FT2Font(path).get_char_index(ord("注"))
+    finally:
+        plots._fonts.cache_clear()
+
+
+def test_font_warning_says_when_the_cache_not_the_font_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import warnings
+
+    from attnstore import plots
+
+    monkeypatch.setattr(plots, "_fonts", lambda: (list(plots.SANS), list(plots.MONO), False))
+    monkeypatch.setattr(plots, "cjk_font_files", lambda: ("/usr/share/fonts/NotoSansCJK-Regular.ttc",))
+    monkeypatch.setattr(plots, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots._check_glyphs(["注意"])
+    (warning,) = [w for w in caught if issubclass(w.category, plots.FontWarning)]
+    text = str(warning.message)
+    assert "NotoSansCJK-Regular.ttc" in text
+    assert "font cache" in text
+    assert "fontlist-" in text
+    assert "apt-get install" not in text  # installing again would not help
