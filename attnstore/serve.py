@@ -643,6 +643,36 @@ class Viewer:
         values = m[k:, k].astype(np.float64).tolist()
         return {"doc": doc, "layer": layer, "head": head, "k": k, "values": values}
 
+    def pair(self, params: dict[str, str]) -> dict[str, Any]:
+        """``/api/pair``: the document of ``store`` that holds the text of document ``doc`` of store
+        ``from`` (compare across stores pairs documents by text, not by number).
+
+        ``doc_id`` is ``doc`` itself when that document of ``store`` has the same text, else the
+        first document with the same text, else ``null``; ``how`` is ``"doc_id"``, ``"text"`` or
+        ``null``, and ``same_number`` says whether ``store`` has a document ``doc`` at all.
+        """
+        src = self.source(params)
+        ref = self.source({"store": params.get("from", "0")})
+        doc = _int(params, "doc")
+        _, rows, _ = self.query(ref, "SELECT text FROM docs WHERE doc_id = ?", [doc])
+        if not rows:
+            raise ApiError(404, f"Store {ref.name!r} has no document {doc}.")
+        text = rows[0][0]
+        _, own, _ = self.query(
+            src, "SELECT text FROM docs WHERE doc_id = ? AND skipped IS NULL", [doc]
+        )
+        if own and own[0][0] == text:
+            return {"store": src.index, "from": ref.index, "doc": doc, "doc_id": doc,
+                    "how": "doc_id", "same_number": True}  # fmt: skip
+        _, match, _ = self.query(
+            src,
+            "SELECT min(doc_id) FROM docs WHERE text = ? AND skipped IS NULL HAVING count(*) > 0",
+            [text],
+        )
+        found = int(match[0][0]) if match and match[0][0] is not None else None
+        return {"store": src.index, "from": ref.index, "doc": doc, "doc_id": found,
+                "how": None if found is None else "text", "same_number": bool(own)}  # fmt: skip
+
 
 def _unique(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
@@ -764,6 +794,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "doc": viewer.doc,
             "row": viewer.row,
             "col": viewer.col,
+            "pair": viewer.pair,
             "sql": viewer.user_sql,
         }
         handler = routes.get(name)
