@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Final
@@ -100,12 +101,16 @@ def check_available(ref: str | None) -> None:
         return
     from huggingface_hub import try_to_load_from_cache  # no torch; reads HF_HUB_CACHE/HF_HOME
 
-    try:
-        found = try_to_load_from_cache(source, "config.json")
-    except ValueError:  # not a valid repo id
-        found = None
-    if not isinstance(found, str):
-        raise ModelError(not_cached_message(ref))
+    # transformers also reads the legacy TRANSFORMERS_CACHE variable
+    caches = [None, *([os.environ["TRANSFORMERS_CACHE"]] if os.environ.get("TRANSFORMERS_CACHE") else [])]
+    for cache in caches:
+        try:
+            found = try_to_load_from_cache(source, "config.json", cache_dir=cache)
+        except ValueError:  # not a valid repo id
+            found = None
+        if isinstance(found, str):
+            return
+    raise ModelError(not_cached_message(ref))
 
 
 _GGUF_NAME: Final = re.compile(r"[.\-_](I?Q\d[A-Z0-9_]*|BF16|F16|F32)\.gguf$", re.IGNORECASE)

@@ -283,3 +283,22 @@ def test_font_warning_says_when_the_cache_not_the_font_is_missing(
     assert "font cache" in text
     assert "fontlist-" in text
     assert "apt-get install" not in text  # installing again would not help
+
+
+def test_cached_model_id_passes_the_early_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnstore.errors import ModelError
+    from attnstore.modelref import check_available
+
+    repo = tmp_path / "models--me--tiny-cached"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("TRANSFORMERS_CACHE", str(tmp_path))  # read per call, like transformers
+    check_available("me/tiny-cached")
+    monkeypatch.delenv("TRANSFORMERS_CACHE")
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        check_available("me/tiny-cached")
+    check_available(None)  # the embedded default and folders need no cache
