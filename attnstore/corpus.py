@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 from attnstore.errors import CorpusError
 from attnstore.needles import Needle, NeedleProbe, parse_needle
 from attnstore.probes import (
+    BUILTIN_KINDS,
     BuiltinProbe,
     Item,
     parse_builtin,
@@ -89,14 +90,15 @@ def parse_probe(spec: str) -> InductionProbe | BuiltinProbe | NeedleProbe:
     → :class:`~attnstore.probes.BuiltinProbe`; ``probe:needle`` →
     :class:`~attnstore.needles.NeedleProbe`."""
     parts = urlsplit(spec)
-    if parts.scheme == "probe" and parts.path in ("coref", "ioi"):
+    if parts.scheme == "probe" and parts.path in BUILTIN_KINDS:
         return parse_builtin(spec)
     if parts.scheme == "probe" and parts.path == "needle":
         return parse_needle(spec)
     if parts.scheme != "probe" or parts.path != "induction":
         raise CorpusError(
-            f"Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]', 'probe:coref[?count=..]', "
-            f"'probe:ioi[?count=..]' or 'probe:needle[?tokens=..&depth=..&count=..]'. Got {spec!r}."
+            "Expected 'probe:induction[?n=..&reps=..&count=..&seed=..]', "
+            + ", ".join(f"'probe:{kind}[?count=..]'" for kind in BUILTIN_KINDS)
+            + f" or 'probe:needle[?tokens=..&depth=..&count=..]'. Got {spec!r}."
         )
     probe = InductionProbe(**spec_options(spec, {"n", "reps", "count", "seed"}))
     if probe.n < 1 or probe.reps < 1 or probe.count < 1:

@@ -5,6 +5,9 @@ Layout (the same names in both formats; ``N`` selected heads; documented in ``sc
 - ``packed``: float32 ``[Σ T_i (T_i + 1) / 2]``, the decoded packed lower triangles back to back
   (row-major, row ``q`` holds keys ``0 … q``);
 - ``token_ids``: int32, each selected document's tokens once, back to back;
+- ``tokens``: UTF-8 strings, the same tokens as readable text (``tokens.text``: the characters each
+  token covers, byte pieces of one character marked ``注[1/3]``), so axes can be labelled without the
+  tokenizer;
 - ``index/<column>``: ``[N]`` arrays ``doc_id, layer, head, n_tokens, offset`` (into ``packed``),
   ``token_offset`` (into ``token_ids``) and every score column (float64, NaN where NULL);
 - metadata: ``format = "attnstore-export"``, ``version``, ``model``, ``codec`` (JSON), ``max_abs_error``.
@@ -31,7 +34,8 @@ from attnstore.store import Store
 
 __all__ = ["EXPORT_VERSION", "export"]
 
-EXPORT_VERSION: Final = "1.0"
+#: 1.1 added ``tokens`` (readable token text).
+EXPORT_VERSION: Final = "1.1"
 FORMATS: Final = ("hdf5", "npz")
 
 
@@ -52,6 +56,19 @@ def _selection(store: Store, where: str | None) -> dict[str, np.ndarray]:
     doc_start = dict(zip(docs.tolist(), np.r_[0, np.cumsum(doc_len)[:-1]].tolist(), strict=True))
     cols["token_offset"] = np.array([doc_start[d] for d in cols["doc_id"].tolist()], dtype=np.int64)
     return cols
+
+
+def _token_text(store: Store, docs: list[int]) -> list[str]:
+    """Each selected document's tokens as readable text (``tokens.text``, else the raw piece), in
+    the order of ``token_ids``."""
+    out: list[str] = []
+    for doc_id in docs:
+        rows = store.sql(
+            "SELECT coalesce(text, token, '') AS t FROM tokens WHERE doc_id = ? ORDER BY pos",
+            [doc_id],
+        )
+        out.extend(str(t) for t in rows.column("t").to_pylist())
+    return out
 
 
 def export(
@@ -88,6 +105,9 @@ def export(
     }
     docs = sorted(set(sel["doc_id"].tolist()))
     token_ids = np.concatenate([st.token_ids(d) for d in docs]).astype(np.int32)
+    tokens = _token_text(st, docs)
+    if len(tokens) != len(token_ids):  # pragma: no cover - tokens and token_ids are one read
+        raise AttnStoreError("The tokens table disagrees with the token ids; run attnstore verify.")
     total = int(sel["offset"][-1]) + packed_length(int(sel["n_tokens"][-1]))
     items = zip(*(sel[c].tolist() for c in ("doc_id", "layer", "head", "offset")), strict=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -104,6 +124,9 @@ def export(
                 values = st.packed(doc_id, layer, head)
                 packed[offset : offset + len(values)] = values
             f.create_dataset("token_ids", data=token_ids, compression="gzip", shuffle=True)
+            f.create_dataset(
+                "tokens", data=tokens, dtype=h5py.string_dtype("utf-8"), compression="gzip"
+            )
             group = f.create_group("index")
             for key, values in sel.items():
                 group.create_dataset(key, data=values)
@@ -113,7 +136,10 @@ def export(
             values = st.packed(doc_id, layer, head)
             buf[offset : offset + len(values)] = values
         arrays: dict[str, Any] = {f"index/{k}": v for k, v in sel.items()}
-        arrays.update(packed=buf, token_ids=token_ids, meta=np.array(json.dumps(meta)))
+        arrays.update(
+            packed=buf, token_ids=token_ids, tokens=np.array(tokens, dtype=np.str_),
+            meta=np.array(json.dumps(meta)),
+        )  # fmt: skip
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
     os.replace(tmp, path)

@@ -36,7 +36,6 @@ def materialize(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Store the matrices of the (document, layer, head) rows of ``heads`` matching ``where``."""
-    from attnstore.capture import Extractor, load_model
     from attnstore.codecs import get_codec
     from attnstore.corpus import Document
     from attnstore.pipeline import _manifest
@@ -59,6 +58,11 @@ def materialize(
     if resumed and set(doc_ids) <= Store(out).doc_ids():
         report["docs_already_materialized"] = len(doc_ids)  # a rerun: no model load
         return report
+    from attnstore.modelref import check_available
+
+    check_available(model or src.manifest["model"]["id"])  # an uncached id: before torch loads
+    from attnstore.capture import Extractor, load_model
+
     loaded = load_model(model or src.manifest["model"]["id"], device=device, progress=progress)
     if loaded.info["id"] != src.manifest["model"]["id"]:
         raise IncompatibleStoreError(

@@ -187,8 +187,6 @@ def extract(
             return extract(out, **arguments)
     import time
 
-    from attnstore.capture import Extractor, load_model, probe_documents
-
     started = time.perf_counter()
     if batch_size < 1:
         raise AttnStoreError(f"--batch-size must be ≥ 1. Got {batch_size}.")
@@ -221,6 +219,14 @@ def extract(
         report = ExtractReport(path=str(out), docs_already_committed=pending)
         report.seconds = round(time.perf_counter() - started, 3)
         return report
+    if model is None or isinstance(model, str):
+        # a model id not in the local cache fails now, before torch and transformers are imported
+        from attnstore.modelref import check_available
+
+        check_available(model)
+    # torch and transformers are imported only now that there is work for the model
+    from attnstore.capture import Extractor, load_model, probe_documents
+
     if model is None or isinstance(model, str):
         loaded = load_model(model, device=device, dtype=dtype, progress=progress is True)
     else:  # an already loaded model (notebooks, benchmarks): no second 17 s load
@@ -299,7 +305,7 @@ def _nothing_left(
     store = Store(out)
     m = store.manifest
     if isinstance(model, str) or model is None:
-        from attnstore.capture import resolve_model_id
+        from attnstore.modelref import resolve_model_id
 
         model_id = resolve_model_id(model)
     else:
@@ -338,6 +344,8 @@ def _manifest(
 ) -> Manifest:
     """The manifest of a store written by ``extractor`` (``created_at`` fixed by a caller whose
     many writers must create byte-identical manifests, e.g. :mod:`attnstore.cluster`)."""
+    from attnstore.modelref import quantization
+
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -360,6 +368,8 @@ def _manifest(
             "attention": {"function": "capture", "output_attentions": "eager"}.get(
                 loaded.path, loaded.path
             ),
+            # the default model is 4-bit (GGUF Q4_1), de-quantised to run: not the released weights
+            "model_quantization": quantization(loaded.info["id"]),
         },
     }
 

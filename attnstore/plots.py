@@ -12,12 +12,18 @@ Tokens are drawn from ``tokens.text`` (the characters each token covers; byte pi
 marked ``注[1/3]``). Text is set in DejaVu (Latin, Greek, Cyrillic…) with a fallback chain to Noto CJK
 for Chinese, Japanese and Korean when it is installed (Debian: ``apt-get install fonts-noto-cjk``;
 ``scripts/install.sh`` does it); without a CJK font, a :class:`FontWarning` says so once.
+matplotlib keeps a font cache built the first time it ran: a font installed after that is unknown
+to it, so when the cache has no CJK font but the font files are on disk (fontconfig's list, or the
+usual font folders) they are added and the cache is rewritten (:func:`refresh_font_cache`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -60,15 +66,89 @@ def _pyplot() -> Any:
     return plt
 
 
+#: Folders searched for CJK font files when fontconfig's ``fc-list`` is not available.
+FONT_DIRS: Final = (
+    "/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts",
+    "/Library/Fonts", "/System/Library/Fonts", "~/Library/Fonts",
+)  # fmt: skip
+_FONT_SUFFIXES: Final = (".ttc", ".otf", ".ttf")
+
+#: Why CJK font files on disk could not be added to matplotlib (for the warning).
+_font_errors: list[str] = []
+
+
 @functools.cache
-def _fonts() -> tuple[list[str], list[str], bool]:
-    """(sans chain, monospace chain, whether a CJK font is installed)."""
+def cjk_font_files() -> tuple[str, ...]:
+    """Noto Sans CJK font files on disk, whatever matplotlib's font cache knows: fontconfig's list
+    (``fc-list :lang=zh``) and the usual font folders."""
+    found: set[str] = set()
+    fc_list = shutil.which("fc-list")
+    if fc_list:
+        try:
+            out = subprocess.run(
+                [fc_list, ":lang=zh", "file"], capture_output=True, text=True, timeout=30,
+                check=False,
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        found |= {line.rsplit(":", 1)[0].strip() for line in out.splitlines() if ":" in line}
+    for folder in FONT_DIRS:
+        root = Path(folder).expanduser()
+        if root.is_dir():
+            found |= {str(p) for p in root.rglob("*CJK*") if p.suffix.lower() in _FONT_SUFFIXES}
+    return tuple(
+        sorted(f for f in found if "cjk" in Path(f).name.lower() and "serif" not in f.lower())
+    )
+
+
+def _persist_font_cache() -> None:
+    """Rewrite matplotlib's font cache with the fonts added in this process, so the next process
+    finds them at once (best effort: a read-only cache folder only costs the next one the search)."""
+    import matplotlib
     from matplotlib import font_manager
 
-    installed = {f.name for f in font_manager.fontManager.ttflist}
+    path = Path(
+        matplotlib.get_cachedir(), f"fontlist-v{font_manager.FontManager.__version__}.json"
+    )
+    with contextlib.suppress(Exception):  # a cache that cannot be written is only slower
+        font_manager.json_dump(font_manager.fontManager, path)
+
+
+def _cjk_installed(names: set[str]) -> bool:
+    return any(f in names for f in (*CJK_SANS, *CJK_MONO))
+
+
+@functools.cache
+def _fonts() -> tuple[list[str], list[str], bool]:
+    """(sans chain, monospace chain, whether a CJK font is installed).
+
+    A CJK font installed after matplotlib built its font cache is missing from that cache: its
+    files are then added from disk and the cache rewritten.
+    """
+    from matplotlib import font_manager
+
+    manager = font_manager.fontManager
+    installed = {f.name for f in manager.ttflist}
+    if not _cjk_installed(installed):
+        for path in cjk_font_files():
+            try:
+                manager.addfont(path)
+            except Exception as err:  # noqa: BLE001 - said in the FontWarning
+                _font_errors.append(f"{path}: {err}")
+        installed = {f.name for f in manager.ttflist}
+        if _cjk_installed(installed):
+            _persist_font_cache()
     cjk_sans = [f for f in CJK_SANS if f in installed]
     cjk_mono = [f for f in CJK_MONO if f in installed]
     return [*SANS, *cjk_sans[:1]], [*MONO, *cjk_mono[:1]], bool(cjk_sans or cjk_mono)
+
+
+def refresh_font_cache() -> bool:
+    """Make fonts installed since matplotlib built its font cache known to it (``scripts/install.sh``
+    runs this after installing fonts-noto-cjk). Returns whether a CJK font is usable now."""
+    _fonts.cache_clear()
+    cjk_font_files.cache_clear()
+    return _fonts()[2]
 
 
 def _is_cjk(ch: str) -> bool:
@@ -84,12 +164,23 @@ def _check_glyphs(texts: list[str]) -> None:
     if _fonts()[2] or "cjk" in _warned or not any(_is_cjk(c) for t in texts for c in t):
         return
     _warned.add("cjk")
-    warnings.warn(
-        "No CJK font is installed, so Chinese, Japanese and Korean characters show as empty "
-        "boxes. Install one (Debian/Ubuntu: apt-get install fonts-noto-cjk) and rerun.",
-        FontWarning,
-        stacklevel=3,
-    )
+    files = cjk_font_files()
+    if files:
+        import matplotlib
+
+        why = f" ({_font_errors[0]})" if _font_errors else ""
+        message = (
+            f"A CJK font is installed ({files[0]}) but matplotlib cannot use it{why}, so Chinese, "
+            "Japanese and Korean characters show as empty boxes. matplotlib's font cache is stale "
+            f"or unreadable: delete {matplotlib.get_cachedir()}/fontlist-*.json and rerun."
+        )
+    else:
+        message = (
+            "No CJK font is installed, so Chinese, Japanese and Korean characters show as empty "
+            "boxes. Install one (Debian/Ubuntu: apt-get install fonts-noto-cjk) and rerun; "
+            "attnstore adds a newly installed font to matplotlib's font cache itself."
+        )
+    warnings.warn(message, FontWarning, stacklevel=3)
 
 
 def _label(token: str) -> str:
@@ -238,7 +329,9 @@ def plot_probe(store: Store | str, kind: str, out: str | os.PathLike[str]) -> Pa
     plt = _pyplot()
     st = store if isinstance(store, Store) else Store(store)
     check_kind(st, kind)
-    rows = st.sql("SELECT * FROM probe_heads WHERE kind = ?", [kind]).to_pylist()
+    from attnstore.catalog import PROBE_KIND_SQL
+
+    rows = st.sql(PROBE_KIND_SQL, [kind]).to_pylist()
     layers, heads = st.manifest["layers"], st.manifest["heads"]
     grid = np.full((len(layers), len(heads)), np.nan)
     marked = []

@@ -902,26 +902,10 @@ def best_heads(store: Store, kind: str | None = None, *, top: int = 5, min_n: in
     2 · mass_distractor)) come first, then by gain, then by mass on the target: accuracy alone can
     come from tiny masses.
     """
-    from attnstore.labels import SEMANTIC_MASS_RATIO, SEMANTIC_MIN_MASS
+    from attnstore import catalog
 
     if kind is not None:
         check_kind(store, kind)
-    elif not kinds(store):
-        from attnstore.errors import QueryError
-
-        raise QueryError(
-            "This store has no probe items. Add some with `attnstore probe STORE --corpus "
-            "FILE.jsonl`, or extract with --corpus probe:coref / probe:ioi."
-        )
-    where = "n >= ?" + (" AND kind = ?" if kind is not None else "")
-    params: list[Any] = [min_n, *([kind] if kind is not None else []), top]
-    return store.sql(
-        "SELECT kind, layer, head, round(accuracy, 3) AS accuracy, round(baseline, 3) AS baseline, "
-        "round(gain, 3) AS gain, round(mass_target, 3) AS mass_target, "
-        "round(mass_distractor, 3) AS mass_distractor, round(accuracy_low, 3) AS accuracy_low, "
-        "round(strict_accuracy, 3) AS strict_accuracy, n FROM (SELECT *, row_number() OVER ("
-        f"PARTITION BY kind ORDER BY mass_target >= greatest({SEMANTIC_MIN_MASS}, "
-        f"{SEMANTIC_MASS_RATIO} * mass_distractor) DESC, gain DESC NULLS LAST, mass_target DESC, "
-        f"layer, head) AS rank FROM probe_heads WHERE {where}) WHERE rank <= ? ORDER BY kind, rank",
-        params,
-    )
+    else:
+        catalog.require(store, "probe")
+    return catalog.run(store, catalog.probe_best_sql(kind, top, min_n))

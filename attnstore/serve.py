@@ -428,6 +428,7 @@ class Viewer:
         ``agg`` is ``mean`` (count-weighted, as ``head_summary``), ``median``, ``p90``, ``max`` or ``min``
         over documents.
         """
+        from attnstore import catalog
         from attnstore.query import SYNTACTIC_MIN_N
 
         src = self.source(params)
@@ -441,26 +442,18 @@ class Viewer:
             if not src.has_syntax:
                 raise ApiError(
                     400,
-                    f"Store {src.name!r} has no syntactic results. Add parses with "
-                    "`attnstore parse STORE`, or pick a score.",
+                    f"Store {src.name!r} has no syntactic results ({catalog.SYNTAX.what}): "
+                    f"{catalog.SYNTAX.remedy}; or pick a score.",
                 )
-            sql = (
-                "SELECT s.layer, s.head, max(gain) AS value, any_value(h.label) AS label "
-                "FROM syntax_heads s LEFT JOIN head_summary h USING (layer, head) "
-                f"WHERE n >= {SYNTACTIC_MIN_N} GROUP BY ALL"
-            )
+            sql = catalog.grid_sql("syntax", SYNTACTIC_MIN_N)
         elif score == "semantic":
             if not src.has_semantic:
                 raise ApiError(
                     400,
-                    f"Store {src.name!r} has no span-probe results. Add them with "
-                    "`attnstore probe STORE --corpus …`, or pick a score.",
+                    f"Store {src.name!r} has no span-probe results ({catalog.PROBE.what}): "
+                    f"{catalog.PROBE.remedy}; or pick a score.",
                 )
-            sql = (
-                "SELECT p.layer, p.head, max(gain) AS value, any_value(h.label) AS label "
-                "FROM probe_heads p LEFT JOIN head_summary h USING (layer, head) "
-                f"WHERE n >= {SYNTACTIC_MIN_N} GROUP BY ALL"
-            )
+            sql = catalog.grid_sql("probe", SYNTACTIC_MIN_N)
         else:
             score = self._score(src, params, "score", score)
             if agg == "mean":
@@ -488,6 +481,8 @@ class Viewer:
 
     def head(self, params: dict[str, str]) -> dict[str, Any]:
         """``/api/head``: one head's scores with ranks, label, top and per-decile documents."""
+        from attnstore import catalog
+
         src = self.source(params)
         layer, head = self._layer_head(src, params)
         k = _int(params, "k", 10, 1, 100)
@@ -534,21 +529,11 @@ class Viewer:
         doc_fields = ("doc_id", "value", "n_tokens", "text")
         syntax: list[dict[str, Any]] = []
         if src.has_syntax:
-            scol, srows, _ = self.query(
-                src,
-                "SELECT relation, direction, n, accuracy, baseline, gain FROM syntax_heads "
-                "WHERE layer = ? AND head = ? ORDER BY gain DESC NULLS LAST LIMIT 30",
-                [layer, head],
-            )
+            scol, srows, _ = self.query(src, catalog.HEAD_ROWS_SQL["syntax"], [layer, head])
             syntax = _records(scol, srows)
         semantic: list[dict[str, Any]] = []
         if src.has_semantic:
-            pcol, prows, _ = self.query(
-                src,
-                "SELECT * EXCLUDE (layer, head) FROM probe_heads "
-                "WHERE layer = ? AND head = ? ORDER BY gain DESC NULLS LAST LIMIT 30",
-                [layer, head],
-            )
+            pcol, prows, _ = self.query(src, catalog.HEAD_ROWS_SQL["probe"], [layer, head])
             semantic = _records(pcol, prows)
         return {
             "store": src.index,
@@ -657,6 +642,36 @@ class Viewer:
         k = _int(params, "k", None, 0, m.shape[0] - 1)
         values = m[k:, k].astype(np.float64).tolist()
         return {"doc": doc, "layer": layer, "head": head, "k": k, "values": values}
+
+    def pair(self, params: dict[str, str]) -> dict[str, Any]:
+        """``/api/pair``: the document of ``store`` that holds the text of document ``doc`` of store
+        ``from`` (compare across stores pairs documents by text, not by number).
+
+        ``doc_id`` is ``doc`` itself when that document of ``store`` has the same text, else the
+        first document with the same text, else ``null``; ``how`` is ``"doc_id"``, ``"text"`` or
+        ``null``, and ``same_number`` says whether ``store`` has a document ``doc`` at all.
+        """
+        src = self.source(params)
+        ref = self.source({"store": params.get("from", "0")})
+        doc = _int(params, "doc")
+        _, rows, _ = self.query(ref, "SELECT text FROM docs WHERE doc_id = ?", [doc])
+        if not rows:
+            raise ApiError(404, f"Store {ref.name!r} has no document {doc}.")
+        text = rows[0][0]
+        _, own, _ = self.query(
+            src, "SELECT text FROM docs WHERE doc_id = ? AND skipped IS NULL", [doc]
+        )
+        if own and own[0][0] == text:
+            return {"store": src.index, "from": ref.index, "doc": doc, "doc_id": doc,
+                    "how": "doc_id", "same_number": True}  # fmt: skip
+        _, match, _ = self.query(
+            src,
+            "SELECT min(doc_id) FROM docs WHERE text = ? AND skipped IS NULL HAVING count(*) > 0",
+            [text],
+        )
+        found = int(match[0][0]) if match and match[0][0] is not None else None
+        return {"store": src.index, "from": ref.index, "doc": doc, "doc_id": found,
+                "how": None if found is None else "text", "same_number": bool(own)}  # fmt: skip
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -779,6 +794,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "doc": viewer.doc,
             "row": viewer.row,
             "col": viewer.col,
+            "pair": viewer.pair,
             "sql": viewer.user_sql,
         }
         handler = routes.get(name)

@@ -682,6 +682,7 @@ class Store:
             "path": str(self.path),
             "format_version": self.manifest["format_version"],
             "model": self.manifest["model"]["id"],
+            "model_quantization": _model_quantization(self.manifest),
             "codec": self.manifest["codec"]["id"],
             "max_abs_error": self.manifest["codec"]["max_abs_error"],
             "layers": len(self.manifest["layers"]),
@@ -698,6 +699,16 @@ class Store:
             "dense_float32_bytes": dense_f32,
             "ratio_vs_dense_float32": round(dense_f32 / seg_bytes, 2) if seg_bytes else None,
         }
+
+
+def _model_quantization(manifest: Manifest) -> str | None:
+    """``settings.model_quantization``, or for stores written before it, judged by the model id."""
+    settings = manifest.get("settings") or {}
+    if "model_quantization" in settings:
+        return settings["model_quantization"]  # type: ignore[no-any-return]
+    from attnstore.modelref import quantization
+
+    return quantization(manifest["model"]["id"], inspect=False)
 
 
 def _snapshot(

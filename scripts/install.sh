@@ -17,6 +17,10 @@ if ! (command -v fc-list >/dev/null && fc-list | grep -q "Noto Sans CJK"); then
         echo "install.sh: no CJK font; for CJK text in figures run: sudo apt-get install fonts-noto-cjk" >&2
     fi
 fi
+# matplotlib's font cache predates a font installed just now: add the CJK font to it (attnstore.plots
+# also does this by itself the first time it meets a stale cache).
+python3 -c "from attnstore.plots import refresh_font_cache; refresh_font_cache()" \
+    || echo "install.sh: could not refresh matplotlib's font cache" >&2
 # The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright's Python API;
 # never `playwright install`, which downloads a browser from a CDN.
 if [ ! -x /usr/bin/chromium ]; then

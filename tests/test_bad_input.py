@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -60,9 +59,7 @@ def test_bad_utf8_midway_keeps_committed_batches(tmp_path: Path, llama_dir: Path
 def test_ten_megabyte_line_is_truncated(tmp_path: Path, llama_dir: Path) -> None:
     corpus = tmp_path / "c.txt"
     corpus.write_text("word " * 2_000_000 + "\nsmall\n")
-    start = time.perf_counter()
     report = run(tmp_path / "s.attn", llama_dir, corpus, max_length=32)
-    assert time.perf_counter() - start < 120  # a sanity limit against a hang, not a benchmark
     assert report.docs_truncated == 1
     row = (
         attnstore.open(str(tmp_path / "s.attn"))

@@ -78,6 +78,7 @@ def finish_and_compare(out: Path, llama_dir: Path, corpus: Path, clean: dict[str
     assert_same_content(store_content(out), clean)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # a fresh extract process (torch import) per case, then a rerun
 @pytest.mark.parametrize("point", FAULT_POINTS)
 @pytest.mark.parametrize("nth", [1, 3])
 def test_kill_at_commit_points(
@@ -103,6 +104,7 @@ def test_kill_at_commit_points(
     finish_and_compare(out, llama_dir, crash_corpus, clean)
 
 
+@pytest.mark.slow  # a fresh extract process (torch import) per case, then a rerun
 @pytest.mark.parametrize("seed", range(4))
 def test_kill_at_random_times(
     seed: int, tmp_path: Path, llama_dir: Path, crash_corpus: Path, clean: dict[str, object]

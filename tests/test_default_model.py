@@ -28,6 +28,9 @@ def test_probe_finds_induction_heads(tmp_path: Path) -> None:
     store = attnstore.open(str(out))
     assert store.manifest["model"]["n_layers"] == 30
     assert store.manifest["model"]["n_kv_heads"] == 3
+    # 4-bit GGUF, de-quantised to run: recorded, and said by `info`
+    assert store.manifest["settings"]["model_quantization"] == "Q4_1"
+    assert store.info()["model_quantization"] == "Q4_1"
     top = store.sql(
         "SELECT layer, head, avg(induction) AS ind, avg(duplicate) AS dup FROM heads "
         "GROUP BY ALL ORDER BY ind DESC LIMIT 3"

@@ -188,6 +188,7 @@ def test_local_rank_picks_the_gpu() -> None:
 # --- torchrun ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # several processes, each importing torch
 def test_torchrun_two_ranks_equal_one_process(
     tmp_path: Path, llama_dir: Path, corpus: Path, single: Path
 ) -> None:
@@ -210,6 +211,7 @@ def test_torchrun_two_ranks_equal_one_process(
     assert report.ok, report.problems
 
 
+@pytest.mark.slow  # several processes, each importing torch
 def test_rerun_of_one_rank_finishes_only_its_own_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, llama_dir: Path, corpus: Path, single: Path
 ) -> None:
@@ -255,6 +257,7 @@ def local_ray() -> Iterator[Any]:
     ray.shutdown()
 
 
+@pytest.mark.slow  # several processes, each importing torch
 def test_ray_actors_equal_one_process(
     tmp_path: Path, local_ray: Any, llama_dir: Path, corpus: Path, single: Path
 ) -> None:

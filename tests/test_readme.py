@@ -163,6 +163,7 @@ def test_block_parser_reads_markers_and_commands() -> None:
     ]
 
 
+@pytest.mark.slow  # every README example in order: minutes on two busy cores
 def test_readme_examples_run(
     smollm2_shaped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -112,6 +112,7 @@ def test_missing_cjk_font_warns_once(
     from attnstore import plots
 
     monkeypatch.setattr(plots, "_fonts", lambda: (list(plots.SANS), list(plots.MONO), False))
+    monkeypatch.setattr(plots, "cjk_font_files", lambda: ())  # no CJK font file on disk either
     monkeypatch.setattr(plots, "_warned", set())
     with pytest.warns(plots.FontWarning, match="fonts-noto-cjk"):
         plots.plot_matrix(cjk_store, 0, 0, 0, tmp_path / "a.png")

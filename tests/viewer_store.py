@@ -86,8 +86,13 @@ def _syntax_tables(doc_ids: list[int]) -> dict[str, dict[str, list[object]]]:
     return {"syntax": syntax, "syntax_baseline": baseline}  # fmt: skip
 
 
-def write_viewer_store(path: Path, *, long_doc: bool = True) -> Path:
-    rng = np.random.default_rng(13)
+def write_viewer_store(
+    path: Path, *, long_doc: bool = True, seed: int = 13, shift: int = 0
+) -> Path:
+    """``seed`` draws other texts and attention; ``shift`` stores the text of short document i as
+    doc_id ``(i + shift) % N_SHORT`` (the same documents in another order, as two stores of one
+    corpus extracted in different orders or shards)."""
+    rng = np.random.default_rng(seed)
     codec = get_codec("default")
     manifest: Manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created_by": "tests",
@@ -100,7 +105,7 @@ def write_viewer_store(path: Path, *, long_doc: bool = True) -> Path:
         "layers": list(range(LAYERS)), "heads": list(range(HEADS)), "settings": {},
     }  # fmt: skip
     writer = StoreWriter(path, manifest)
-    batches = [list(range(N_SHORT))] + ([[N_SHORT]] if long_doc else [])
+    batches = [[(i + shift) % N_SHORT for i in range(N_SHORT)]] + ([[N_SHORT]] if long_doc else [])
     for doc_ids in batches:
         t = LONG if doc_ids == [N_SHORT] else SHORT
         ids = rng.integers(0, VOCAB, size=(len(doc_ids), t))

@@ -443,14 +443,33 @@ def summary_sql() -> str:
     )
 
 
-_NO_SPARSITY: Final = (
-    "This store has no sparsity rows (it was extracted without the sparsity analysis, or before "
-    "it existed): extract again to get them."
-)
+def _register_listings() -> None:
+    """``heads --sparsity`` and ``heads --retrieval`` in the catalog of head listings, so an empty
+    listing says what to run wherever it is shown."""
+    from attnstore.catalog import LISTINGS, Listing, register
+
+    if "sparsity" not in LISTINGS:
+        register(
+            Listing(
+                name="sparsity", view="sparsity_summary",
+                source_count="SELECT count(*) FROM sparsity", what="sparsity rows",
+                remedy="extract again (the sparsity analysis runs at extraction)",
+                unit="queries", group="head",
+            )
+        )  # fmt: skip
+    if "retrieval" not in LISTINGS:
+        register(
+            Listing(
+                name="retrieval", view="sparsity_summary",
+                source_count="SELECT count(*) FROM needles", what="needle documents",
+                remedy="extract with --corpus 'probe:needle?tokens=2048&count=10' and a "
+                "--max-length of at least its tokens to score retrieval heads",
+                unit="answer tokens", group="head",
+            )
+        )  # fmt: skip
 
 
-def _count(store: Store, sql: str) -> int:
-    return int(store.sql(sql).column(0)[0].as_py() or 0)
+_register_listings()
 
 
 def best_retrieval_heads(store: Store, *, top: int = 10) -> pa.Table:
@@ -458,15 +477,12 @@ def best_retrieval_heads(store: Store, *, top: int = 10) -> pa.Table:
 
     Raises :class:`~attnstore.errors.QueryError` saying why when there is nothing to list.
     """
+    from attnstore.catalog import require
     from attnstore.errors import QueryError
 
-    if not _count(store, "SELECT count(*) FROM needles"):
-        raise QueryError(
-            "This store has no needle documents, so no head has a retrieval score. Extract "
-            "with --corpus 'probe:needle?tokens=2048&count=10' (a --max-length of at least "
-            "tokens) to score retrieval heads."
-        )
-    if not _count(store, "SELECT count(*) FROM sparsity WHERE n_retrieval > 0"):
+    require(store, "retrieval")
+    scored = store.sql("SELECT count(*) FROM sparsity WHERE n_retrieval > 0").column(0)[0]
+    if not scored.as_py():
         raise QueryError(
             "This store has needle documents but no retrieval scores: their answers were not "
             "stored (truncated by --max-length?) or the store has no sparsity rows."
@@ -483,10 +499,9 @@ def best_retrieval_heads(store: Store, *, top: int = 10) -> pa.Table:
 def sparsity_heads(store: Store, *, top: int | None = None) -> pa.Table:
     """Every head's corpus sparsity statistics; with ``top``, the ``top`` most streaming heads
     (highest ``stream_long``, then ``stream``)."""
-    from attnstore.errors import QueryError
+    from attnstore.catalog import require
 
-    if not _count(store, "SELECT count(*) FROM sparsity"):
-        raise QueryError(_NO_SPARSITY)
+    require(store, "sparsity")
     cols = ", ".join(
         f"round({c}, {1 if c.startswith('span') else 4}) AS {c}"
         for c in (*COLUMNS[:-1], "stream_long", "retrieval")

@@ -537,9 +537,39 @@ async function comparePage(params, token) {
     showError($app, new ApiError(`Expected 1 to 4 heads as store:layer:head separated by commas. Got ${JSON.stringify(params.heads)}.`));
     return;
   }
-  const docs = await Promise.all([...new Set(specs.map((s) => s[0]))].map((s) => api("doc", { store: s, doc: docId })));
+  // Documents of other stores are paired with the first store's by text, not by number: "doc 3"
+  // of two stores is only the same document when both hold the same texts in the same order.
+  const ref = specs[0][0], refName = storeMeta(ref).name;
+  const others = [...new Set(specs.map((s) => s[0]))].filter((s) => s !== ref);
+  const pairs = await Promise.all(others.map((s) => api("pair", { store: s, from: ref, doc: docId })));
+  if (token !== renderToken) return;
+  const docIdOf = new Map([[ref, Number(docId)]]);
+  const notes = [], warnings = [];
+  for (const p of pairs) {
+    const name = storeMeta(p.store).name;
+    if (p.doc_id !== null) {
+      docIdOf.set(p.store, p.doc_id);
+      if (p.how === "text") notes.push(`doc ${docId} of ${refName} is doc ${p.doc_id} of ${name} (the same text)`);
+    } else if (p.same_number) {
+      docIdOf.set(p.store, Number(docId));
+      warnings.push(`Different texts: doc ${docId} of ${refName} and doc ${docId} of ${name} are different documents, and ${name} holds no document with the same text. The maps below show different texts; hover pairs positions only.`);
+    } else {
+      throw new ApiError(`${name} has no document ${docId} and none with the text of doc ${docId} of ${refName}.`);
+    }
+  }
+  const docs = await Promise.all([...docIdOf].map(([s, d]) => api("doc", { store: s, doc: d })));
   if (token !== renderToken) return;
   const docOf = new Map(docs.map((d) => [d.store, d]));
+  const refDoc = docOf.get(ref);
+  for (const d of docs) {
+    if (d.store === ref || d.text !== refDoc.text) continue;
+    if (d.n_tokens !== refDoc.n_tokens || d.tokens.some((t, i) => t !== refDoc.tokens[i])) {
+      warnings.push(`Same text, tokenized differently: ${refName} has ${refDoc.n_tokens} tokens, ${storeMeta(d.store).name} ${d.n_tokens}; position q in one map need not be the same token in the other.`);
+    }
+  }
+  $app.append(h("p", { class: "muted", id: "compare-pairing", "data-docs": JSON.stringify(Object.fromEntries(docIdOf)) },
+    others.length === 0 ? `Document ${docId}.` : notes.length ? `Paired by text: ${notes.join("; ")}.` : `Document ${docId} of every store.`));
+  if (warnings.length) $app.append(h("p", { class: "warning", id: "compare-warning", role: "status" }, warnings.join(" ")));
   const maxPx = specs.length <= 2 ? 520 : 380;
   const maps = specs.map(([s, l, hd]) => {
     const d = docOf.get(s);
@@ -551,7 +581,7 @@ async function comparePage(params, token) {
   });
   const panels = h("div", { class: "panels", id: "compare" }, maps.map((hm) => h("div", { class: "panel" },
     h("h3", {}, h("a", { href: href("head", { store: hm.store, layer: hm.layer, head: hm.head }) },
-      `${META.stores.length > 1 ? storeMeta(hm.store).name + " · " : ""}layer ${hm.layer} head ${hm.head}`)),
+      `${META.stores.length > 1 ? storeMeta(hm.store).name + " · " : ""}${others.length ? `doc ${hm.doc} · ` : ""}layer ${hm.layer} head ${hm.head}`)),
     hm.el, hm.legendBox, hm.caption)));
   $app.append(panels);
   await Promise.all(maps.map((m) => m.load()));
