@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from attnstore import probes, scores, syntax
+from attnstore import bidirectional_scores, probes, scores, syntax
 from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import AttentionCaptureError, ModelError
@@ -119,6 +119,8 @@ class _Capture:
         self.calls = 0
         #: how often each layer was routed through the attention function in this forward pass
         self.layer_calls: dict[int, int] = {}
+        #: layers whose attention module is not causal (encoder self-attention)
+        self.bidirectional: set[int] = set()
 
 
 _ACTIVE: _Capture | None = None
@@ -143,9 +145,13 @@ def _attention(
         scaling = query.shape[-1] ** -0.5
     b, h, t_q, _ = query.shape
     t_k = key.shape[2]
-    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)[
-        None, None
-    ]
+    # transformers' own sdpa path reads ``module.is_causal`` the same way: False for encoder
+    # self-attention (BERT family), whose rows see every real key of the document
+    causal = getattr(module, "is_causal", True) is not False
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device)
+    if causal:
+        allowed = allowed.tril(t_k - t_q)
+    allowed = allowed[None, None]
     additive = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -157,8 +163,15 @@ def _attention(
     empty_rows = additive is None and bool((~allowed.any(-1)).any())
     cap = _ACTIVE
     mode = cap.mode if cap is not None else "eager"
-    if softcap or additive is not None:
-        mode = "eager"  # sdpa has no soft-capping; float masks keep the reference path
+    # learned sink logits (GPT-OSS ``sinks``, passed as ``s_aux``): one extra logit per head that
+    # joins every row's softmax and is dropped after it, so rows sum to 1 − its mass
+    sinks = kwargs.get("s_aux")
+    if softcap or additive is not None or sinks is not None:
+        mode = "eager"  # sdpa has no soft-capping or sinks; float masks keep the reference path
+    layer = getattr(module, "layer_idx", None)
+    layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
+    if cap is not None and not causal:
+        cap.bidirectional.add(layer)
     out = None
     if mode == "sdpa":
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -166,13 +179,11 @@ def _attention(
         )
         if empty_rows:
             out = torch.nan_to_num(out, nan=0.0)
-    else:
-        out = torch.empty_like(query)
-    layer = getattr(module, "layer_idx", None)
-    layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
+    else:  # the value head size may differ from the query's (DeepSeek-V3's MLA)
+        out = query.new_empty((b, h, t_q, value.shape[-1]))
     if cap is not None:
         cap.layer_calls[layer] = cap.layer_calls.get(layer, 0) + 1
-    if cap is not None and cap.online is not None and mode == "sdpa":
+    if cap is not None and cap.online is not None and mode == "sdpa" and causal:
         cap.online(layer, query, key, allowed, scaling, softcap)
         cap.calls += 1
         return out.transpose(1, 2).contiguous(), None
@@ -188,13 +199,22 @@ def _attention(
         if additive is not None:
             logits = logits + additive[..., q0:q1, :]
         logits = logits.masked_fill(~allowed[..., q0:q1, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        sink = None
+        if sinks is not None:
+            column = sinks.float().reshape(1, -1, 1, 1).expand(b, h, q1 - q0, 1)
+            both = torch.softmax(torch.cat([logits, column], dim=-1), dim=-1)
+            probs, sink = both[..., :-1], both[..., -1]
+        else:
+            probs = torch.softmax(logits, dim=-1)
         if empty_rows:
             probs = torch.nan_to_num(probs, nan=0.0)
         if mode == "eager":
             out[:, :, q0:q1] = torch.matmul(probs.to(value.dtype), value)
         if cap is not None:
-            cap.consume(layer, q0, probs)
+            if sink is None:
+                cap.consume(layer, q0, probs)
+            else:  # the sink's mass per row [doc, head, C]: rows sum to 1 − sink
+                cap.consume(layer, q0, probs, sink=sink)
     if cap is not None:
         cap.done(layer)
         cap.calls += 1
@@ -209,29 +229,40 @@ class _RowCheck:
     mask the same way for every batch, so that last, costlier check runs when a path is first used
     (the calibration batch is padded) and on every batch of the other paths."""
 
-    def __init__(self, lengths: torch.Tensor, t_max: int, bound: float, *, masked: bool) -> None:
+    def __init__(
+        self, lengths: torch.Tensor, t_max: int, bound: float, *, masked: bool, causal: bool = True
+    ) -> None:
         self.lengths = lengths
         self.t_max = t_max
         self.bound = bound
         self.masked = masked
+        #: False for encoders: every real key is allowed, future ones included
+        self.causal = causal
         self.rows: dict[int, int] = {}
         #: per block: layer, worst row-sum excess over the tolerance, worst masked weight
         self.worst: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def add(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+    def add(
+        self, layer: int, q0: int, probs: torch.Tensor, sink: torch.Tensor | None = None
+    ) -> None:
+        """``sink``: the mass of a learned sink logit per row (``[doc, head, C]``), which the
+        model drops after its softmax: the row must then sum to exactly 1 − ``sink``."""
         _, _, c, t_k = probs.shape
         dev = probs.device
         q = torch.arange(q0, q0 + c, device=dev)
         real = (q[None, :] < self.lengths[:, None])[:, None, :]  # [doc, 1, C]
         sums = probs.sum(-1)  # [doc, head, C]
-        excess = (sums - 1.0).abs() - (1e-5 + (q + 1).to(probs.dtype) * self.bound)
+        if sink is not None:
+            sums = sums + sink.to(sums.dtype)
+        width = (q + 1) if self.causal else torch.full_like(q, t_k)  # keys a row may weigh
+        excess = (sums - 1.0).abs() - (1e-5 + width.to(probs.dtype) * self.bound)
         excess = torch.nan_to_num(excess, nan=float("inf")).masked_fill(~real, float("-inf"))
         wrong = torch.zeros((), device=dev)
         if self.masked:
             k = torch.arange(t_k, device=dev)
-            allowed = (k[None, None, :] <= q[None, :, None]) & (
-                k[None, None, :] < self.lengths[:, None, None]
-            )  # [doc, C, key]
+            allowed = k[None, None, :] < self.lengths[:, None, None]  # [doc, 1, key]
+            if self.causal:
+                allowed = allowed & (k[None, None, :] <= q[None, :, None])  # [doc, C, key]
             leak = probs.masked_fill(allowed[:, None], 0.0).sum(-1).masked_fill(~real, 0.0)
             wrong = torch.maximum(leak.amax(), (-probs.amin()).clamp(min=0.0))
         self.worst.append((layer, excess.amax(), wrong))
@@ -258,6 +289,45 @@ class _RowCheck:
                         "keys (or negative)"
                     )
         return out[:4]
+
+
+class _SinkMass:
+    """The ``learned_sink`` column of ``heads``: per (document, layer, head), the mean over the
+    query rows q ≥ 1 of the mass the model's learned sink logit takes (= 1 − Σ_k A[q, k])."""
+
+    def __init__(self, masks: scores.BatchMasks, n_layers: int, n_heads: int) -> None:
+        b = masks.valid_q.shape[0]
+        self.masks = masks
+        self.sums = torch.zeros((b, n_layers, n_heads), dtype=torch.float64)
+        self.seen = False
+
+    def add(self, li: int, q0: int, sink: torch.Tensor) -> None:
+        c = sink.shape[2]
+        valid = self.masks.valid_q[:, None, q0 : q0 + c].to(torch.float64)
+        self.sums[:, li] += (sink.double() * valid).sum(-1).cpu()
+        self.seen = True
+
+    def result(self) -> np.ndarray:
+        n = self.masks.n_queries.cpu().to(torch.float64)[:, None, None]
+        return (self.sums / n).numpy()  # 0/0 → NaN, the NULL marker
+
+
+def _store_full_rows(
+    codes: list[np.ndarray],
+    codec: Codec,
+    li: int,
+    q0: int,
+    probs: torch.Tensor,
+    n_tok: Sequence[int],
+) -> None:
+    """Encoder layout (``packing: "full-rowmajor"``): rows ``q0 …`` of each document's whole
+    ``[n, n]`` square, row after row, into its codes ``[layer, head, n·n]``."""
+    c = probs.shape[2]
+    for i, n in enumerate(n_tok):
+        hi = min(q0 + c, n)
+        if hi > q0:
+            block = probs[i, :, : hi - q0, :n].reshape(probs.shape[1], (hi - q0) * n)
+            codes[i][li, :, q0 * n : hi * n] = codec.encode(block)
 
 
 @functools.lru_cache(maxsize=256)
@@ -359,6 +429,10 @@ class LoadedModel:
     captured: bool  # True: per-layer capture through attnstore's attention function
     #: how attention reaches attnstore, one of :data:`PATHS`; chosen and re-checked by the Extractor
     path: str = ""
+    #: an encoder (BERT family): self-attention is not causal, rows are whole squares
+    bidirectional: bool = False
+    #: attention modules have learned sink logits (GPT-OSS ``sinks``): rows sum below 1
+    learned_sinks: bool = False
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -442,7 +516,8 @@ def _load_error(ref: str | None, source: str, kwargs: dict[str, Any], err: Excep
 def load_model(
     ref: str | None = None, *, device: str | None = None, dtype: str = "auto", progress: bool = True
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, set up to capture attention.
+    """Load a causal LM (or an encoder: BERT family, see :func:`_is_encoder_checkpoint`) and its
+    tokenizer, set up to capture attention.
 
     Parameters
     ----------
@@ -457,7 +532,7 @@ def load_model(
     progress
         Show transformers' loading bars (the default model takes ~17 s to dequantise on 2 cores).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -484,7 +559,8 @@ def load_model(
     try:
         with quiet:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+            auto = AutoModel if _is_encoder_checkpoint(source, kwargs) else AutoModelForCausalLM
+            model = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(_load_error(ref, source, kwargs, err)) from None
     finally:
@@ -494,6 +570,31 @@ def load_model(
     return prepare_model(
         model, tokenizer, model_id=model_id, revision=revision, dtype=dtype, device=dev
     )
+
+
+#: class-name endings of checkpoints that are language models (loaded as causal LMs)
+_LM_HEADS: Final = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _is_encoder_checkpoint(source: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the checkpoint is an encoder (BERT family): loaded with ``AutoModel`` (its own
+    bidirectional attention), never as a causal LM, which would make BERT a decoder.
+
+    An encoder checkpoint is one whose config names only non-LM classes (``BertModel``,
+    ``BertForMaskedLM``…) and is not marked ``is_decoder``; GGUF files are decoders.
+    """
+    if "gguf_file" in kwargs:
+        return False
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError):
+        return False  # the model load below reports the problem
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    return bool(archs) and not any(a.endswith(_LM_HEADS) for a in archs)
 
 
 def _kv_heads(cfg: Any, n_heads: int) -> int:
@@ -589,8 +690,30 @@ def prepare_model(
     }
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return LoadedModel(
-        model, tokenizer, info, tok_info, max_pos, dev, path == "function", path
-    )
+        model, tokenizer, info, tok_info, max_pos, dev, path == "function", path,
+        bidirectional=_is_bidirectional(model),
+        learned_sinks=any(
+            isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()
+        ),
+    )  # fmt: skip
+
+
+def _is_bidirectional(model: Any) -> bool:
+    """Whether the model's self-attention is bidirectional (an encoder: BERT, RoBERTa, MiniLM…).
+
+    transformers marks each attention module with ``is_causal``; encoder self-attention modules
+    say False (and transformers' sdpa path reads the same flag). Cross-attention modules do not
+    count. A model that mixes both kinds of self-attention is refused by the capture check.
+    """
+    flags = [
+        bool(m.is_causal)
+        for m in model.modules()
+        if isinstance(getattr(m, "is_causal", None), bool)
+        and getattr(m, "layer_idx", None) is not None
+        and "cross" not in type(m).__name__.lower()
+        and not getattr(m, "is_cross_attention", False)
+    ]
+    return bool(flags) and not any(flags)
 
 
 def probe_documents(
@@ -825,6 +948,23 @@ class Extractor:
             probe_items = tuple(probes.align(doc.probes, spans))
         return Tokenized(doc, ids, n_input, spans, alignment, probe_items)
 
+    def _packed(self, n: int) -> int:
+        """Stored values per head for a document of ``n`` tokens (triangle, or whole square)."""
+        return n * n if self.loaded.bidirectional else packed_length(n)
+
+    @property
+    def _score_columns(self) -> tuple[str, ...]:
+        if self.loaded.bidirectional:
+            return bidirectional_scores.SCORE_COLUMNS
+        return scores.SCORE_COLUMNS
+
+    def _layer_scores(self, masks: scores.BatchMasks, ids: torch.Tensor, n_h: int) -> Any:
+        if self.loaded.bidirectional:
+            return bidirectional_scores.LayerScores(
+                masks, n_h, ids, bidirectional_scores.separator_ids(self.loaded.tokenizer)
+            )
+        return scores.LayerScores(masks, n_h)
+
     def _token_strings(self, ids: list[int]) -> list[str]:
         missing = sorted({i for i in ids if i not in self._token_cache})
         if missing:
@@ -924,6 +1064,13 @@ class Extractor:
                     "attnstore's attention function was never called (the model computes "
                     "attention in its own code)"
                 )
+            expected = set(self.layers) if self.loaded.bidirectional else set()
+            if cap.bidirectional & set(self.layers) != expected:
+                raise _Undelivered(
+                    "the attention of layers "
+                    f"{sorted(cap.bidirectional ^ expected)} is "
+                    + ("causal in an encoder" if expected else "bidirectional in a causal model")
+                )
             wrong = {
                 layer: cap.layer_calls.get(layer, 0)
                 for layer in self.layers
@@ -1011,11 +1158,11 @@ class Extractor:
         b, t_max = len(batch), max(n_tok, default=0)
         n_l, n_h = len(self.layers), len(self.heads)
         codes = (
-            [np.zeros((n_l, n_h, packed_length(n)), dtype=self.codec.dtype) for n in n_tok]
+            [np.zeros((n_l, n_h, self._packed(n)), dtype=self.codec.dtype) for n in n_tok]
             if self.store_matrices
             else []
         )
-        score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in scores.SCORE_COLUMNS}
+        score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in self._score_columns}
         parsed = [
             (i, t.doc.doc_id, t.alignment, syntax.instances(t.alignment))
             for i, t in enumerate(batch)
@@ -1052,23 +1199,31 @@ class Extractor:
             word_att: dict[tuple[int, int], torch.Tensor] = {}
             check = _RowCheck(
                 lengths, t_max, self.codec.max_abs_error,
-                masked=self._first_use or path != "function",
+                masked=self._first_use or path != "function", causal=not loaded.bidirectional,
             )  # fmt: skip
+            sink_mass = _SinkMass(masks, n_l, n_h)
 
-            def consume(layer: int, q0: int, probs: torch.Tensor) -> None:
+            def consume(
+                layer: int, q0: int, probs: torch.Tensor, sink: torch.Tensor | None = None
+            ) -> None:
                 li = layer_pos.get(layer)
                 if li is None:
                     return
                 if not all_heads:
                     probs = probs.index_select(1, head_index)
+                    sink = None if sink is None else sink.index_select(1, head_index)
                 probs = probs.float()
-                check.add(layer, q0, probs)
+                check.add(layer, q0, probs, sink)
+                if sink is not None:
+                    sink_mass.add(li, q0, sink)
                 acc = layer_scores.get(li)
                 if acc is None:
-                    acc = layer_scores[li] = scores.LayerScores(masks, n_h)
+                    acc = layer_scores[li] = self._layer_scores(masks, ids, n_h)
                 acc.add(probs, q0)
                 c = probs.shape[2]
-                if self.store_matrices:
+                if self.store_matrices and loaded.bidirectional:
+                    _store_full_rows(codes, self.codec, li, q0, probs, n_tok)
+                elif self.store_matrices:
                     # rows q0 … hi of each document, keys 0 … q: a contiguous run of its packed
                     # triangle, gathered straight from the padded block (no per-document square)
                     flat = probs.reshape(b, n_h, c * t_max)
@@ -1145,6 +1300,8 @@ class Extractor:
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()
+            if sink_mass.seen:
+                score_arrays["learned_sink"] = sink_mass.result()
         segment = self._segment(
             batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None
         )

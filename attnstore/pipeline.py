@@ -22,7 +22,7 @@ from attnstore.codecs import get_codec
 from attnstore.compact import maybe_compact
 from attnstore.corpus import DEFAULT_CORPUS, Document, parse_probe, read_corpus
 from attnstore.errors import AttnStoreError, CorpusError
-from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, Manifest
+from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, PACKING_FULL, Manifest
 from attnstore.store import (
     DEFAULT_APP_ID,
     Store,
@@ -346,11 +346,12 @@ def _manifest(
         "model": loaded.info,
         "tokenizer": loaded.tokenizer_info,
         "codec": extractor.codec.get_config(),
-        "packing": PACKING,
+        "packing": PACKING_FULL if loaded.bidirectional else PACKING,
         "max_length": extractor.max_length,
         "layers": extractor.layers,
         "heads": extractor.heads,
         "matrices": extractor.store_matrices,
+        "attention": "bidirectional" if loaded.bidirectional else "causal",
         "settings": {
             "attention_mode": extractor.mode,
             "parser": parse,
@@ -360,6 +361,8 @@ def _manifest(
             "attention": {"function": "capture", "output_attentions": "eager"}.get(
                 loaded.path, loaded.path
             ),
+            # rows sum to 1 − the mass of a learned sink logit (GPT-OSS; heads.learned_sink)
+            "learned_sinks": loaded.learned_sinks,
         },
     }
 

@@ -74,7 +74,7 @@ from attnstore.layout import (
     read_json,
     read_manifest,
 )
-from attnstore.packing import packed_length, unpack_tril
+from attnstore.packing import packed_size, unpack
 from attnstore.storage import LocalStorage, Storage, is_url, open_storage
 
 if TYPE_CHECKING:
@@ -611,14 +611,25 @@ class Store:
         return self._layer_pos[layer]
 
     def packed(self, doc_id: int, layer: int, head: int, *, decode: bool = True) -> np.ndarray:
-        """One head's packed lower triangle: float32 probabilities, or raw codes with ``decode=False``."""
+        """One head's packed values (lower triangle; whole square in bidirectional stores):
+        float32 probabilities, or raw codes with ``decode=False``."""
         li = self._check_layer_head(layer, head)
         loc = self._location(int(doc_id))
         hi = self.manifest["heads"].index(head)
         codes = self._array(loc.segment)[
-            li, hi, loc.offset : loc.offset + packed_length(loc.n_tokens)
+            li, hi, loc.offset : loc.offset + packed_size(loc.n_tokens, self.packing)
         ]
         return self.codec.decode(codes) if decode else codes
+
+    @property
+    def packing(self) -> str:
+        """``"tril-rowmajor"`` (causal triangles) or ``"full-rowmajor"`` (encoders' squares)."""
+        return str(self.manifest.get("packing") or "tril-rowmajor")
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether the store holds an encoder's bidirectional attention (whole squares)."""
+        return bool(manifest_value(self.manifest, "attention") == "bidirectional")
 
     def _doc_tokens(self, doc_id: int, columns: list[str]) -> pa.Table:
         """``columns`` of one document's ``tokens`` rows in position order (a filtered read)."""
@@ -646,17 +657,18 @@ class Store:
         return [None if a is None else (a, b) for a, b in zip(starts, ends, strict=True)]
 
     def matrix(self, doc_id: int, layer: int, head: int) -> np.ndarray:
-        """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal."""
+        """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal
+        (a whole square in bidirectional stores)."""
         n = self._location(int(doc_id)).n_tokens
-        return unpack_tril(self.packed(doc_id, layer, head), n)
+        return unpack(self.packed(doc_id, layer, head), n, self.packing)
 
     def matrices(self, doc_id: int) -> np.ndarray:
         """Every stored head of one document: float32 ``[layer, head, T, T]``."""
         loc = self._location(int(doc_id))
         codes = self._array(loc.segment)[
-            :, :, loc.offset : loc.offset + packed_length(loc.n_tokens)
+            :, :, loc.offset : loc.offset + packed_size(loc.n_tokens, self.packing)
         ]
-        return unpack_tril(self.codec.decode(codes), loc.n_tokens)
+        return unpack(self.codec.decode(codes), loc.n_tokens, self.packing)
 
     # -- SQL -----------------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
@@ -934,7 +946,10 @@ class StoreWriter:
             fill_value=0,
             zarr_format=3,
             attributes={
-                "attnstore": {"packing": "tril-rowmajor", "codec": self.codec.get_config()}
+                "attnstore": {
+                    "packing": self.manifest.get("packing") or "tril-rowmajor",
+                    "codec": self.codec.get_config(),
+                }
             },
         )
         arr[...] = data
