@@ -926,8 +926,18 @@ class Extractor:
         else:
             ids = tok(doc.text, add_special_tokens=True).input_ids
         n_input = len(ids)
+        last = ids[-1] if ids else None
+        keep_last = (
+            self.loaded.bidirectional
+            and n_input > self.max_length > 1
+            and ids[-1] in self.loaded.tokenizer.all_special_ids
+        )
         ids = ids[: self.max_length]
         spans = spans[: self.max_length] if spans is not None else None
+        if keep_last:  # an encoder's input ends with its separator ([SEP]), as its tokenizer does
+            ids[-1] = int(last)  # type: ignore[arg-type]
+            if spans is not None:
+                spans[-1] = None
         alignment = None
         if spans is not None and (doc.words is not None or self._nlp is not None):
             cutoff = max((s[1] for s in spans if s is not None), default=0)
