@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL",
     "PATHS",
+    "VALUES",
     "Extractor",
     "LoadedModel",
     "load_model",
@@ -80,6 +81,8 @@ _GGUF_FILE: Final = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _IMPL: Final = "attnstore"
 #: how attention reaches attnstore, in the order they are tried (see the module docstring)
 PATHS: Final = ("function", "recompute", "output_attentions")
+#: what a store's matrices hold (``--values``): post-softmax probabilities or pre-softmax scores
+VALUES: Final = ("probs", "logits")
 
 
 class AttentionWarning(UserWarning):
@@ -121,6 +124,9 @@ class _Capture:
         self.layer_calls: dict[int, int] = {}
         #: layers whose attention module is not causal (encoder self-attention)
         self.bidirectional: set[int] = set()
+        #: ``--values logits``: consume also gets ``logits=`` (pre-softmax, masked −inf) and
+        #: ``lse=`` (each row's log-sum-exp, the sink logit included) ``[doc, head, C]``
+        self.want_logits = False
 
 
 _ACTIVE: _Capture | None = None
@@ -200,21 +206,27 @@ def _attention(
             logits = logits + additive[..., q0:q1, :]
         logits = logits.masked_fill(~allowed[..., q0:q1, :], float("-inf"))
         sink = None
+        extra: dict[str, torch.Tensor] = {}
         if sinks is not None:
             column = sinks.float().reshape(1, -1, 1, 1).expand(b, h, q1 - q0, 1)
-            both = torch.softmax(torch.cat([logits, column], dim=-1), dim=-1)
+            both = torch.cat([logits, column], dim=-1)
+            if cap is not None and cap.want_logits:
+                extra["lse"] = torch.logsumexp(both, dim=-1)
+            both = torch.softmax(both, dim=-1)
             probs, sink = both[..., :-1], both[..., -1]
+            extra["sink"] = sink  # the sink's mass per row [doc, head, C]: rows sum to 1 − sink
         else:
+            if cap is not None and cap.want_logits:
+                extra["lse"] = torch.logsumexp(logits, dim=-1)
             probs = torch.softmax(logits, dim=-1)
         if empty_rows:
             probs = torch.nan_to_num(probs, nan=0.0)
         if mode == "eager":
             out[:, :, q0:q1] = torch.matmul(probs.to(value.dtype), value)
         if cap is not None:
-            if sink is None:
-                cap.consume(layer, q0, probs)
-            else:  # the sink's mass per row [doc, head, C]: rows sum to 1 − sink
-                cap.consume(layer, q0, probs, sink=sink)
+            if cap.want_logits:
+                extra["logits"] = logits
+            cap.consume(layer, q0, probs, **extra)
     if cap is not None:
         cap.done(layer)
         cap.calls += 1
@@ -328,6 +340,24 @@ def _store_full_rows(
         if hi > q0:
             block = probs[i, :, : hi - q0, :n].reshape(probs.shape[1], (hi - q0) * n)
             codes[i][li, :, q0 * n : hi * n] = codec.encode(block)
+
+
+def _store_lse(
+    codes: list[np.ndarray],
+    li: int,
+    q0: int,
+    lse: torch.Tensor,
+    n_tok: Sequence[int],
+    packed: Any,
+) -> None:
+    """``--values logits``: rows ``q0 …``'s log-sum-exp (``[doc, head, C]``) after each document's
+    packed logits, so ``exp(logit − lse)`` gives the probabilities back exactly."""
+    c = lse.shape[2]
+    for i, n in enumerate(n_tok):
+        hi = min(q0 + c, n)
+        if hi > q0:
+            base = packed(n)
+            codes[i][li, :, base + q0 : base + hi] = lse[i, :, : hi - q0].float().cpu().numpy()
 
 
 @functools.lru_cache(maxsize=256)
@@ -874,10 +904,21 @@ class Extractor:
         store_matrices: bool = True,
         mode: str = "auto",
         chunk_bytes: int = 1 << 28,
+        values: str = "probs",
     ) -> None:
         self.loaded = loaded
         self.parser = parser
         self.store_matrices = store_matrices
+        if values not in VALUES:
+            raise ModelError(f"Expected --values {' or '.join(VALUES)}. Got {values!r}.")
+        if values == "logits" and (codec.dtype not in ("float32", "float16") or not store_matrices):
+            raise ModelError(
+                "--values logits stores raw pre-softmax scores, which need a float codec "
+                f"(--codec float32 or float16; got {codec.id!r}) and matrices (not --scores-only)."
+            )
+        #: what the matrices hold: "probs" (post-softmax) or "logits" (pre-softmax scores, masked
+        #: entries -inf, plus each row's log-sum-exp; schemas/README.md)
+        self.values = values
         if mode == "auto":
             mode = "sdpa" if loaded.device.type == "cuda" else "eager"
         if mode not in ("eager", "sdpa"):
@@ -961,6 +1002,10 @@ class Extractor:
     def _packed(self, n: int) -> int:
         """Stored values per head for a document of ``n`` tokens (triangle, or whole square)."""
         return n * n if self.loaded.bidirectional else packed_length(n)
+
+    def _stored(self, n: int) -> int:
+        """Stored values per head: the packed matrix, then (``--values logits``) n row LSEs."""
+        return self._packed(n) + (n if self.values == "logits" else 0)
 
     @property
     def _score_columns(self) -> tuple[str, ...]:
@@ -1064,6 +1109,7 @@ class Extractor:
         n_layers = self.loaded.info["n_layers"]
         if path == "function":
             cap = _Capture(consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes, online=online)
+            cap.want_logits = self.values == "logits"
             _ACTIVE = cap
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -1168,7 +1214,7 @@ class Extractor:
         b, t_max = len(batch), max(n_tok, default=0)
         n_l, n_h = len(self.layers), len(self.heads)
         codes = (
-            [np.zeros((n_l, n_h, self._packed(n)), dtype=self.codec.dtype) for n in n_tok]
+            [np.zeros((n_l, n_h, self._stored(n)), dtype=self.codec.dtype) for n in n_tok]
             if self.store_matrices
             else []
         )
@@ -1214,7 +1260,12 @@ class Extractor:
             sink_mass = _SinkMass(masks, n_l, n_h)
 
             def consume(
-                layer: int, q0: int, probs: torch.Tensor, sink: torch.Tensor | None = None
+                layer: int,
+                q0: int,
+                probs: torch.Tensor,
+                sink: torch.Tensor | None = None,
+                logits: torch.Tensor | None = None,
+                lse: torch.Tensor | None = None,
             ) -> None:
                 li = layer_pos.get(layer)
                 if li is None:
@@ -1222,7 +1273,18 @@ class Extractor:
                 if not all_heads:
                     probs = probs.index_select(1, head_index)
                     sink = None if sink is None else sink.index_select(1, head_index)
+                    logits = None if logits is None else logits.index_select(1, head_index)
+                    lse = None if lse is None else lse.index_select(1, head_index)
                 probs = probs.float()
+                stored = probs
+                if self.values == "logits":
+                    if logits is None or lse is None:
+                        raise _Undelivered(
+                            "--values logits needs the layer's pre-softmax scores, which only "
+                            "attnstore's attention function computes"
+                        )
+                    stored = logits.float()
+                    _store_lse(codes, li, q0, lse, n_tok, self._packed)
                 check.add(layer, q0, probs, sink)
                 if sink is not None:
                     sink_mass.add(li, q0, sink)
@@ -1232,11 +1294,11 @@ class Extractor:
                 acc.add(probs, q0)
                 c = probs.shape[2]
                 if self.store_matrices and loaded.bidirectional:
-                    _store_full_rows(codes, self.codec, li, q0, probs, n_tok)
+                    _store_full_rows(codes, self.codec, li, q0, stored, n_tok)
                 elif self.store_matrices:
                     # rows q0 … hi of each document, keys 0 … q: a contiguous run of its packed
                     # triangle, gathered straight from the padded block (no per-document square)
-                    flat = probs.reshape(b, n_h, c * t_max)
+                    flat = stored.reshape(b, n_h, c * t_max)
                     for i, n in enumerate(n_tok):
                         hi = min(q0 + c, n)
                         if hi > q0:

@@ -66,10 +66,11 @@ PACKING_FULL: Final = "full-rowmajor"
 #: Manifest entries that must agree before new documents may join an existing store.
 COMPAT_KEYS: Final = (
     "model", "tokenizer", "codec", "max_length", "layers", "heads", "matrices", "attention",
+    "values",
 )  # fmt: skip
 #: Of those, the ones that define how segments are laid out: they can never differ within one store
 #: (the manifest describes every segment), even with ``--allow-different``.
-LAYOUT_KEYS: Final = ("codec", "layers", "heads", "matrices", "attention")
+LAYOUT_KEYS: Final = ("codec", "layers", "heads", "matrices", "attention", "values")
 
 
 class ModelInfo(TypedDict):
@@ -109,11 +110,13 @@ class Manifest(_ManifestRequired, total=False):
     matrices: bool
     #: since 2.1; absent means "causal". "bidirectional": an encoder, packing "full-rowmajor".
     attention: str
+    #: since 2.1; absent means "probs". "logits": pre-softmax scores + each row's log-sum-exp.
+    values: str
 
 
 def manifest_value(manifest: Manifest, key: str) -> Any:
     """A manifest entry with the defaults of keys added in later minor versions."""
-    defaults = {"matrices": True, "attention": "causal"}
+    defaults = {"matrices": True, "attention": "causal", "values": "probs"}
     return manifest.get(key, defaults.get(key))
 
 

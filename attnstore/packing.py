@@ -27,8 +27,10 @@ __all__ = [
     "pack_tril",
     "packed_length",
     "packed_size",
+    "row_index",
     "tril_flat_index",
     "unpack",
+    "unpack_logits",
     "unpack_tril",
 ]
 
@@ -102,3 +104,21 @@ def unpack(packed: np.ndarray, n_tokens: int, packing: str = TRIL) -> np.ndarray
         return packed.reshape(*packed.shape[:-1], n_tokens, n_tokens)
     packed_size(0, packing)
     return unpack_tril(packed, n_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def row_index(n_tokens: int, packing: str = TRIL) -> np.ndarray:
+    """The query row of every packed value (``--values logits`` subtracts each row's LSE)."""
+    n = np.arange(n_tokens)
+    rows = np.repeat(n, n_tokens) if packing == FULL else np.repeat(n, n + 1)
+    rows.setflags(write=False)
+    return rows
+
+
+def unpack_logits(packed: np.ndarray, n_tokens: int, packing: str = TRIL) -> np.ndarray:
+    """:func:`unpack` for pre-softmax scores: entries that are not stored are −inf."""
+    if packing == FULL:
+        return unpack(packed, n_tokens, packing)
+    out = np.full((*packed.shape[:-1], n_tokens * n_tokens), -np.inf, dtype=packed.dtype)
+    out[..., tril_flat_index(n_tokens)] = packed
+    return out.reshape(*packed.shape[:-1], n_tokens, n_tokens)

@@ -41,7 +41,7 @@ from attnstore.layout import (
     WRITERS,
     parse_format_version,
 )
-from attnstore.packing import packed_size
+from attnstore.packing import packed_size, row_index
 
 if TYPE_CHECKING:
     from attnstore.storage import Storage
@@ -384,7 +384,12 @@ def _check_segment(
     expected_shape = (len(manifest["layers"]), len(manifest["heads"]))
     packing = manifest.get("packing") or "tril-rowmajor"
     sinks = bool(manifest.get("settings", {}).get("learned_sinks"))
-    end = max(d["offset"] + packed_size(d["n_tokens"], packing) for d in stored)
+    logits = manifest.get("values") == "logits"  # packed logits, then T row LSEs (2.1)
+
+    def stored_size(n: int) -> int:
+        return packed_size(n, packing) + (n if logits else 0)
+
+    end = max(d["offset"] + stored_size(d["n_tokens"]) for d in stored)
     if tuple(arr.shape[:2]) != expected_shape or arr.shape[2] < end:
         report.error(where, f"shape {arr.shape}, expected {expected_shape} × ≥{end}")
         return
@@ -400,7 +405,14 @@ def _check_segment(
         return
     for d in stored:
         n = d["n_tokens"]
-        probs = codec.decode(data[:, :, d["offset"] : d["offset"] + packed_size(n, packing)])
+        probs = codec.decode(data[:, :, d["offset"] : d["offset"] + stored_size(n)])
+        if logits:  # probabilities = exp(logit − the row's log-sum-exp)
+            size = packed_size(n, packing)
+            with np.errstate(under="ignore", invalid="ignore"):
+                probs = np.exp(
+                    probs[..., :size].astype(np.float64)
+                    - probs[..., size:][..., row_index(n, packing)].astype(np.float64)
+                )
         report.matrices_checked += probs.shape[0] * probs.shape[1]
         loc = f"{where}:doc_id={d['doc_id']}"
         if not np.isfinite(probs).all():

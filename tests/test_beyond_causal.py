@@ -258,3 +258,50 @@ def test_bidirectional_scores_follow_the_spec() -> None:
             want = _loop_scores(a[i, h, :n, :n], ids[i][:n], {2})
             for name, value in want.items():
                 np.testing.assert_allclose(result[name][i, h], value, atol=1e-5, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# --values logits: pre-softmax scores and each row's log-sum-exp
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["Gemma2", "GPT-OSS"])
+def test_logits_store_gives_the_probabilities_back_exactly(name: str, tmp_path: Any) -> None:
+    """Gemma2: soft-capping and a sliding window (masked entries inside the triangle are −inf);
+    GPT-OSS: the sink logit counts in each row's log-sum-exp, so rows still sum below 1."""
+    import attnstore
+    from attnstore.verify import verify_store
+
+    loaded = prepare_model(testing.tiny_model(name), _tokenizer(), model_id=name)
+    probs_store, logits_store = tmp_path / "p.attn", tmp_path / "l.attn"
+    for out, values in ((probs_store, "probs"), (logits_store, "logits")):
+        attnstore.extract(str(out), model=loaded, corpus="pydoc:topics", limit=2, max_length=24,
+                          codec="float32", values=values, progress=False)  # fmt: skip
+    p, lg = attnstore.open(str(probs_store)), attnstore.open(str(logits_store))
+    assert lg.manifest["values"] == "logits"
+    assert verify_store(logits_store).ok
+    for doc_id in range(2):
+        ref = testing.reference_attention(name, p.token_ids(doc_id).tolist())
+        want = p.matrices(doc_id)
+        np.testing.assert_allclose(want, ref, atol=1e-6)
+        np.testing.assert_allclose(lg.matrices(doc_id), want, atol=1e-6)  # exp(logit − lse)
+        logits = lg.matrices(doc_id, values="logits").astype(np.float64)
+        assert np.isneginf(logits[..., 0, 1:]).all()  # above the diagonal: not stored
+        soft = np.exp(logits - logits.max(-1, keepdims=True))
+        soft /= soft.sum(-1, keepdims=True)
+        if name == "GPT-OSS":  # the stored rows lack the sink's mass: softmax renormalises them
+            np.testing.assert_allclose(soft, want / want.sum(-1, keepdims=True), atol=1e-5)
+            assert np.abs(soft - want).max() > 0.05
+        else:
+            np.testing.assert_allclose(soft, want, atol=1e-5)
+        # raw scores, not log-probabilities: rows of exp(logit) do not sum to 1
+        finite = np.where(np.isneginf(logits), 0.0, np.exp(logits))
+        assert np.abs(finite.sum(-1) - 1.0).max() > 0.1
+        one = lg.matrix(doc_id, 1, 2, values="logits")
+        np.testing.assert_array_equal(one, logits[1, 2].astype(np.float32))
+
+
+def test_logits_need_a_float_codec() -> None:
+    from attnstore.errors import ModelError
+
+    loaded = prepare_model(testing.tiny_model("Llama"), _tokenizer())
+    with pytest.raises(ModelError, match="float codec"):
+        Extractor(loaded, get_codec("fixed16"), 32, values="logits")
