@@ -1219,8 +1219,9 @@ class Extractor:
             else []
         )
         score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in self._score_columns}
+        bidi = loaded.bidirectional  # encoders: syntactic heads in both directions
         parsed = [
-            (i, t.doc.doc_id, t.alignment, syntax.instances(t.alignment))
+            (i, t.doc.doc_id, t.alignment, syntax.instances(t.alignment, bidirectional=bidi))
             for i, t in enumerate(batch)
             if t.alignment is not None
         ]

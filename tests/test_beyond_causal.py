@@ -305,3 +305,58 @@ def test_logits_need_a_float_codec() -> None:
     loaded = prepare_model(testing.tiny_model("Llama"), _tokenizer())
     with pytest.raises(ModelError, match="float codec"):
         Extractor(loaded, get_codec("fixed16"), 32, values="logits")
+
+
+def test_encoder_syntactic_heads_look_both_ways(tmp_path: Any) -> None:
+    """Encoders: dependency heads and dependents on either side count, predictions are the argmax
+    over every other word (schemas/syntax.md, "Encoders"), read here loop by loop."""
+    import attnstore
+    from scripts.make_golden import CONLLU
+
+    corpus = tmp_path / "gold.conllu"
+    corpus.write_text(CONLLU, encoding="utf-8")
+    loaded = prepare_model(_tiny_bert(), _tokenizer(), model_id="tiny-bert")
+    out = tmp_path / "s.attn"
+    attnstore.extract(str(out), model=loaded, corpus=str(corpus), codec="float32",
+                      progress=False)  # fmt: skip
+    store = attnstore.open(str(out))
+    words = store.table("words").to_pylist()
+    counts: dict[tuple[int, int, str, str], list[int]] = {}
+    for doc_id in sorted({w["doc_id"] for w in words}):
+        mine = sorted((w for w in words if w["doc_id"] == doc_id), key=lambda w: w["word"])
+        a = store.matrices(doc_id).astype(np.float64)
+        n = len(mine)
+        for layer in range(2):
+            for head in range(4):
+                w_att = np.zeros((n, n))
+                for i, wi in enumerate(mine):
+                    for j, wj in enumerate(mine):
+                        if wi["first_token"] is None or wj["first_token"] is None:
+                            continue
+                        qs = range(wi["first_token"], wi["last_token"] + 1)
+                        ks = range(wj["first_token"], wj["last_token"] + 1)
+                        w_att[i, j] = np.mean([sum(a[layer, head, q, k] for k in ks) for q in qs])
+                for i, wi in enumerate(mine):
+                    if wi["first_token"] is None:
+                        continue
+                    pred = max((j for j in range(n) if j != i), key=lambda j: (w_att[i, j], -j))
+                    cases = []
+                    if wi["head_word"] is not None and wi["head_word"] != i:
+                        cases.append((wi["relation"], "dep->head", {wi["head_word"]}))
+                    deps: dict[str, set[int]] = {}
+                    for d, wd in enumerate(mine):
+                        if wd["head_word"] == i and d != i:
+                            deps.setdefault(wd["relation"], set()).add(d)
+                    cases += [(rel, "head->dep", ds) for rel, ds in deps.items()]
+                    for rel, direction, targets in cases:
+                        c = counts.setdefault((layer, head, rel, direction), [0, 0])
+                        c[0] += 1
+                        c[1] += pred in targets
+    got = store.sql(
+        "SELECT layer, head, relation, direction, sum(n) AS n, sum(correct) AS correct "
+        "FROM syntax GROUP BY ALL"
+    ).to_pylist()
+    assert {(r["layer"], r["head"], r["relation"], r["direction"]): [r["n"], r["correct"]]
+            for r in got} == counts  # fmt: skip
+    assert any(d == "dep->head" and rel == "det" for _, _, rel, d in counts)  # det precedes
+    assert any(d == "head->dep" and rel == "det" for _, _, rel, d in counts)  # its noun
