@@ -115,3 +115,52 @@ def test_value_norm_refuses_models_without_separate_projections() -> None:
     model = testing.tiny_model("GPT-2")
     with pytest.raises(ValueError, match="value_norm"):
         ValueNorm().bind(model)
+
+
+@torch.no_grad()
+def test_value_norm_of_an_encoder_uses_bert_projections_and_bidirectional_scores() -> None:
+    from transformers import BertConfig, BertModel
+
+    from attnstore import bidirectional_scores
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, initializer_range=0.2, attn_implementation="eager")  # fmt: skip
+    model = BertModel(cfg).eval()
+    ids = _tokenizer()(testing.MATRIX_TEXTS[0]).input_ids
+    analysis = ValueNorm()
+    analysis.bind(model)
+    assert analysis.bidirectional
+    batch = _batch([ids], (0, 1, 2, 3))
+    analysis.begin(batch)
+    values: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.attention.self.value.register_forward_hook(
+            lambda _m, _a, out, li=li: values.__setitem__(li, out[0])
+        )
+        for li, layer in enumerate(model.encoder.layer)
+    ]
+    out = model(input_ids=torch.tensor([ids]), output_attentions=True)
+    for h in hooks:
+        h.remove()
+    t = len(ids)
+    masks = scores.batch_masks(torch.tensor([ids]), torch.tensor([t]))
+    expected: dict[int, dict[str, np.ndarray]] = {}
+    for li, layer in enumerate(model.encoder.layer):
+        alpha = out.attentions[li]  # [1, head, T, T]
+        analysis.rows(li, 0, alpha.float())
+        w_o = layer.attention.output.dense.weight  # [hidden, 4 · 8]
+        v = values[li].reshape(t, 4, 8)
+        f = torch.stack([torch.linalg.norm(v[:, h] @ w_o[:, h * 8 : (h + 1) * 8].T, dim=-1)
+                         for h in range(4)])  # [head, T]  # fmt: skip
+        a = alpha[0] * f[:, None, :]
+        want = bidirectional_scores.score_layer((a / a.sum(-1, keepdim=True))[None], masks,
+                                                torch.tensor([ids]))  # fmt: skip
+        expected[li] = want
+    rows = analysis.end().to_pylist()
+    assert len(rows) == 2 * 4
+    for row in rows:
+        for c in ("next_token", "sink", "entropy", "mean_distance", "prev_token"):
+            want_c = float(expected[row["layer"]][c][0, row["head"]])
+            assert row[c] == pytest.approx(want_c, abs=1e-5), c
+    analysis.unbind()
