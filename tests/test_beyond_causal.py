@@ -360,3 +360,23 @@ def test_encoder_syntactic_heads_look_both_ways(tmp_path: Any) -> None:
             for r in got} == counts  # fmt: skip
     assert any(d == "dep->head" and rel == "det" for _, _, rel, d in counts)  # det precedes
     assert any(d == "head->dep" and rel == "det" for _, _, rel, d in counts)  # its noun
+
+
+def test_encoder_logits_are_whole_squares(tmp_path: Any) -> None:
+    import attnstore
+    from attnstore.verify import verify_store
+
+    model = _tiny_bert()
+    loaded = prepare_model(model, _tokenizer(), model_id="tiny-bert")
+    out = tmp_path / "l.attn"
+    attnstore.extract(str(out), model=loaded, corpus="pydoc:topics", limit=2, max_length=24,
+                      codec="float32", values="logits", progress=False)  # fmt: skip
+    store = attnstore.open(str(out))
+    assert verify_store(out).ok
+    for doc_id in range(2):
+        ref = _eager_attention(model, store.token_ids(doc_id).tolist())
+        assert np.abs(store.matrices(doc_id) - ref).max() <= 1e-5
+        logits = store.matrices(doc_id, values="logits").astype(np.float64)
+        assert np.isfinite(logits).all()  # nothing masked in an encoder's square
+        soft = np.exp(logits - logits.max(-1, keepdims=True))
+        np.testing.assert_allclose(soft / soft.sum(-1, keepdims=True), ref, atol=1e-5)
