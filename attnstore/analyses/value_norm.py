@@ -73,6 +73,11 @@ def _projections(model: Any) -> list[tuple[int, Any, Any, int]]:
         if layer is None:
             continue
         v, o = getattr(module, "v_proj", None), getattr(module, "o_proj", None)
+        if v is not None and getattr(module, "v_norm", None) is not None:
+            raise ValueError(
+                f"value_norm: {type(module).__name__} normalises its values after v_proj "
+                "(v_norm); the hook on v_proj would not see what attention multiplies."
+            )
         n_heads = getattr(getattr(module, "config", None), "num_attention_heads", None)
         if v is None and hasattr(module, "value") and hasattr(module, "num_attention_heads"):
             v, n_heads = module.value, module.num_attention_heads  # BERT: BertSelfAttention
