@@ -45,7 +45,7 @@ def add_parses(
                 )
             cutoff = max(s[1] for s in spans if s is not None)
             alignment = syntax.align(syntax.parse_text(nlp, d["text"][:cutoff]), spans, cutoff)
-            inst = syntax.instances(alignment)
+            inst = syntax.instances(alignment, bidirectional=store.bidirectional)
             tables.add_document(d["doc_id"], alignment, inst)
             probs = torch.from_numpy(store.matrices(d["doc_id"]))
             for li, layer in enumerate(layers):

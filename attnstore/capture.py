@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from attnstore import needles, probes, scores, syntax
+from attnstore import bidirectional_scores, needles, probes, scores, syntax
 from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import AttentionCaptureError, ModelError
@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MODEL",
     "PATHS",
+    "VALUES",
     "Extractor",
     "LoadedModel",
     "load_model",
@@ -77,6 +78,8 @@ __all__ = [
 _IMPL: Final = "attnstore"
 #: how attention reaches attnstore, in the order they are tried (see the module docstring)
 PATHS: Final = ("function", "recompute", "output_attentions")
+#: what a store's matrices hold (``--values``): post-softmax probabilities or pre-softmax scores
+VALUES: Final = ("probs", "logits")
 
 
 class AttentionWarning(UserWarning):
@@ -116,6 +119,11 @@ class _Capture:
         self.calls = 0
         #: how often each layer was routed through the attention function in this forward pass
         self.layer_calls: dict[int, int] = {}
+        #: layers whose attention module is not causal (encoder self-attention)
+        self.bidirectional: set[int] = set()
+        #: ``--values logits``: consume also gets ``logits=`` (pre-softmax, masked −inf) and
+        #: ``lse=`` (each row's log-sum-exp, the sink logit included) ``[doc, head, C]``
+        self.want_logits = False
 
 
 _ACTIVE: _Capture | None = None
@@ -140,9 +148,13 @@ def _attention(
         scaling = query.shape[-1] ** -0.5
     b, h, t_q, _ = query.shape
     t_k = key.shape[2]
-    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device).tril(t_k - t_q)[
-        None, None
-    ]
+    # transformers' own sdpa path reads ``module.is_causal`` the same way: False for encoder
+    # self-attention (BERT family), whose rows see every real key of the document
+    causal = getattr(module, "is_causal", True) is not False
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device)
+    if causal:
+        allowed = allowed.tril(t_k - t_q)
+    allowed = allowed[None, None]
     additive = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
@@ -154,8 +166,15 @@ def _attention(
     empty_rows = additive is None and bool((~allowed.any(-1)).any())
     cap = _ACTIVE
     mode = cap.mode if cap is not None else "eager"
-    if softcap or additive is not None:
-        mode = "eager"  # sdpa has no soft-capping; float masks keep the reference path
+    # learned sink logits (GPT-OSS ``sinks``, passed as ``s_aux``): one extra logit per head that
+    # joins every row's softmax and is dropped after it, so rows sum to 1 − its mass
+    sinks = kwargs.get("s_aux")
+    if softcap or additive is not None or sinks is not None:
+        mode = "eager"  # sdpa has no soft-capping or sinks; float masks keep the reference path
+    layer = getattr(module, "layer_idx", None)
+    layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
+    if cap is not None and not causal:
+        cap.bidirectional.add(layer)
     out = None
     if mode == "sdpa":
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -163,13 +182,11 @@ def _attention(
         )
         if empty_rows:
             out = torch.nan_to_num(out, nan=0.0)
-    else:
-        out = torch.empty_like(query)
-    layer = getattr(module, "layer_idx", None)
-    layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
+    else:  # the value head size may differ from the query's (DeepSeek-V3's MLA)
+        out = query.new_empty((b, h, t_q, value.shape[-1]))
     if cap is not None:
         cap.layer_calls[layer] = cap.layer_calls.get(layer, 0) + 1
-    if cap is not None and cap.online is not None and mode == "sdpa":
+    if cap is not None and cap.online is not None and mode == "sdpa" and causal:
         cap.online(layer, query, key, allowed, scaling, softcap)
         cap.calls += 1
         return out.transpose(1, 2).contiguous(), None
@@ -185,13 +202,28 @@ def _attention(
         if additive is not None:
             logits = logits + additive[..., q0:q1, :]
         logits = logits.masked_fill(~allowed[..., q0:q1, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        sink = None
+        extra: dict[str, torch.Tensor] = {}
+        if sinks is not None:
+            column = sinks.float().reshape(1, -1, 1, 1).expand(b, h, q1 - q0, 1)
+            both = torch.cat([logits, column], dim=-1)
+            if cap is not None and cap.want_logits:
+                extra["lse"] = torch.logsumexp(both, dim=-1)
+            both = torch.softmax(both, dim=-1)
+            probs, sink = both[..., :-1], both[..., -1]
+            extra["sink"] = sink  # the sink's mass per row [doc, head, C]: rows sum to 1 − sink
+        else:
+            if cap is not None and cap.want_logits:
+                extra["lse"] = torch.logsumexp(logits, dim=-1)
+            probs = torch.softmax(logits, dim=-1)
         if empty_rows:
             probs = torch.nan_to_num(probs, nan=0.0)
         if mode == "eager":
             out[:, :, q0:q1] = torch.matmul(probs.to(value.dtype), value)
         if cap is not None:
-            cap.consume(layer, q0, probs)
+            if cap.want_logits:
+                extra["logits"] = logits
+            cap.consume(layer, q0, probs, **extra)
     if cap is not None:
         cap.done(layer)
         cap.calls += 1
@@ -206,29 +238,40 @@ class _RowCheck:
     mask the same way for every batch, so that last, costlier check runs when a path is first used
     (the calibration batch is padded) and on every batch of the other paths."""
 
-    def __init__(self, lengths: torch.Tensor, t_max: int, bound: float, *, masked: bool) -> None:
+    def __init__(
+        self, lengths: torch.Tensor, t_max: int, bound: float, *, masked: bool, causal: bool = True
+    ) -> None:
         self.lengths = lengths
         self.t_max = t_max
         self.bound = bound
         self.masked = masked
+        #: False for encoders: every real key is allowed, future ones included
+        self.causal = causal
         self.rows: dict[int, int] = {}
         #: per block: layer, worst row-sum excess over the tolerance, worst masked weight
         self.worst: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    def add(self, layer: int, q0: int, probs: torch.Tensor) -> None:
+    def add(
+        self, layer: int, q0: int, probs: torch.Tensor, sink: torch.Tensor | None = None
+    ) -> None:
+        """``sink``: the mass of a learned sink logit per row (``[doc, head, C]``), which the
+        model drops after its softmax: the row must then sum to exactly 1 − ``sink``."""
         _, _, c, t_k = probs.shape
         dev = probs.device
         q = torch.arange(q0, q0 + c, device=dev)
         real = (q[None, :] < self.lengths[:, None])[:, None, :]  # [doc, 1, C]
         sums = probs.sum(-1)  # [doc, head, C]
-        excess = (sums - 1.0).abs() - (1e-5 + (q + 1).to(probs.dtype) * self.bound)
+        if sink is not None:
+            sums = sums + sink.to(sums.dtype)
+        width = (q + 1) if self.causal else torch.full_like(q, t_k)  # keys a row may weigh
+        excess = (sums - 1.0).abs() - (1e-5 + width.to(probs.dtype) * self.bound)
         excess = torch.nan_to_num(excess, nan=float("inf")).masked_fill(~real, float("-inf"))
         wrong = torch.zeros((), device=dev)
         if self.masked:
             k = torch.arange(t_k, device=dev)
-            allowed = (k[None, None, :] <= q[None, :, None]) & (
-                k[None, None, :] < self.lengths[:, None, None]
-            )  # [doc, C, key]
+            allowed = k[None, None, :] < self.lengths[:, None, None]  # [doc, 1, key]
+            if self.causal:
+                allowed = allowed & (k[None, None, :] <= q[None, :, None])  # [doc, C, key]
             leak = probs.masked_fill(allowed[:, None], 0.0).sum(-1).masked_fill(~real, 0.0)
             wrong = torch.maximum(leak.amax(), (-probs.amin()).clamp(min=0.0))
         self.worst.append((layer, excess.amax(), wrong))
@@ -255,6 +298,63 @@ class _RowCheck:
                         "keys (or negative)"
                     )
         return out[:4]
+
+
+class _SinkMass:
+    """The ``learned_sink`` column of ``heads``: per (document, layer, head), the mean over the
+    query rows q ≥ 1 of the mass the model's learned sink logit takes (= 1 − Σ_k A[q, k])."""
+
+    def __init__(self, masks: scores.BatchMasks, n_layers: int, n_heads: int) -> None:
+        b = masks.valid_q.shape[0]
+        self.masks = masks
+        self.sums = torch.zeros((b, n_layers, n_heads), dtype=torch.float64)
+        self.seen = False
+
+    def add(self, li: int, q0: int, sink: torch.Tensor) -> None:
+        c = sink.shape[2]
+        valid = self.masks.valid_q[:, None, q0 : q0 + c].to(torch.float64)
+        self.sums[:, li] += (sink.double() * valid).sum(-1).cpu()
+        self.seen = True
+
+    def result(self) -> np.ndarray:
+        n = self.masks.n_queries.cpu().to(torch.float64)[:, None, None]
+        return (self.sums / n).numpy()  # 0/0 → NaN, the NULL marker
+
+
+def _store_full_rows(
+    codes: list[np.ndarray],
+    codec: Codec,
+    li: int,
+    q0: int,
+    probs: torch.Tensor,
+    n_tok: Sequence[int],
+) -> None:
+    """Encoder layout (``packing: "full-rowmajor"``): rows ``q0 …`` of each document's whole
+    ``[n, n]`` square, row after row, into its codes ``[layer, head, n·n]``."""
+    c = probs.shape[2]
+    for i, n in enumerate(n_tok):
+        hi = min(q0 + c, n)
+        if hi > q0:
+            block = probs[i, :, : hi - q0, :n].reshape(probs.shape[1], (hi - q0) * n)
+            codes[i][li, :, q0 * n : hi * n] = codec.encode(block)
+
+
+def _store_lse(
+    codes: list[np.ndarray],
+    li: int,
+    q0: int,
+    lse: torch.Tensor,
+    n_tok: Sequence[int],
+    packed: Any,
+) -> None:
+    """``--values logits``: rows ``q0 …``'s log-sum-exp (``[doc, head, C]``) after each document's
+    packed logits, so ``exp(logit − lse)`` gives the probabilities back exactly."""
+    c = lse.shape[2]
+    for i, n in enumerate(n_tok):
+        hi = min(q0 + c, n)
+        if hi > q0:
+            base = packed(n)
+            codes[i][li, :, base + q0 : base + hi] = lse[i, :, : hi - q0].float().cpu().numpy()
 
 
 @functools.lru_cache(maxsize=256)
@@ -356,6 +456,10 @@ class LoadedModel:
     captured: bool  # True: per-layer capture through attnstore's attention function
     #: how attention reaches attnstore, one of :data:`PATHS`; chosen and re-checked by the Extractor
     path: str = ""
+    #: an encoder (BERT family): self-attention is not causal, rows are whole squares
+    bidirectional: bool = False
+    #: attention modules have learned sink logits (GPT-OSS ``sinks``): rows sum below 1
+    learned_sinks: bool = False
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -393,7 +497,8 @@ def _load_error(ref: str | None, source: str, kwargs: dict[str, Any], err: Excep
 def load_model(
     ref: str | None = None, *, device: str | None = None, dtype: str = "auto", progress: bool = True
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, set up to capture attention.
+    """Load a causal LM (or an encoder: BERT family, see :func:`_is_encoder_checkpoint`) and its
+    tokenizer, set up to capture attention.
 
     Parameters
     ----------
@@ -408,7 +513,7 @@ def load_model(
     progress
         Show transformers' loading bars (the default model takes ~17 s to dequantise on 2 cores).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -435,7 +540,8 @@ def load_model(
     try:
         with quiet:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+            auto = AutoModel if _is_encoder_checkpoint(source, kwargs) else AutoModelForCausalLM
+            model = auto.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(_load_error(ref, source, kwargs, err)) from None
     finally:
@@ -445,6 +551,31 @@ def load_model(
     return prepare_model(
         model, tokenizer, model_id=model_id, revision=revision, dtype=dtype, device=dev
     )
+
+
+#: class-name endings of checkpoints that are language models (loaded as causal LMs)
+_LM_HEADS: Final = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _is_encoder_checkpoint(source: str, kwargs: dict[str, Any]) -> bool:
+    """Whether the checkpoint is an encoder (BERT family): loaded with ``AutoModel`` (its own
+    bidirectional attention), never as a causal LM, which would make BERT a decoder.
+
+    An encoder checkpoint is one whose config names only non-LM classes (``BertModel``,
+    ``BertForMaskedLM``…) and is not marked ``is_decoder``; GGUF files are decoders.
+    """
+    if "gguf_file" in kwargs:
+        return False
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError):
+        return False  # the model load below reports the problem
+    archs = list(getattr(cfg, "architectures", None) or [])
+    if getattr(cfg, "is_decoder", False) or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    return bool(archs) and not any(a.endswith(_LM_HEADS) for a in archs)
 
 
 def _kv_heads(cfg: Any, n_heads: int) -> int:
@@ -540,8 +671,30 @@ def prepare_model(
     }
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return LoadedModel(
-        model, tokenizer, info, tok_info, max_pos, dev, path == "function", path
-    )
+        model, tokenizer, info, tok_info, max_pos, dev, path == "function", path,
+        bidirectional=_is_bidirectional(model),
+        learned_sinks=any(
+            isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()
+        ),
+    )  # fmt: skip
+
+
+def _is_bidirectional(model: Any) -> bool:
+    """Whether the model's self-attention is bidirectional (an encoder: BERT, RoBERTa, MiniLM…).
+
+    transformers marks each attention module with ``is_causal``; encoder self-attention modules
+    say False (and transformers' sdpa path reads the same flag). Cross-attention modules do not
+    count. A model that mixes both kinds of self-attention is refused by the capture check.
+    """
+    flags = [
+        bool(m.is_causal)
+        for m in model.modules()
+        if isinstance(getattr(m, "is_causal", None), bool)
+        and getattr(m, "layer_idx", None) is not None
+        and "cross" not in type(m).__name__.lower()
+        and not getattr(m, "is_cross_attention", False)
+    ]
+    return bool(flags) and not any(flags)
 
 
 def probe_documents(
@@ -706,10 +859,21 @@ class Extractor:
         store_matrices: bool = True,
         mode: str = "auto",
         chunk_bytes: int = 1 << 28,
+        values: str = "probs",
     ) -> None:
         self.loaded = loaded
         self.parser = parser
         self.store_matrices = store_matrices
+        if values not in VALUES:
+            raise ModelError(f"Expected --values {' or '.join(VALUES)}. Got {values!r}.")
+        if values == "logits" and (codec.dtype not in ("float32", "float16") or not store_matrices):
+            raise ModelError(
+                "--values logits stores raw pre-softmax scores, which need a float codec "
+                f"(--codec float32 or float16; got {codec.id!r}) and matrices (not --scores-only)."
+            )
+        #: what the matrices hold: "probs" (post-softmax) or "logits" (pre-softmax scores, masked
+        #: entries -inf, plus each row's log-sum-exp; schemas/README.md)
+        self.values = values
         if mode == "auto":
             mode = "sdpa" if loaded.device.type == "cuda" else "eager"
         if mode not in ("eager", "sdpa"):
@@ -758,8 +922,18 @@ class Extractor:
         else:
             ids = tok(doc.text, add_special_tokens=True).input_ids
         n_input = len(ids)
+        last = ids[-1] if ids else None
+        keep_last = (
+            self.loaded.bidirectional
+            and n_input > self.max_length > 1
+            and ids[-1] in self.loaded.tokenizer.all_special_ids
+        )
         ids = ids[: self.max_length]
         spans = spans[: self.max_length] if spans is not None else None
+        if keep_last:  # an encoder's input ends with its separator ([SEP]), as its tokenizer does
+            ids[-1] = int(last)  # type: ignore[arg-type]
+            if spans is not None:
+                spans[-1] = None
         alignment = None
         if spans is not None and (doc.words is not None or self._nlp is not None):
             cutoff = max((s[1] for s in spans if s is not None), default=0)
@@ -779,6 +953,27 @@ class Extractor:
                 )
             probe_items = tuple(probes.align(doc.probes, spans))
         return Tokenized(doc, ids, n_input, spans, alignment, probe_items)
+
+    def _packed(self, n: int) -> int:
+        """Stored values per head for a document of ``n`` tokens (triangle, or whole square)."""
+        return n * n if self.loaded.bidirectional else packed_length(n)
+
+    def _stored(self, n: int) -> int:
+        """Stored values per head: the packed matrix, then (``--values logits``) n row LSEs."""
+        return self._packed(n) + (n if self.values == "logits" else 0)
+
+    @property
+    def _score_columns(self) -> tuple[str, ...]:
+        if self.loaded.bidirectional:
+            return bidirectional_scores.SCORE_COLUMNS
+        return scores.SCORE_COLUMNS
+
+    def _layer_scores(self, masks: scores.BatchMasks, ids: torch.Tensor, n_h: int) -> Any:
+        if self.loaded.bidirectional:
+            return bidirectional_scores.LayerScores(
+                masks, n_h, ids, bidirectional_scores.separator_ids(self.loaded.tokenizer)
+            )
+        return scores.LayerScores(masks, n_h)
 
     def _token_strings(self, ids: list[int]) -> list[str]:
         missing = sorted({i for i in ids if i not in self._token_cache})
@@ -869,6 +1064,7 @@ class Extractor:
         n_layers = self.loaded.info["n_layers"]
         if path == "function":
             cap = _Capture(consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes, online=online)
+            cap.want_logits = self.values == "logits"
             _ACTIVE = cap
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -878,6 +1074,13 @@ class Extractor:
                 raise _Undelivered(
                     "attnstore's attention function was never called (the model computes "
                     "attention in its own code)"
+                )
+            expected = set(self.layers) if self.loaded.bidirectional else set()
+            if cap.bidirectional & set(self.layers) != expected:
+                raise _Undelivered(
+                    "the attention of layers "
+                    f"{sorted(cap.bidirectional ^ expected)} is "
+                    + ("causal in an encoder" if expected else "bidirectional in a causal model")
                 )
             wrong = {
                 layer: cap.layer_calls.get(layer, 0)
@@ -966,13 +1169,14 @@ class Extractor:
         b, t_max = len(batch), max(n_tok, default=0)
         n_l, n_h = len(self.layers), len(self.heads)
         codes = (
-            [np.zeros((n_l, n_h, packed_length(n)), dtype=self.codec.dtype) for n in n_tok]
+            [np.zeros((n_l, n_h, self._stored(n)), dtype=self.codec.dtype) for n in n_tok]
             if self.store_matrices
             else []
         )
-        score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in scores.SCORE_COLUMNS}
+        score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in self._score_columns}
+        bidi = loaded.bidirectional  # encoders: syntactic heads in both directions
         parsed = [
-            (i, t.doc.doc_id, t.alignment, syntax.instances(t.alignment))
+            (i, t.doc.doc_id, t.alignment, syntax.instances(t.alignment, bidirectional=bidi))
             for i, t in enumerate(batch)
             if t.alignment is not None
         ]
@@ -1007,26 +1211,50 @@ class Extractor:
             word_att: dict[tuple[int, int], torch.Tensor] = {}
             check = _RowCheck(
                 lengths, t_max, self.codec.max_abs_error,
-                masked=self._first_use or path != "function",
+                masked=self._first_use or path != "function", causal=not loaded.bidirectional,
             )  # fmt: skip
+            sink_mass = _SinkMass(masks, n_l, n_h)
 
-            def consume(layer: int, q0: int, probs: torch.Tensor) -> None:
+            def consume(
+                layer: int,
+                q0: int,
+                probs: torch.Tensor,
+                sink: torch.Tensor | None = None,
+                logits: torch.Tensor | None = None,
+                lse: torch.Tensor | None = None,
+            ) -> None:
                 li = layer_pos.get(layer)
                 if li is None:
                     return
                 if not all_heads:
                     probs = probs.index_select(1, head_index)
+                    sink = None if sink is None else sink.index_select(1, head_index)
+                    logits = None if logits is None else logits.index_select(1, head_index)
+                    lse = None if lse is None else lse.index_select(1, head_index)
                 probs = probs.float()
-                check.add(layer, q0, probs)
+                stored = probs
+                if self.values == "logits":
+                    if logits is None or lse is None:
+                        raise _Undelivered(
+                            "--values logits needs the layer's pre-softmax scores, which only "
+                            "attnstore's attention function computes"
+                        )
+                    stored = logits.float()
+                    _store_lse(codes, li, q0, lse, n_tok, self._packed)
+                check.add(layer, q0, probs, sink)
+                if sink is not None:
+                    sink_mass.add(li, q0, sink)
                 acc = layer_scores.get(li)
                 if acc is None:
-                    acc = layer_scores[li] = scores.LayerScores(masks, n_h)
+                    acc = layer_scores[li] = self._layer_scores(masks, ids, n_h)
                 acc.add(probs, q0)
                 c = probs.shape[2]
-                if self.store_matrices:
+                if self.store_matrices and loaded.bidirectional:
+                    _store_full_rows(codes, self.codec, li, q0, stored, n_tok)
+                elif self.store_matrices:
                     # rows q0 … hi of each document, keys 0 … q: a contiguous run of its packed
                     # triangle, gathered straight from the padded block (no per-document square)
-                    flat = probs.reshape(b, n_h, c * t_max)
+                    flat = stored.reshape(b, n_h, c * t_max)
                     for i, n in enumerate(n_tok):
                         hi = min(q0 + c, n)
                         if hi > q0:
@@ -1100,6 +1328,8 @@ class Extractor:
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()
+            if sink_mass.seen:
+                score_arrays["learned_sink"] = sink_mass.result()
         segment = self._segment(
             batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None
         )

@@ -291,6 +291,14 @@ def _probe_corpora() -> list[str]:
     show_default=True,
     help="Layer outputs from the captured probabilities (eager) or the fused kernel (sdpa).",
 )
+@click.option(
+    "--values",
+    type=click.Choice(["probs", "logits"]),
+    default="probs",
+    show_default=True,
+    help="Store post-softmax probabilities, or pre-softmax scores and each row's log-sum-exp "
+    "(needs --codec float32 or float16).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--quiet", "-q", is_flag=True,
@@ -314,6 +322,7 @@ def extract(
     parse: str | None,
     scores_only: bool,
     attention: str,
+    values: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -347,6 +356,7 @@ def extract(
         scores_only=scores_only,
         attention=attention,
         progress=not quiet,
+        values=values,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

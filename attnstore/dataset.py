@@ -118,7 +118,7 @@ class AttentionDataset(Dataset[dict[str, Any]]):
         values = store.packed(doc_id, layer, head, decode=not self.raw)
         if self.raw and values.dtype == np.uint16:
             values = values.astype(np.int32)  # torch has no general uint16 arithmetic
-        matrix = values if self.packed else _unpack(values, n)
+        matrix = values if self.packed else _unpack(values, n, store.packing)
         tokens = store.token_ids(doc_id)
         item: dict[str, Any] = {
             "matrix": torch.from_numpy(np.ascontiguousarray(matrix)),
@@ -135,10 +135,10 @@ class AttentionDataset(Dataset[dict[str, Any]]):
         return item
 
 
-def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
-    from attnstore.packing import unpack_tril
+def _unpack(packed: np.ndarray, n: int, packing: str = "tril-rowmajor") -> np.ndarray:
+    from attnstore.packing import unpack
 
-    return unpack_tril(packed, n)
+    return unpack(packed, n, packing)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, Final
 import numpy as np
 
 from attnstore.errors import AttnStoreError
-from attnstore.packing import packed_length
+from attnstore.packing import packed_size
 from attnstore.scores import SCORE_COLUMNS
 from attnstore.store import Store
 
@@ -49,7 +49,7 @@ def _selection(store: Store, where: str | None) -> dict[str, np.ndarray]:
     cols = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     for c in SCORE_COLUMNS:
         cols[c] = cols[c].astype(np.float64)  # NULL → NaN
-    sizes = np.array([packed_length(int(n)) for n in cols["n_tokens"]], dtype=np.int64)
+    sizes = np.array([packed_size(int(n), store.packing) for n in cols["n_tokens"]], dtype=np.int64)
     cols["offset"] = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64) if len(sizes) else sizes
     docs, first = np.unique(cols["doc_id"], return_index=True)
     doc_len = cols["n_tokens"][first].astype(np.int64)
@@ -101,14 +101,14 @@ def export(
         "model": st.manifest["model"]["id"],
         "codec": json.dumps(st.codec.get_config()),
         "max_abs_error": st.codec.max_abs_error,
-        "packing": "tril-rowmajor",
+        "packing": st.packing,  # "full-rowmajor": an encoder's whole squares
     }
     docs = sorted(set(sel["doc_id"].tolist()))
     token_ids = np.concatenate([st.token_ids(d) for d in docs]).astype(np.int32)
     tokens = _token_text(st, docs)
     if len(tokens) != len(token_ids):  # pragma: no cover - tokens and token_ids are one read
         raise AttnStoreError("The tokens table disagrees with the token ids; run attnstore verify.")
-    total = int(sel["offset"][-1]) + packed_length(int(sel["n_tokens"][-1]))
+    total = int(sel["offset"][-1]) + packed_size(int(sel["n_tokens"][-1]), st.packing)
     items = zip(*(sel[c].tolist() for c in ("doc_id", "layer", "head", "offset")), strict=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if fmt == "hdf5":

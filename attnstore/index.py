@@ -84,6 +84,11 @@ HEADS: Final = pa.schema(
         pa.field("n_queries", pa.int32(), nullable=False),
         pa.field("n_duplicate", pa.int32(), nullable=False),
         pa.field("n_induction", pa.int32(), nullable=False),
+        # since format 2.1: bidirectional (encoder) scores, NULL for causal models
+        pa.field("next_token", pa.float64()),
+        pa.field("sep", pa.float64()),
+        # since format 2.1: mass of a learned sink logit (GPT-OSS), NULL for models without one
+        pa.field("learned_sink", pa.float64()),
     ]
 )
 

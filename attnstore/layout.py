@@ -47,7 +47,9 @@ FORMAT_NAME: Final = "attnstore"
 #: Major.minor. Readers accept any minor of their major; additive changes bump the minor.
 #: 1.1 added tokens.char_start/char_end and the words, syntax and syntax_baseline tables.
 #: 2.0 keeps each table as a Delta Lake table and nests segments (no commit records).
-FORMAT_VERSION: Final = "2.0"
+#: 2.1 added heads.next_token/sep/learned_sink and bidirectional (encoder) stores: manifest
+#: "attention": "bidirectional" with "packing": "full-rowmajor" (whole squares).
+FORMAT_VERSION: Final = "2.1"
 #: Majors this version reads; only :data:`FORMAT_VERSION`'s major is written.
 READ_MAJORS: Final = (1, 2)
 MANIFEST_NAME: Final = "attnstore.json"
@@ -58,12 +60,17 @@ WRITERS: Final = "writers"
 #: Batches per segment/part folder (``<kkkkk>`` above).
 FOLDER_FANOUT: Final = 1024
 PACKING: Final = "tril-rowmajor"
+#: packing of bidirectional (encoder) stores: whole squares, row after row (since 2.1)
+PACKING_FULL: Final = "full-rowmajor"
 
 #: Manifest entries that must agree before new documents may join an existing store.
-COMPAT_KEYS: Final = ("model", "tokenizer", "codec", "max_length", "layers", "heads", "matrices")
+COMPAT_KEYS: Final = (
+    "model", "tokenizer", "codec", "max_length", "layers", "heads", "matrices", "attention",
+    "values",
+)  # fmt: skip
 #: Of those, the ones that define how segments are laid out: they can never differ within one store
 #: (the manifest describes every segment), even with ``--allow-different``.
-LAYOUT_KEYS: Final = ("codec", "layers", "heads", "matrices")
+LAYOUT_KEYS: Final = ("codec", "layers", "heads", "matrices", "attention", "values")
 
 
 class ModelInfo(TypedDict):
@@ -101,11 +108,16 @@ class _ManifestRequired(TypedDict):
 class Manifest(_ManifestRequired, total=False):
     #: since 1.1; absent means True. False: a scores-only store (tables, no segments).
     matrices: bool
+    #: since 2.1; absent means "causal". "bidirectional": an encoder, packing "full-rowmajor".
+    attention: str
+    #: since 2.1; absent means "probs". "logits": pre-softmax scores + each row's log-sum-exp.
+    values: str
 
 
 def manifest_value(manifest: Manifest, key: str) -> Any:
     """A manifest entry with the defaults of keys added in later minor versions."""
-    return manifest.get(key, True if key == "matrices" else None)
+    defaults = {"matrices": True, "attention": "causal", "values": "probs"}
+    return manifest.get(key, defaults.get(key))
 
 
 def new_writer_id() -> str:

@@ -22,7 +22,7 @@ from attnstore.codecs import get_codec
 from attnstore.compact import maybe_compact
 from attnstore.corpus import DEFAULT_CORPUS, Document, parse_probe, read_corpus
 from attnstore.errors import AttnStoreError, CorpusError
-from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, Manifest
+from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, PACKING_FULL, Manifest
 from attnstore.store import (
     DEFAULT_APP_ID,
     Store,
@@ -155,6 +155,7 @@ def extract(
     attention: str = "auto",
     progress: bool | Callable[[int], None] = True,
     storage_options: dict[str, str] | None = None,
+    values: str = "probs",
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
@@ -166,6 +167,8 @@ def extract(
     ``attention="sdpa"`` takes layer outputs from the fused kernel and recomputes probabilities for
     capture (the default on CUDA), ``"eager"`` computes outputs from the captured probabilities
     (the default on CPU).
+    ``values="logits"`` stores the pre-softmax scores (with a float codec) and each row's
+    log-sum-exp instead of the probabilities (``Store.matrix(..., values="logits")``).
     ``shard="i/n"`` takes only documents with ``doc_id % n == i``: run n such processes (on
     one machine or many) into the same store and they share no file. ``shard="auto"`` reads
     i/n from torchrun or a Slurm array (:func:`attnstore.cluster.shard_from_environment`) and,
@@ -235,7 +238,7 @@ def extract(
         max_length = min(DEFAULT_MAX_LENGTH, loaded.max_positions or DEFAULT_MAX_LENGTH)
     extractor = Extractor(
         loaded, the_codec, max_length, layers, heads, parser=parse,
-        store_matrices=not scores_only, mode=attention,
+        store_matrices=not scores_only, mode=attention, values=values,
     )  # fmt: skip
     if doc_iter is None:
         doc_iter = iter(probe_documents(loaded, probe or parse_probe(corpus)))
@@ -354,11 +357,13 @@ def _manifest(
         "model": loaded.info,
         "tokenizer": loaded.tokenizer_info,
         "codec": extractor.codec.get_config(),
-        "packing": PACKING,
+        "packing": PACKING_FULL if loaded.bidirectional else PACKING,
         "max_length": extractor.max_length,
         "layers": extractor.layers,
         "heads": extractor.heads,
         "matrices": extractor.store_matrices,
+        "attention": "bidirectional" if loaded.bidirectional else "causal",
+        "values": extractor.values,
         "settings": {
             "attention_mode": extractor.mode,
             "parser": parse,
@@ -370,6 +375,8 @@ def _manifest(
             ),
             # the default model is 4-bit (GGUF Q4_1), de-quantised to run: not the released weights
             "model_quantization": quantization(loaded.info["id"]),
+            # rows sum to 1 − the mass of a learned sink logit (GPT-OSS; heads.learned_sink)
+            "learned_sinks": loaded.learned_sinks,
         },
     }
 

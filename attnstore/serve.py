@@ -391,6 +391,8 @@ class Viewer:
                     "name": src.name,
                     "model": m["model"]["id"],
                     "codec": m["codec"]["id"],
+                    # "bidirectional": an encoder's whole squares (the viewer draws every tile)
+                    "attention": "bidirectional" if src.store.bidirectional else "causal",
                     "layers": m["layers"],
                     "heads": m["heads"],
                     "docs": src.n_docs,

@@ -74,7 +74,7 @@ from attnstore.layout import (
     read_json,
     read_manifest,
 )
-from attnstore.packing import packed_length, unpack_tril
+from attnstore.packing import packed_size, row_index, unpack, unpack_logits
 from attnstore.storage import LocalStorage, Storage, is_url, open_storage
 
 if TYPE_CHECKING:
@@ -610,15 +610,64 @@ class Store:
             )
         return self._layer_pos[layer]
 
-    def packed(self, doc_id: int, layer: int, head: int, *, decode: bool = True) -> np.ndarray:
-        """One head's packed lower triangle: float32 probabilities, or raw codes with ``decode=False``."""
+    def packed(
+        self, doc_id: int, layer: int, head: int, *, decode: bool = True, values: str = "probs"
+    ) -> np.ndarray:
+        """One head's packed values (lower triangle; whole square in bidirectional stores):
+        float32 probabilities, or raw codes with ``decode=False``.
+
+        ``values="logits"`` (stores extracted with ``--values logits``): the pre-softmax scores
+        (masked entries −inf); the probabilities of such a store are ``exp(logit − lse)`` with
+        each row's stored log-sum-exp, exactly the model's (rows of models with learned sinks
+        keep their sum below 1). Raw codes (``decode=False``) of such a store hold the packed
+        logits followed by the ``T`` row LSEs.
+        """
         li = self._check_layer_head(layer, head)
         loc = self._location(int(doc_id))
         hi = self.manifest["heads"].index(head)
-        codes = self._array(loc.segment)[
-            li, hi, loc.offset : loc.offset + packed_length(loc.n_tokens)
-        ]
-        return self.codec.decode(codes) if decode else codes
+        size = packed_size(loc.n_tokens, self.packing)
+        extra = loc.n_tokens if self.values == "logits" else 0
+        codes: np.ndarray = self._array(loc.segment)[li, hi, loc.offset : loc.offset + size + extra]
+        if not decode:
+            return codes
+        return self._values(self.codec.decode(codes), loc.n_tokens, values)
+
+    @property
+    def values(self) -> str:
+        """What the matrices hold: ``"probs"``, or ``"logits"`` (``extract --values logits``)."""
+        return str(manifest_value(self.manifest, "values"))
+
+    def _values(self, decoded: np.ndarray, n: int, values: str) -> np.ndarray:
+        """Decoded codes ``[..., size (+ n)]`` → packed probabilities or logits ``[..., size]``."""
+        if values not in ("probs", "logits"):
+            raise ValueError(f"Expected values 'probs' or 'logits'. Got {values!r} instead.")
+        if self.values != "logits":
+            if values == "logits":
+                raise MatrixNotFoundError(
+                    "This store holds probabilities only: extract with --values logits (and a "
+                    "float codec) to keep the pre-softmax scores."
+                )
+            return decoded
+        size = packed_size(n, self.packing)
+        logits, lse = decoded[..., :size], decoded[..., size:]
+        if values == "logits":
+            return logits
+        rows = row_index(n, self.packing)
+        with np.errstate(under="ignore"):
+            probs: np.ndarray = np.exp(
+                logits.astype(np.float64) - lse[..., rows].astype(np.float64)
+            ).astype(np.float32)
+        return probs
+
+    @property
+    def packing(self) -> str:
+        """``"tril-rowmajor"`` (causal triangles) or ``"full-rowmajor"`` (encoders' squares)."""
+        return str(self.manifest.get("packing") or "tril-rowmajor")
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether the store holds an encoder's bidirectional attention (whole squares)."""
+        return bool(manifest_value(self.manifest, "attention") == "bidirectional")
 
     def _doc_tokens(self, doc_id: int, columns: list[str]) -> pa.Table:
         """``columns`` of one document's ``tokens`` rows in position order (a filtered read)."""
@@ -645,18 +694,27 @@ class Store:
         starts, ends = rows["char_start"].to_pylist(), rows["char_end"].to_pylist()
         return [None if a is None else (a, b) for a, b in zip(starts, ends, strict=True)]
 
-    def matrix(self, doc_id: int, layer: int, head: int) -> np.ndarray:
-        """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal."""
+    def matrix(self, doc_id: int, layer: int, head: int, values: str = "probs") -> np.ndarray:
+        """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal
+        (a whole square in bidirectional stores). ``values="logits"``: the pre-softmax scores of
+        a store extracted with ``--values logits``, −inf where masked or not stored."""
         n = self._location(int(doc_id)).n_tokens
-        return unpack_tril(self.packed(doc_id, layer, head), n)
+        packed = self.packed(doc_id, layer, head, values=values)
+        if values == "logits":
+            return unpack_logits(packed, n, self.packing)
+        return unpack(packed, n, self.packing)
 
-    def matrices(self, doc_id: int) -> np.ndarray:
-        """Every stored head of one document: float32 ``[layer, head, T, T]``."""
+    def matrices(self, doc_id: int, values: str = "probs") -> np.ndarray:
+        """Every stored head of one document: float32 ``[layer, head, T, T]`` (``values`` as in
+        :meth:`matrix`)."""
         loc = self._location(int(doc_id))
-        codes = self._array(loc.segment)[
-            :, :, loc.offset : loc.offset + packed_length(loc.n_tokens)
-        ]
-        return unpack_tril(self.codec.decode(codes), loc.n_tokens)
+        size = packed_size(loc.n_tokens, self.packing)
+        extra = loc.n_tokens if self.values == "logits" else 0
+        codes = self._array(loc.segment)[:, :, loc.offset : loc.offset + size + extra]
+        packed = self._values(self.codec.decode(codes), loc.n_tokens, values)
+        if values == "logits":
+            return unpack_logits(packed, loc.n_tokens, self.packing)
+        return unpack(packed, loc.n_tokens, self.packing)
 
     # -- SQL -----------------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
@@ -945,7 +1003,10 @@ class StoreWriter:
             fill_value=0,
             zarr_format=3,
             attributes={
-                "attnstore": {"packing": "tril-rowmajor", "codec": self.codec.get_config()}
+                "attnstore": {
+                    "packing": self.manifest.get("packing") or "tril-rowmajor",
+                    "codec": self.codec.get_config(),
+                }
             },
         )
         arr[...] = data

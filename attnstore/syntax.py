@@ -264,21 +264,25 @@ class Instances:
     group: np.ndarray  # [n_inst] int64
     word: np.ndarray  # [n_inst] int64
     targets: np.ndarray  # [n_inst, n_words] bool
+    #: encoders (schemas/syntax.md, "Encoders"): targets and predictions on either side of i
+    bidirectional: bool = False
 
 
-def instances(alignment: Alignment) -> Instances:
+def instances(alignment: Alignment, *, bidirectional: bool = False) -> Instances:
+    """Every instance of one document; ``bidirectional`` (encoders): heads and dependents on
+    either side of the word count, as in Clark et al. 2019."""
     words = alignment.words
     n = len(words)
     has_tokens = [f is not None for f in alignment.first_token]
     rows: list[tuple[tuple[str, str], int, set[int]]] = []
     for i, w in enumerate(words):
-        if i == 0 or not has_tokens[i]:
-            continue  # word 0, and words without tokens, make no prediction
-        if 0 <= w.head < i:
+        if (i == 0 and not bidirectional) or not has_tokens[i]:
+            continue  # word 0 (causal), and words without tokens, make no prediction
+        if 0 <= w.head < (n if bidirectional else i) and w.head != i:
             rows.append(((w.relation, "dep->head"), i, {w.head}))
         deps: dict[str, set[int]] = {}
-        for d in range(i):
-            if words[d].head == i:
+        for d in range(n if bidirectional else i):
+            if words[d].head == i and d != i:
                 deps.setdefault(words[d].relation, set()).add(d)
         rows.extend(((rel, "head->dep"), i, ds) for rel, ds in sorted(deps.items()))
     keys = sorted({k for k, _, _ in rows})
@@ -291,6 +295,7 @@ def instances(alignment: Alignment) -> Instances:
         group=np.array([key_index[k] for k, _, _ in rows], dtype=np.int64),
         word=np.array([i for _, i, _ in rows], dtype=np.int64),
         targets=targets,
+        bidirectional=bidirectional,
     )
 
 
@@ -299,9 +304,14 @@ def baseline_counts(inst: Instances) -> tuple[np.ndarray, np.ndarray]:
     g = len(inst.keys)
     n = np.bincount(inst.group, minlength=g)
     correct = np.zeros((g, len(OFFSETS)), dtype=np.int64)
+    n_words = inst.targets.shape[1]
+    rows = np.arange(len(inst.word))
     for j, k in enumerate(OFFSETS):
         at = inst.word - k
-        ok = (at >= 0) & inst.targets[np.arange(len(inst.word)), np.maximum(at, 0)]
+        ok = (at >= 0) & inst.targets[rows, np.maximum(at, 0)]
+        if inst.bidirectional:  # encoders: word i − k or word i + k (schemas/syntax.md)
+            after = inst.word + k
+            ok = ok | ((after < n_words) & inst.targets[rows, np.minimum(after, n_words - 1)])
         correct[:, j] = np.bincount(inst.group, weights=ok, minlength=g).astype(np.int64)
     return n, correct
 
@@ -326,14 +336,18 @@ def word_attention(probs: torch.Tensor, alignment: Alignment, q0: int = 0) -> to
 
 
 def counts_from_word_attention(w: torch.Tensor, inst: Instances) -> np.ndarray:
-    """Correct counts ``[head, group]`` of the argmax prediction (earlier words only, first max)."""
+    """Correct counts ``[head, group]`` of the argmax prediction (earlier words only, first max;
+    every other word for bidirectional instances)."""
     import torch
 
     heads, n_words = w.shape[0], w.shape[-1]
     if not len(inst.word):
         return np.zeros((heads, len(inst.keys)), dtype=np.int64)
-    earlier = torch.ones(n_words, n_words, dtype=torch.bool, device=w.device).tril(-1)
-    pred = w.masked_fill(~earlier, float("-inf")).argmax(-1).cpu().numpy()  # [head, word]
+    if inst.bidirectional:  # encoders: any other word
+        allowed = ~torch.eye(n_words, dtype=torch.bool, device=w.device)
+    else:
+        allowed = torch.ones(n_words, n_words, dtype=torch.bool, device=w.device).tril(-1)
+    pred = w.masked_fill(~allowed, float("-inf")).argmax(-1).cpu().numpy()  # [head, word]
     word = inst.word
     ok = inst.targets[np.arange(len(word))[None, :], pred[:, word]]  # [head, n_inst]
     out = np.zeros((heads, len(inst.keys)), dtype=np.int64)

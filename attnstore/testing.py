@@ -174,6 +174,17 @@ ARCHITECTURES: Final[tuple[Architecture, ...]] = (
                   "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len"}),
     Architecture("SmolLM3", "smollm3", "NoPE on every second layer, GQA",
                  {"num_key_value_heads": 2, "no_rope_layer_interval": 2}),
+    Architecture("GPT-OSS", "gpt_oss",
+                 "learned sink logits (rows sum below 1), sliding window 4 on layer 0, GQA",
+                 {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 4,
+                  "layer_types": ["sliding_attention", "full_attention"],
+                  "num_local_experts": 2, "num_experts_per_tok": 1}),
+    Architecture("DeepSeek-V3", "deepseek_v3",
+                 "multi-head latent attention (query/key head 16, value head 8)",
+                 {"num_key_value_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 8,
+                  "qk_rope_head_dim": 4, "qk_nope_head_dim": 12, "v_head_dim": 8,
+                  "n_routed_experts": 2, "num_experts_per_tok": 1, "first_k_dense_replace": 1,
+                  "n_group": 1, "topk_group": 1, "moe_intermediate_size": 16}),
 )  # fmt: skip
 
 #: the documents of one padded batch: three different lengths

@@ -41,7 +41,7 @@ from attnstore.layout import (
     WRITERS,
     parse_format_version,
 )
-from attnstore.packing import packed_length
+from attnstore.packing import packed_size, row_index
 
 if TYPE_CHECKING:
     from attnstore.storage import Storage
@@ -382,7 +382,14 @@ def _check_segment(
         report.error(where, f"cannot open the Zarr array: {err}")
         return
     expected_shape = (len(manifest["layers"]), len(manifest["heads"]))
-    end = max(d["offset"] + packed_length(d["n_tokens"]) for d in stored)
+    packing = manifest.get("packing") or "tril-rowmajor"
+    sinks = bool(manifest.get("settings", {}).get("learned_sinks"))
+    logits = manifest.get("values") == "logits"  # packed logits, then T row LSEs (2.1)
+
+    def stored_size(n: int) -> int:
+        return packed_size(n, packing) + (n if logits else 0)
+
+    end = max(d["offset"] + stored_size(d["n_tokens"]) for d in stored)
     if tuple(arr.shape[:2]) != expected_shape or arr.shape[2] < end:
         report.error(where, f"shape {arr.shape}, expected {expected_shape} × ≥{end}")
         return
@@ -398,7 +405,14 @@ def _check_segment(
         return
     for d in stored:
         n = d["n_tokens"]
-        probs = codec.decode(data[:, :, d["offset"] : d["offset"] + packed_length(n)])
+        probs = codec.decode(data[:, :, d["offset"] : d["offset"] + stored_size(n)])
+        if logits:  # probabilities = exp(logit − the row's log-sum-exp)
+            size = packed_size(n, packing)
+            with np.errstate(under="ignore", invalid="ignore"):
+                probs = np.exp(
+                    probs[..., :size].astype(np.float64)
+                    - probs[..., size:][..., row_index(n, packing)].astype(np.float64)
+                )
         report.matrices_checked += probs.shape[0] * probs.shape[1]
         loc = f"{where}:doc_id={d['doc_id']}"
         if not np.isfinite(probs).all():
@@ -406,11 +420,17 @@ def _check_segment(
             continue
         if probs.min() < 0 or probs.max() > 1 + codec.max_abs_error:
             report.error(loc, f"values outside [0, 1]: {probs.min():.3g} … {probs.max():.3g}")
-        # row q of the packed triangle: [q (q + 1) / 2, (q + 1) (q + 2) / 2)
-        starts = np.arange(n) * (np.arange(n) + 1) // 2
-        sums = np.add.reduceat(probs.astype(np.float64), starts, axis=-1)
-        tolerance = (np.arange(n) + 1) * codec.max_abs_error + 1e-5
-        bad = np.abs(sums - 1.0) > tolerance
+        if packing == "full-rowmajor":  # an encoder's square: row q at [q n, (q + 1) n)
+            starts = np.arange(n) * n
+            tolerance = n * codec.max_abs_error + 1e-5 + np.zeros(n)
+        else:  # row q of the packed triangle: [q (q + 1) / 2, (q + 1) (q + 2) / 2)
+            starts = np.arange(n) * (np.arange(n) + 1) // 2
+            tolerance = (np.arange(n) + 1) * codec.max_abs_error + 1e-5
+        sums = np.add.reduceat(probs.astype(np.float64), starts, axis=-1) if n else probs
+        if sinks:  # a learned sink logit takes part of each row's mass (heads.learned_sink)
+            bad = sums - 1.0 > tolerance
+        else:
+            bad = np.abs(sums - 1.0) > tolerance
         if bad.any():
             layer_i, head_i, q = (int(x[0]) for x in np.nonzero(bad))
             report.error(

@@ -82,11 +82,16 @@ def test_written_documents_validate(root: str, llama_store: Path) -> None:
     for table in tables:
         dt = DeltaTable(str(path / "tables" / table))
         written = pa.schema(dt.schema().to_arrow())
-        assert written.names == index.SCHEMAS[table].names
+        current = index.SCHEMAS[table]
+        # an older minor of this major: today's columns minus later additions, in order
+        assert written.names == current.names[: len(written.names)]
+        if manifest["format_version"] == layout.FORMAT_VERSION:
+            assert written.names == current.names
         for field in written:
-            assert field.nullable == index.SCHEMAS[table].field(field.name).nullable, field.name
+            assert field.nullable == current.field(field.name).nullable, field.name
         for f in dt.file_uris():  # every part has exactly the table's columns and types
-            assert pq.read_schema(f).remove_metadata() == index.SCHEMAS[table], f
+            part = pq.read_schema(f).remove_metadata()
+            assert part == pa.schema([current.field(n) for n in written.names]), f
 
 
 def test_spec_states_the_code_defaults() -> None:

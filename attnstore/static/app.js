@@ -384,7 +384,9 @@ class Heatmap {
     this.data = new Float32Array(this.side * this.side);
     const jobs = [];
     for (let ty = 0; ty < nt; ty++) {
-      for (let tx = 0; tx <= ty; tx++) { // tiles above the diagonal are all zero (causal)
+      // tiles above the diagonal are all zero (causal); an encoder's (bidirectional) are not
+      const full = META.stores[Number(this.store) || 0]?.attention === "bidirectional";
+      for (let tx = 0; tx <= (full ? nt - 1 : ty); tx++) {
         jobs.push(tile({ store: this.store, doc: this.doc, layer: this.layer, head: this.head, pool: this.pool, ty, tx })
           .then((t) => {
             for (let i = 0; i < t.rows; i++) this.data.set(t.data.subarray(i * t.cols, (i + 1) * t.cols), (ty * T + i) * this.side + tx * T);
@@ -494,7 +496,7 @@ async function docPage(params, token) {
     const p = hm.pool;
     hover.dataset.q = cell.q; hover.dataset.k = cell.k; hover.dataset.value = String(v); hover.dataset.pool = p;
     hover.textContent = p === 1
-      ? `query ${cell.q} "${tokenText(doc.tokens, cell.q)}" → key ${cell.k} "${tokenText(doc.tokens, cell.k)}": ${cell.k > cell.q ? "masked (causal)" : v.toPrecision(6)}`
+      ? `query ${cell.q} "${tokenText(doc.tokens, cell.q)}" → key ${cell.k} "${tokenText(doc.tokens, cell.k)}": ${cell.k > cell.q && META.stores[Number(hm.store) || 0]?.attention !== "bidirectional" ? "masked (causal)" : v.toPrecision(6)}`
       : `queries ${cell.q}…${Math.min(cell.q + p, doc.n_tokens) - 1} → keys ${cell.k}…${Math.min(cell.k + p, doc.n_tokens) - 1}: max ${v.toPrecision(6)} over this ${p}×${p} block`;
     focused = toks[cell.q];
     if (focused) focused.classList.add("focus");
