@@ -49,6 +49,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from attnstore import index
+from attnstore.analyses import tables as plugin_tables
 from attnstore.codecs import Codec, get_codec
 from attnstore.errors import (
     IncompatibleStoreError,
@@ -131,8 +132,9 @@ class Segment:
     heads: dict[str, Any]
     #: per stored document, in ``docs`` order of non-skipped rows: ``[layer, head, packed]`` codes
     codes: list[np.ndarray] = field(default_factory=list)
-    #: further tables (``words``, ``syntax``, ``syntax_baseline``) by name
-    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: further tables by name: built-in ones (``words``, ``syntax``, …) as columns or tables, and
+    #: the tables of analyses (pyarrow Tables; plug-in tables registered with the writer first)
+    extra: dict[str, Any] = field(default_factory=dict)
     #: provenance of ``extra`` (e.g. the parser), recorded with the flush
     annotation: dict[str, Any] = field(default_factory=dict)
 
@@ -333,7 +335,7 @@ def _ensure_table(storage: Storage, name: str) -> DeltaTable:
     with contextlib.suppress(Exception):  # another writer created it first: open below
         DeltaTable.create(
             storage.table_uri(table_path(name)),
-            schema=index.SCHEMAS[name],
+            schema=plugin_tables.schemas(storage)[name],
             mode="ignore",
             name=name,
             storage_options=storage.storage_options,
@@ -424,6 +426,10 @@ class Store:
     def refresh(self) -> None:
         """Take a new snapshot (to see batches committed since opening)."""
         self._datasets: dict[str, pads.Dataset] = {}
+        #: every table of this store: the built-in ones, then plug-in tables (analyses)
+        self.schemas: dict[str, pa.Schema] = plugin_tables.schemas(
+            None if self.read_only else self.storage
+        )
         self._locations: OrderedDict[int, _Location | str | None] = OrderedDict()
         if self.read_only:
             folder = Path(self.storage.root) / COMMITS
@@ -439,7 +445,7 @@ class Store:
             }
             self._hidden: dict[str, set[int]] = {}
             return
-        tables, self._hidden = _snapshot(self.storage)
+        tables, self._hidden = _snapshot(self.storage, names=tuple(self.schemas))
         self._versions = {name: dt.version() for name, dt in tables.items()}
         # The snapshot as plain data: reads below never call delta-rs again, so a Store works in
         # forked DataLoader workers (delta-rs' runtime does not survive a fork).
@@ -477,8 +483,8 @@ class Store:
 
     def files(self, table: str) -> list[Path]:
         """The Parquet files the current snapshot of ``table`` reads."""
-        if table not in index.SCHEMAS:
-            raise ValueError(f"Expected a table in {list(index.TABLES)}. Got {table!r} instead.")
+        if table not in self.schemas:
+            raise ValueError(f"Expected a table in {list(self.schemas)}. Got {table!r} instead.")
         return [Path(f.path) for f in self._files.get(table, [])]
 
     def dataset(self, name: str) -> pads.Dataset:
@@ -487,8 +493,8 @@ class Store:
         Filters and projections passed to it (or pushed down by DuckDB) skip whole files by the
         ``doc_id`` statistics in the Delta log and row groups by the Parquet statistics.
         """
-        if name not in index.SCHEMAS:
-            raise ValueError(f"Expected a table in {list(index.TABLES)}. Got {name!r} instead.")
+        if name not in self.schemas:
+            raise ValueError(f"Expected a table in {list(self.schemas)}. Got {name!r} instead.")
         ds = self._datasets.get(name)
         if ds is None:
             ds = self._make_dataset(name)
@@ -496,10 +502,10 @@ class Store:
         return ds
 
     def _make_dataset(self, name: str) -> pads.Dataset:
-        schema = index.SCHEMAS[name]
+        schema = self.schemas[name]
         files = self._files.get(name, [])
         if not files:
-            return pads.dataset(index.empty_table(name))
+            return pads.dataset(schema.empty_table())
         fmt = pads.ParquetFileFormat()
         doc_id = pc.field("doc_id")
         fragments = [
@@ -701,7 +707,7 @@ class Store:
 
 
 def _snapshot(
-    storage: Storage, attempts: int = 20
+    storage: Storage, attempts: int = 20, names: Sequence[str] = index.TABLES
 ) -> tuple[dict[str, DeltaTable], dict[str, set[int]]]:
     """Consistent table snapshots: ``docs`` first, then the others, plus the doc_ids to hide.
 
@@ -716,7 +722,7 @@ def _snapshot(
         docs = open_table(storage, "docs")
         if docs is not None:
             tables["docs"] = docs
-        for name in index.TABLES:
+        for name in names:
             if name != "docs" and (dt := open_table(storage, name)) is not None:
                 tables[name] = dt
         apps = [n.removesuffix(".json") for n in storage.list(WRITERS) if n.endswith(".json")]
@@ -826,6 +832,7 @@ class StoreWriter:
         self.flushes = 0
         self.closed = False
         self._tables: dict[str, DeltaTable] = {}  # opened once, updated before each commit
+        self._plugin_specs = plugin_tables.registered(self.storage)
         # Leftovers of crashed writers (unreferenced segments and parts, '.tmp-' files) are ignored
         # by every reader and reported by `attnstore verify`; `attnstore compact` removes old ones.
 
@@ -860,6 +867,13 @@ class StoreWriter:
         return f"{self.writer_id}/{n // FOLDER_FANOUT:05d}/{n:09d}"
 
     # -- public ------------------------------------------------------------------------------
+    def register(self, specs: Iterable[plugin_tables.TableSpec]) -> None:
+        """Record plug-in tables in the store before a batch with their rows is committed
+        (:func:`attnstore.analyses.tables.register`: a name taken with another schema is refused)."""
+        specs = list(specs)
+        plugin_tables.register(self.storage, specs)
+        self._plugin_specs.update({s.name: s for s in specs})
+
     def commit(self, segment: Segment) -> None:
         """Add one batch; it becomes visible at the next flush (at once with ``commit_every=1``)."""
         if self.closed:
@@ -908,6 +922,23 @@ class StoreWriter:
             f"{getattr(err, 'strerror', None) or err}. Nothing of them was committed and earlier commits are "
             "intact; fix the cause and rerun the same command to resume."
         ) from err
+
+    def _table(self, name: str, parts: list[Any]) -> pa.Table:
+        """One table's rows of the flushed batches: built-in columns, or analyses' tables."""
+        if not any(isinstance(p, pa.Table) for p in parts):
+            return index.table_from_columns(name, _concat_columns(parts))
+        spec = self._plugin_specs.get(name)
+        if spec is None and name in index.SCHEMAS:
+            spec = plugin_tables.TableSpec(name, index.SCHEMAS[name], index.SORT_KEYS[name], "")
+            parts = [
+                p if isinstance(p, pa.Table) else index.table_from_columns(name, p) for p in parts
+            ]
+        if spec is None:
+            raise StoreWriteError(
+                f"Table {name!r} is neither built-in nor registered with this writer "
+                "(StoreWriter.register)."
+            )
+        return plugin_tables.build_table(spec, parts)
 
     def _write_segment(self) -> None:
         """Write the matrices of the batches not yet in a segment as one Zarr array."""
@@ -968,7 +999,7 @@ class StoreWriter:
         adds: dict[str, list[dict[str, Any]]] = {}
         doc_ids: set[int] = set()
         for name, column_sets in to_write.items():
-            table = index.table_from_columns(name, _concat_columns(column_sets))
+            table = self._table(name, column_sets)
             if table.num_rows == 0 and name != "docs":
                 continue
             doc_ids.update(table["doc_id"].to_pylist())
@@ -1049,8 +1080,8 @@ def _concat_columns(column_sets: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def delta_tables(storage: Storage) -> Iterable[tuple[str, DeltaTable]]:
-    """Every existing Delta table of a format-2 store."""
-    for name in index.TABLES:
+    """Every existing Delta table of a format-2 store (built-in and plug-in tables)."""
+    for name in plugin_tables.schemas(storage):
         dt = open_table(storage, name)
         if dt is not None:
             yield name, dt

@@ -51,6 +51,9 @@ class Batch:
     documents: Sequence[Any] = ()
     #: free-form facts about the run (model id, codec, ...)
     info: Mapping[str, Any] = field(default_factory=dict)
+    #: documents of this batch that are skipped (``(document, why)``; no rows, no matrices): their
+    #: ``doc_id`` rows may also appear in a table (the span probes list their items)
+    skipped: Sequence[Any] = ()
 
 
 @runtime_checkable
