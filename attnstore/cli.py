@@ -270,6 +270,14 @@ def _int_list(value: str | None) -> list[int] | None:
     "--scores-only", is_flag=True, help="Write tokens and head scores but no matrices (a census)."
 )
 @click.option(
+    "--analysis",
+    "analyses",
+    multiple=True,
+    metavar="NAME",
+    help="Also run this analysis (registered under the attnstore.analyses entry point group) "
+    "over the exact attention; its rows land in a table of its name. Repeatable.",
+)
+@click.option(
     "--attention",
     type=click.Choice(["auto", "eager", "sdpa"]),
     default="auto",
@@ -295,6 +303,7 @@ def extract(
     shard: str | None,
     parse: str | None,
     scores_only: bool,
+    analyses: tuple[str, ...],
     attention: str,
     as_json: bool,
     quiet: bool,
@@ -329,6 +338,7 @@ def extract(
         scores_only=scores_only,
         attention=attention,
         progress=not quiet,
+        analyses=analyses,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -34,6 +34,7 @@ from attnstore.store import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from attnstore.abc.analysis import Analysis
     from attnstore.capture import Extractor, LoadedModel, Tokenized
     from attnstore.store import Segment
 
@@ -155,6 +156,7 @@ def extract(
     attention: str = "auto",
     progress: bool | Callable[[int], None] = True,
     storage_options: dict[str, str] | None = None,
+    analyses: Sequence[str | Analysis] = (),
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
@@ -174,6 +176,11 @@ def extract(
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
     ``out`` may be a URL (``s3://bucket/prefix/name.attn``, ``gs://``, ``az://``); credentials and
     endpoint come from the ``AWS_*`` variables and ``storage_options``.
+    ``analyses`` (instances, or names registered under the ``attnstore.analyses`` entry point
+    group) run beside the default ones over the exact attention of every batch; each one's rows
+    land in a table of its name, committed with the batch (``schemas/analyses.md``). One that
+    clashes by name, raises or returns rows off its schema stops the run with
+    :class:`~attnstore.errors.AnalysisError`, and nothing of that batch is committed.
 
     Examples
     --------
@@ -195,6 +202,12 @@ def extract(
     if limit is not None and limit < 0:
         raise AttnStoreError(f"--limit must be ≥ 0. Got {limit}.")
     the_codec = get_codec(codec)
+    # analyses are loaded and checked (names, clashes, schemas) before the model load
+    from attnstore.analyses.registry import resolve
+    from attnstore.analyses.runner import AnalysisRunner
+
+    chosen = resolve(analyses)
+    AnalysisRunner(chosen)
     # a bad --shard (or launcher environment) fails before the model load
     shard_ix = None if shard is None else _parse_shard(shard)
     if shard == "auto" and device is None:
@@ -229,7 +242,7 @@ def extract(
         max_length = min(DEFAULT_MAX_LENGTH, loaded.max_positions or DEFAULT_MAX_LENGTH)
     extractor = Extractor(
         loaded, the_codec, max_length, layers, heads, parser=parse,
-        store_matrices=not scores_only, mode=attention,
+        store_matrices=not scores_only, mode=attention, analyses=chosen,
     )  # fmt: skip
     if doc_iter is None:
         doc_iter = iter(probe_documents(loaded, probe or parse_probe(corpus)))
@@ -250,6 +263,7 @@ def extract(
         commit_seconds=commit_seconds,
         app_id=DEFAULT_APP_ID if shard_ix is None else app_id_for_shard(*shard_ix),
     )  # fmt: skip
+    writer.register(extractor.runner.plugin_specs)  # before the first batch with their rows
     done = Store(out).doc_ids()
     report = ExtractReport(path=str(out))
     bar = _progress(progress)

@@ -62,6 +62,8 @@ class AnalysisRunner:
         self.tables: dict[str, TableSpec] = {}
         self._owner: dict[str, str] = {}
         self.plugin_specs: list[TableSpec] = []
+        #: the built-in tables among ``tables`` (owned by a built-in analysis)
+        self.builtin: set[str] = set()
         for a in analyses:
             who = label(a)
             if getattr(a, "inline", False):  # computed by extraction itself (pattern scores)
@@ -83,6 +85,7 @@ class AnalysisRunner:
                     )
                 if table in owned:
                     spec = TableSpec(table, index.SCHEMAS[table], index.SORT_KEYS[table], who)
+                    self.builtin.add(table)
                 else:
                     spec = spec_for(who, table, schema)
                     self.plugin_specs.append(spec)

@@ -33,6 +33,7 @@ __all__ = [
     "TYPES",
     "TableSpec",
     "build_table",
+    "builtin_tables",
     "check_name",
     "register",
     "registered",
@@ -178,3 +179,13 @@ def build_table(spec: TableSpec, parts: list[pa.Table]) -> pa.Table:
     if table.num_rows:
         table = table.sort_by([(k, "ascending") for k in spec.sorted_by])
     return table.combine_chunks()
+
+
+def builtin_tables(
+    columns: Mapping[str, dict[str, Any]], names: Iterable[str]
+) -> dict[str, pa.Table]:
+    """Built-in tables ``names`` from column dicts (an absent or empty one: no rows)."""
+    return {
+        n: index.table_from_columns(n, columns[n]) if columns.get(n) else index.empty_table(n)
+        for n in names
+    }
