@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 import attnstore
-from attnstore.abc.analysis import ENTRY_POINT_GROUP
+from attnstore.abc.analysis import ENTRY_POINT_GROUP, Analysis
 from attnstore.errors import AnalysisError
 from attnstore.verify import verify_store
 from tests.helpers import extract_command
@@ -151,11 +151,18 @@ def check_values(path: str | Path, **kwargs: object) -> int:
 
 
 def test_builtin_families_are_registered_under_the_group() -> None:
-    from attnstore.analyses import available
+    """pyproject registers the built-ins under the group (what `entry_points` lists once
+    installed), the same classes the code knows before a reinstall."""
+    import tomllib
 
-    names = set(available())
-    assert {"patterns", "syntax", "probes"} <= names
-    assert {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} >= set()  # metadata may lag
+    from attnstore.analyses import BUILTIN, available, load
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert pyproject["project"]["entry-points"][ENTRY_POINT_GROUP] == BUILTIN
+    assert set(BUILTIN) <= set(available())
+    for name in ("patterns", "syntax", "probes"):
+        analysis = load(name)
+        assert isinstance(analysis, Analysis)
 
 
 def test_third_party_analysis_through_cli_and_api(
@@ -213,7 +220,7 @@ def test_analysis_that_raises_is_refused_and_its_batch_not_committed(
     # the CLI says so in one line naming the analysis
     cmd = extract_command(tmp_path / "boom2.attn", llama_dir, corpus, *CLI_ARGS, "--analysis",
                           "boom")  # fmt: skip
-    done = subprocess.run(cmd, env=_env(installed), capture_output=True, text=True)
+    done = subprocess.run(cmd, check=False, env=_env(installed), capture_output=True, text=True)
     assert done.returncode != 0
     assert "Analysis 'boom' raised in rows()" in done.stderr
     assert "Traceback" not in done.stderr
@@ -268,8 +275,8 @@ def test_plugin_table_survives_compact_verify_and_crash(
     out = tmp_path / "crash.attn"
     cmd = extract_command(out, llama_dir, corpus, *CLI_ARGS, "--analysis", "mystat")
     env = _env(installed, ATTNSTORE_COMMIT_EVERY="1", ATTNSTORE_CRASH_AT="commit:mystat:2")
-    killed = subprocess.run(cmd, env=env, capture_output=True)
-    assert killed.returncode != 0  # SIGKILL after mystat's 2nd commit, before its docs commit
+    killed = subprocess.run(cmd, check=False, env=env, capture_output=True)
+    assert killed.returncode == -9  # SIGKILL after mystat's 2nd commit, before its docs commit
     store = attnstore.open(str(out))
     visible = store.doc_ids()
     seen = set(store.sql("SELECT DISTINCT doc_id FROM mystat").column(0).to_pylist())
