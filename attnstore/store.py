@@ -765,7 +765,8 @@ class StoreWriter:
     Parameters
     ----------
     path
-        Store folder. Created with ``manifest`` if missing or empty; if it already holds a store,
+        Store folder or URL, or an opened :class:`~attnstore.storage.Storage` (a
+        :attr:`Store.storage`, with its options). Created with ``manifest`` if missing or empty; if it already holds a store,
         its manifest must agree with ``manifest`` on :data:`~attnstore.layout.COMPAT_KEYS`
         unless ``allow_different`` is set.
     app_id
@@ -779,7 +780,7 @@ class StoreWriter:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Storage,
         manifest: Manifest,
         *,
         allow_different: bool = False,
@@ -788,7 +789,11 @@ class StoreWriter:
         commit_seconds: float | None = None,
         storage_options: dict[str, str] | None = None,
     ) -> None:
-        self.storage: Storage = open_storage(path, storage_options)
+        if isinstance(path, (str, os.PathLike)):
+            self.storage: Storage = open_storage(path, storage_options)
+        else:  # an opened storage (a Store's): its options come with it
+            self.storage = path
+            path = path.root
         self.path: Path | str = self.storage.root if is_url(path) else Path(path)
         if not _APP_ID.match(app_id):
             raise ValueError(

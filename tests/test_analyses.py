@@ -205,6 +205,23 @@ def test_third_party_analysis_through_cli_and_api(
         assert attnstore.open(str(api)).sql(sql) == attnstore.open(str(plain)).sql(sql)
 
 
+def test_analyze_runs_an_analysis_over_stored_matrices(
+    installed: Path, llama_dir: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """`attnstore analyze` adds a plug-in table to a store extracted without it (resumably)."""
+    out = tmp_path / "later.attn"
+    attnstore.extract(str(out), model=str(llama_dir), corpus=str(corpus), **ARGS)
+    cmd = [sys.executable, "-m", "attnstore", "analyze", str(out), "--analysis", "mystat",
+           "--json", "--batch", "2"]  # fmt: skip
+    first = subprocess.run(cmd, check=True, env=_env(installed), capture_output=True, text=True)
+    assert '"commits": ' in first.stdout
+    n = check_values(out)
+    again = subprocess.run(cmd, check=True, env=_env(installed), capture_output=True, text=True)
+    assert '"documents": 0' in again.stdout  # nothing left to do
+    assert check_values(out) == n
+    assert verify_store(str(out)).ok
+
+
 def test_analysis_that_raises_is_refused_and_its_batch_not_committed(
     installed: Path, llama_dir: Path, corpus: Path, tmp_path: Path
 ) -> None:

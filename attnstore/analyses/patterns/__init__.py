@@ -27,8 +27,8 @@ __all__ = ["Patterns"]
 class Patterns:
     """The ``heads`` table of pattern scores, computed inline by extraction."""
 
-    name: ClassVar[str] = "heads"
-    schema: ClassVar[pa.Schema] = index.HEADS
+    name: str = "heads"
+    schema: pa.Schema = index.HEADS
     #: computed by the extraction itself (see the module docstring): the runner skips it
     inline: ClassVar[bool] = True
 

@@ -30,8 +30,8 @@ class Probes:
     """Scores the probe items of a batch's documents (``Batch.documents[i].probe_items``); items
     of skipped documents are listed with ``skipped`` set."""
 
-    name: ClassVar[str] = "probes"
-    schema: ClassVar[pa.Schema] = index.PROBES
+    name: str = "probes"
+    schema: pa.Schema = index.PROBES
     extra_schemas: ClassVar[dict[str, pa.Schema]] = {"probe_scores": index.PROBE_SCORES}
 
     def applies(self, batch: Batch) -> bool:

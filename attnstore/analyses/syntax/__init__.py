@@ -29,8 +29,8 @@ class Syntax:
     """Scores syntactic heads of the documents of a batch that carry an aligned parse
     (``Batch.documents[i].alignment``)."""
 
-    name: ClassVar[str] = "syntax"
-    schema: ClassVar[pa.Schema] = index.SYNTAX
+    name: str = "syntax"
+    schema: pa.Schema = index.SYNTAX
     extra_schemas: ClassVar[dict[str, pa.Schema]] = {
         "words": index.WORDS,
         "syntax_baseline": index.SYNTAX_BASELINE,
