@@ -332,3 +332,22 @@ def test_plugin_table_on_object_storage(
     assert check_values(url) == n
     report = verify_store(url)
     assert report.ok, report.problems
+
+
+def test_registration_files_validate(
+    installed: Path, llama_dir: Path, corpus: Path, tmp_path: Path
+) -> None:
+    import json
+
+    import jsonschema
+
+    schema = json.loads(
+        (Path(__file__).parent.parent / "schemas" / "analysis-table.schema.json").read_text()
+    )
+    out = tmp_path / "reg.attn"
+    attnstore.extract(str(out), model=str(llama_dir), corpus=str(corpus), limit=2,
+                      analyses=["mystat"], **ARGS)  # fmt: skip
+    doc = json.loads((out / "analyses" / "mystat.json").read_text())
+    jsonschema.validate(doc, schema)
+    assert doc["sorted_by"] == ["doc_id", "layer", "head"]
+    assert [c["name"] for c in doc["columns"]] == ["doc_id", "layer", "head", "first_mass"]
