@@ -400,9 +400,16 @@ class Store:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, storage_options: dict[str, str] | None = None
+        self,
+        path: str | os.PathLike[str] | Storage,
+        *,
+        storage_options: dict[str, str] | None = None,
     ) -> None:
-        self.storage: Storage = open_storage(path, storage_options)
+        if isinstance(path, (str, os.PathLike)):
+            self.storage: Storage = open_storage(path, storage_options)
+        else:  # an opened storage, with its options
+            self.storage = path
+            path = path.root
         #: the folder, or the URL of a store on object storage
         self.path: Path | str = self.storage.root if is_url(path) else Path(path)
         self.manifest: Manifest = read_store_manifest(self.storage)
