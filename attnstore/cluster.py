@@ -241,6 +241,7 @@ def extract_ray(
     scores_only: bool = False,
     attention: str = "auto",
     allow_different: bool = False,
+    analyses: Sequence[str] = (),
 ) -> ExtractReport:
     """Extract attention with a pool of Ray actors into one store at ``out``.
 
@@ -250,7 +251,8 @@ def extract_ray(
     GPU each when ``num_gpus`` is 1; the default is 1 when the cluster has GPUs, else 0), take
     ``batch_rows`` documents per call, run them ``batch_size`` per forward pass, commit them
     through their own :class:`~attnstore.store.StoreWriter` and return one small row per document
-    (never a matrix). ``out`` must be a path every actor can reach. Calling it again resumes:
+    (never a matrix). ``analyses`` (registered names, ``schemas/analyses.md``) run in every actor
+    beside the default ones. ``out`` must be a path every actor can reach. Calling it again resumes:
     committed documents are skipped. Ray must be initialised (``ray.init()``) by the caller.
 
     Examples
@@ -276,6 +278,10 @@ def extract_ray(
         if value < 1:
             raise AttnStoreError(f"{name} must be ≥ 1. Got {value}.")
     get_codec(codec)  # an unknown codec fails here, not in every actor
+    from attnstore.analyses.registry import resolve
+    from attnstore.analyses.runner import AnalysisRunner
+
+    AnalysisRunner(resolve(analyses))  # so does an unknown or clashing analysis
     if not ray.is_initialized():
         raise AttnStoreError("Ray is not initialised: call ray.init() (or ray.init(address=...)).")
     corpus = "ray dataset"
@@ -306,7 +312,7 @@ def extract_ray(
     config = ExtractConfig.of(
         corpus=corpus, text_field=text_field, batch_size=batch_size, dtype=dtype, codec=codec,
         max_length=max_length, layers=layers, heads=heads, scores_only=scores_only,
-        attention=attention, allow_different=allow_different,
+        attention=attention, allow_different=allow_different, analyses=analyses,
     )  # fmt: skip
     created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     rows_out = data.select_columns(["doc_id", text_field]).map_batches(
