@@ -351,3 +351,76 @@ def test_registration_files_validate(
     jsonschema.validate(doc, schema)
     assert doc["sorted_by"] == ["doc_id", "layer", "head"]
     assert [c["name"] for c in doc["columns"]] == ["doc_id", "layer", "head", "first_mass"]
+
+
+class Recorder:
+    """Records what the protocol delivers (blocks, shapes, zeros) and checks it in end()."""
+
+    name = "recorder"
+    schema = pa.schema([pa.field("doc_id", pa.int64(), nullable=False),
+                        pa.field("layer", pa.int32()), pa.field("blocks", pa.int32())])  # fmt: skip
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, object]] = []
+
+    def begin(self, batch: object) -> None:
+        self.batch = batch
+        self.seen: dict[int, list[tuple[int, int]]] = {}
+
+    def rows(self, layer: int, q0: int, probs: object) -> None:
+        import torch
+
+        assert isinstance(probs, torch.Tensor)
+        b = self.batch
+        n, h, q, k = probs.shape
+        assert probs.dtype == torch.float32
+        assert (n, h) == (len(b.doc_ids), len(b.heads))  # type: ignore[attr-defined]
+        assert k >= q0 + q
+        self.seen.setdefault(layer, []).append((q0, q))
+        lengths = b.lengths.tolist()  # type: ignore[attr-defined]
+        for i, length in enumerate(lengths):
+            for r in range(q):
+                row = probs[i, :, r]
+                if q0 + r >= length:
+                    assert not row.any()  # past the document's end
+                    continue
+                assert not row[:, q0 + r + 1 :].any()  # above the diagonal
+                torch.testing.assert_close(row.sum(-1), torch.ones(h), atol=1e-4, rtol=0)
+
+    def end(self) -> pa.Table:
+        t = int(self.batch.token_ids.shape[1])  # type: ignore[attr-defined]
+        layers = list(self.batch.layers)  # type: ignore[attr-defined]
+        assert sorted(self.seen) == layers
+        rows = []
+        for layer, blocks in self.seen.items():
+            starts = [q0 for q0, _ in blocks]
+            assert starts == sorted(starts)
+            covered = [q0 + r for q0, q in blocks for r in range(q)]
+            assert covered == list(range(t))  # every row exactly once, in order
+            rows += [
+                {"doc_id": doc_id, "layer": layer, "blocks": len(blocks)}
+                for doc_id in self.batch.doc_ids  # type: ignore[attr-defined]
+            ]
+        self.batches.append({"blocks": max(len(b) for b in self.seen.values())})
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 28])
+def test_blocks_follow_the_protocol(llama_dir: Path, corpus: Path, chunk_bytes: int) -> None:
+    """Exact rows in blocks of increasing q0 covering every row once; zeros past a document's end
+    and above the diagonal; one block per layer or one row per block."""
+    from attnstore.capture import Extractor, load_model
+    from attnstore.codecs import get_codec
+    from attnstore.corpus import read_corpus
+
+    loaded = load_model(str(llama_dir), progress=False)
+    recorder = Recorder()
+    ex = Extractor(loaded, get_codec("lossless"), 24, layers=[0, 2], heads=[1, 3],
+                   chunk_bytes=chunk_bytes, analyses=[recorder])  # fmt: skip
+    batch = [ex.tokenize(d) for d in read_corpus(str(corpus))][:3]
+    del batch[1].ids[5:]  # documents of different lengths: padded rows and keys
+    segment = ex.run(batch)
+    table = segment.extra["recorder"]
+    assert set(table["layer"].to_pylist()) == {0, 2}
+    blocks = recorder.batches[-1]["blocks"]
+    assert blocks == (24 if chunk_bytes == 1 else 1)
