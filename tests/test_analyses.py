@@ -333,6 +333,21 @@ def test_plugin_table_on_object_storage(
     report = verify_store(url)
     assert report.ok, report.problems
 
+    # the post-hoc pass writes through the opened store's own storage
+    from attnstore.analyses.posthoc import analyze
+    from attnstore.store import Store
+
+    class Later(FirstMass):
+        name = "mystat_later"
+
+    summary = analyze(Store(url), [Later()], batch=2)
+    assert summary["commits"] >= 1
+    store = attnstore.open(url)
+    q = "SELECT * EXCLUDE (first_mass), first_mass FROM {} ORDER BY doc_id, layer, head"
+    now, later = store.sql(q.format("mystat")), store.sql(q.format("mystat_later"))
+    assert now.num_rows == later.num_rows == n
+    assert later["first_mass"].to_pylist() == pytest.approx(now["first_mass"].to_pylist())
+
 
 def test_registration_files_validate(
     installed: Path, llama_dir: Path, corpus: Path, tmp_path: Path
