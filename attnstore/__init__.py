@@ -25,12 +25,11 @@ from attnstore.errors import (
     StoreNotFoundError,
     UnknownCodecError,
 )
+from attnstore.version import __version__
 
 if TYPE_CHECKING:
     from attnstore.pipeline import ExtractReport
     from attnstore.store import Store
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionCaptureError",

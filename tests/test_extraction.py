@@ -60,3 +60,46 @@ def test_readers_and_writers_take_an_opened_storage(llama_store: Path, tmp_path:
     writer.close()
     assert Store(target).doc_ids() == set()
     assert compact(target)["tables"] == {}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module → the attnstore modules it imports (function-level imports included)."""
+    mods = {}
+    for p in PACKAGE.rglob("*.py"):
+        name = ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(
+            ".__init__"
+        )
+        mods[name] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attnstore"):
+                assert node.module is not None
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                subs = [s for s in subs if s in mods]
+                targets = subs if len(subs) == len(node.names) else [node.module, *subs]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("attnstore")]
+            else:
+                continue
+            graph[m].update(t for t in targets if t in mods and t != m)
+    return graph
+
+
+def test_new_subpackages_are_in_no_import_cycle() -> None:
+    graph = _import_graph()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()]:
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    for m in graph:
+        if m.startswith(("attnstore.analyses", "attnstore.extraction", "attnstore.abc")):
+            assert not reaches(m, m), m

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from attnstore import __version__
 from attnstore.extraction.config import DEFAULT_MAX_LENGTH, ExtractConfig
 from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, Manifest
 from attnstore.store import DEFAULT_APP_ID, Store, StoreWriter
+from attnstore.version import __version__
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
