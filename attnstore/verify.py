@@ -224,7 +224,12 @@ def _verify_v2(
     # 3. Delta logs and the files they reference
     referenced: set[str] = set()
     intact = True
-    for name in plugin_tables.schemas(storage):  # built-in, then plug-in tables (analyses)
+    try:  # built-in, then plug-in tables (analyses)
+        schemas = plugin_tables.schemas(storage)
+    except Exception as err:  # noqa: BLE001 - an unreadable registration is a finding
+        report.error(plugin_tables.ANALYSES_DIR, f"unreadable plug-in table registration: {err}")
+        schemas = plugin_tables.schemas(None)
+    for name in schemas:
         base = table_path(name)
         if not storage.exists(f"{base}/_delta_log"):  # no writer committed to it yet
             if name == "docs" and committed:

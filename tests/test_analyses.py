@@ -366,6 +366,11 @@ def test_registration_files_validate(
     jsonschema.validate(doc, schema)
     assert doc["sorted_by"] == ["doc_id", "layer", "head"]
     assert [c["name"] for c in doc["columns"]] == ["doc_id", "layer", "head", "first_mass"]
+    # a damaged registration is a finding of verify, not a crash
+    (out / "analyses" / "mystat.json").write_text("{not json")
+    report = verify_store(str(out))
+    assert not report.ok
+    assert any(p.location == "analyses" for p in report.problems), report.problems
 
 
 class Recorder:
