@@ -25,12 +25,11 @@ from attnstore.errors import (
     StoreNotFoundError,
     UnknownCodecError,
 )
+from attnstore.version import __version__
 
 if TYPE_CHECKING:
     from attnstore.pipeline import ExtractReport
     from attnstore.store import Store
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttentionCaptureError",
@@ -57,11 +56,9 @@ def open(path: str, *, storage_options: dict[str, str] | None = None) -> Store:
     ``storage_options`` (endpoint, credentials, region; see :mod:`attnstore.storage`) apply to
     object storage, on top of the standard ``AWS_*`` variables.
     """
-    from attnstore.storage import default_storage_options
     from attnstore.store import Store
 
-    with default_storage_options(storage_options):
-        return Store(path)
+    return Store(path, storage_options=storage_options)
 
 
 def extract(out: str, **kwargs: Any) -> ExtractReport:

@@ -50,6 +50,9 @@ import numpy as np
 import torch
 
 from attnstore import bidirectional_scores, needles, probes, scores, syntax
+from attnstore.abc.analysis import Analysis, Batch
+from attnstore.analyses.registry import DEFAULT, load
+from attnstore.analyses.runner import AnalysisRunner, builtin_key
 from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import AttentionCaptureError, ModelError
@@ -845,6 +848,10 @@ class Extractor:
     chunk_bytes
         Largest block of float32 probabilities alive at once (query rows × keys × heads × docs);
         bounds memory at long contexts.
+    analyses
+        Analyses (``schemas/analyses.md``) run beside the default ones
+        (:data:`attnstore.analyses.registry.DEFAULT`) over every block of exact rows; their tables
+        ride in :attr:`Segment.extra <attnstore.store.Segment.extra>`.
     """
 
     def __init__(
@@ -860,8 +867,13 @@ class Extractor:
         mode: str = "auto",
         chunk_bytes: int = 1 << 28,
         values: str = "probs",
+        analyses: Sequence[Analysis] = (),
     ) -> None:
         self.loaded = loaded
+        given = {builtin_key(a) for a in analyses}
+        defaults = [load(name) for name in DEFAULT if name not in given]
+        #: every analysis of this run: the defaults, then the caller's (checked once, here)
+        self.runner = AnalysisRunner([*defaults, *analyses])
         self.parser = parser
         self.store_matrices = store_matrices
         if values not in VALUES:
@@ -1174,27 +1186,10 @@ class Extractor:
             else []
         )
         score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in self._score_columns}
-        bidi = loaded.bidirectional  # encoders: syntactic heads in both directions
-        parsed = [
-            (i, t.doc.doc_id, t.alignment, syntax.instances(t.alignment, bidirectional=bidi))
-            for i, t in enumerate(batch)
-            if t.alignment is not None
-        ]
-        syn = syntax.SyntaxTables()
-        for _, doc_id, alignment, inst in parsed:
-            syn.add_document(doc_id, alignment, inst)
-        # span probes (schemas/probes.md): each document's query rows, whatever block they are in
-        probed = [
-            (i, t.doc.doc_id, probes.DocumentScorer(t.probe_items))
-            for i, t in enumerate(batch)
-            if t.probe_items is not None
-        ]
-        probe_tables = probes.ProbeTables()
-        for _, doc_id, scorer in probed:
-            probe_tables.add_document(doc_id, scorer.aligned)
-        for d, _ in skipped:
-            if d.probes:
-                probe_tables.add_document(d.doc_id, probes.align(d.probes, []))
+        # analyses (syntax, probes, plug-ins: schemas/analyses.md) see every block of exact rows
+        runner = None if self._calibrating else self.runner
+        if runner is not None:
+            runner.begin(self._batch(batch, skipped, t_max))
         if b:
             ids = torch.full((b, t_max), loaded.tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((b, t_max), dtype=torch.long)
@@ -1208,7 +1203,6 @@ class Extractor:
             head_index = torch.tensor(self.heads, device=dev)
             all_heads = n_h == loaded.info["n_heads"]
             layer_scores: dict[int, scores.LayerScores] = {}
-            word_att: dict[tuple[int, int], torch.Tensor] = {}
             check = _RowCheck(
                 lengths, t_max, self.codec.max_abs_error,
                 masked=self._first_use or path != "function", causal=not loaded.bidirectional,
@@ -1263,21 +1257,8 @@ class Extractor:
                             codes[i][li, :, q0 * (q0 + 1) // 2 : hi * (hi + 1) // 2] = (
                                 self.codec.encode(values)
                             )
-                for i, _, alignment, _ in parsed:
-                    hi = min(q0 + c, n_tok[i])
-                    if hi > q0:
-                        part = syntax.word_attention(
-                            probs[i, :, : hi - q0, : n_tok[i]], alignment, q0
-                        )
-                        word_att[(li, i)] = (
-                            word_att[(li, i)] + part if (li, i) in word_att else part
-                        )
-                for i, _, scorer in probed:
-                    rows = scorer.rows_in(q0, min(q0 + c, n_tok[i]))
-                    if rows:
-                        at = torch.tensor([r - q0 for r in rows], device=probs.device)
-                        block = probs[i].index_select(1, at)[:, :, : n_tok[i]]
-                        scorer.add_rows(li, rows, block.double().cpu().numpy())
+                if runner is not None:
+                    runner.rows(layer, q0, probs)
 
             def done(layer: int) -> None:
                 li = layer_pos.get(layer)
@@ -1285,11 +1266,6 @@ class Extractor:
                     return
                 for name, values in layer_scores.pop(li).result().items():
                     score_arrays[name][:, li, :] = values
-                for i, doc_id, _, inst in parsed:
-                    correct = syntax.counts_from_word_attention(word_att.pop((li, i)), inst)
-                    syn.add_counts(doc_id, layer, self.heads, inst, correct)
-                for _, doc_id, scorer in probed:
-                    probe_tables.add_scores(doc_id, layer, self.heads, scorer.finish(li))
 
             def online(
                 layer: int, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor,
@@ -1320,7 +1296,9 @@ class Extractor:
 
             # Scores-only in sdpa mode never materialises attention rows (online softmax).
             use_online = (
-                not self.store_matrices and self.mode == "sdpa" and not parsed and not probed
+                not self.store_matrices
+                and self.mode == "sdpa"
+                and not (runner is not None and runner.active)
             )
             self._forward(
                 path, ids, mask, consume, done, online if use_online else None, check
@@ -1333,12 +1311,39 @@ class Extractor:
         segment = self._segment(
             batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None
         )
-        if parsed:
-            segment.extra = syn.tables()
+        if runner is not None:  # built-in tables as columns, like every built-in table
+            segment.extra = {
+                name: table.to_pydict() if name in runner.builtin else table
+                for name, table in runner.end().items()
+            }
+        if any(t.alignment is not None for t in batch):
             segment.annotation = {"parser": self.parser or "gold (corpus)"}
-        if probe_tables:
-            segment.extra = {**segment.extra, **probe_tables.tables()}
         return segment
+
+    def _batch(
+        self, batch: Sequence[Tokenized], skipped: Sequence[tuple[Document, str]], t_max: int
+    ) -> Batch:
+        """What an analysis sees of one batch (:class:`attnstore.abc.analysis.Batch`)."""
+        dev = self.loaded.device
+        ids = torch.zeros((len(batch), t_max), dtype=torch.long)
+        for i, t in enumerate(batch):
+            ids[i, : len(t.ids)] = torch.tensor(t.ids)
+        info = self.loaded.info
+        return Batch(
+            doc_ids=[t.doc.doc_id for t in batch],
+            token_ids=ids.to(dev),
+            lengths=torch.tensor([len(t.ids) for t in batch], dtype=torch.long, device=dev),
+            n_layers=info["n_layers"],
+            n_heads=info["n_heads"],
+            device=dev,
+            texts=[t.doc.text for t in batch],
+            layers=tuple(self.layers),
+            heads=tuple(self.heads),
+            documents=tuple(batch),
+            info={"model": info["id"], "codec": self.codec.get_config(),
+                  "bidirectional": self.loaded.bidirectional},
+            skipped=tuple(skipped),
+        )
 
     def _segment(
         self,

@@ -285,6 +285,14 @@ def _probe_corpora() -> list[str]:
     "--scores-only", is_flag=True, help="Write tokens and head scores but no matrices (a census)."
 )
 @click.option(
+    "--analysis",
+    "analyses",
+    multiple=True,
+    metavar="NAME",
+    help="Also run this analysis (registered under the attnstore.analyses entry point group) "
+    "over the exact attention; its rows land in a table of its name. Repeatable.",
+)
+@click.option(
     "--attention",
     type=click.Choice(["auto", "eager", "sdpa"]),
     default="auto",
@@ -321,6 +329,7 @@ def extract(
     shard: str | None,
     parse: str | None,
     scores_only: bool,
+    analyses: tuple[str, ...],
     attention: str,
     values: str,
     as_json: bool,
@@ -357,6 +366,7 @@ def extract(
         attention=attention,
         progress=not quiet,
         values=values,
+        analyses=analyses,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -833,7 +843,7 @@ def probe(store: str, corpus: str, text_field: str, as_json: bool) -> None:
     Documents that already have probes are skipped, so the command resumes. Built-in probes
     (probe:coref, probe:ioi) are scored at extraction: attnstore extract --corpus probe:ioi.
     """
-    from attnstore.probes import add_probes
+    from attnstore.annotate import add_probes
 
     summary = add_probes(store, corpus, text_field=text_field)
     if as_json:
@@ -843,6 +853,39 @@ def probe(store: str, corpus: str, text_field: str, as_json: bool) -> None:
             f"{summary['path']}: {summary['items']} probe items in {summary['documents']} "
             f"documents ({summary['skipped_items']} items skipped; "
             f"{summary['already_probed']} documents already probed)"
+        )
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--analysis",
+    "analyses",
+    multiple=True,
+    required=True,
+    metavar="NAME",
+    help="An analysis registered under the attnstore.analyses entry point group. Repeatable.",
+)
+@click.option(
+    "--batch", type=int, default=16, show_default=True, help="Documents per commit."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
+def analyze(store: str, analyses: tuple[str, ...], batch: int, as_json: bool) -> None:
+    """Run analyses over STORE's stored (decoded) matrices; their rows land in their tables.
+
+    Documents that already have rows in the analyses' tables are skipped, so the command resumes.
+    `parse` and `probe` are this pass with a built-in analysis.
+    """
+    from attnstore.analyses.posthoc import analyze as run_analyses
+    from attnstore.store import Store
+
+    summary = run_analyses(Store(store), analyses, batch=batch)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"{summary['path']}: {summary['documents']} documents analysed into "
+            f"{', '.join(summary['tables'])} ({summary['commits']} commits)"
         )
 
 

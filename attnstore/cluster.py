@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from attnstore.errors import AttnStoreError, CorpusError
+from attnstore.extraction import ExtractConfig, ExtractionRun, ExtractReport
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from attnstore.pipeline import ExtractReport
 
 __all__ = ["AutoShard", "extract_ray", "local_rank_device", "shard_from_environment"]
 
@@ -160,76 +160,59 @@ def local_rank_device(environ: Mapping[str, str]) -> str | None:
 
 
 class _ExtractActor:
-    """One Ray actor: a loaded model, an extractor and a writer; one commit per call."""
+    """One Ray actor: an :class:`~attnstore.extraction.ExtractionRun` (model, extractor, writer);
+    one commit per call."""
 
     def __init__(
         self,
         out: str,
         model: str | None,
-        settings: dict[str, Any],
-        text_field: str,
-        batch_size: int,
+        config: ExtractConfig,
         created_at: str,
-        corpus: str,
         use_gpu: bool,
     ) -> None:
-        from attnstore.capture import Extractor, load_model
-        from attnstore.codecs import get_codec
-        from attnstore.pipeline import DEFAULT_MAX_LENGTH, _manifest
-        from attnstore.store import StoreWriter
+        from attnstore.capture import load_model
+        from attnstore.storage import open_storage
 
         # Ray gives a GPU actor its GPU as the only visible device.
-        self.loaded = load_model(
-            model, device="cuda" if use_gpu else "cpu", dtype=settings["dtype"], progress=False
+        loaded = load_model(
+            model, device="cuda" if use_gpu else "cpu", dtype=config.dtype, progress=False
         )
-        max_length = settings["max_length"] or min(
-            DEFAULT_MAX_LENGTH, self.loaded.max_positions or DEFAULT_MAX_LENGTH
-        )
-        self.extractor = Extractor(
-            self.loaded, get_codec(settings["codec"]), max_length, settings["layers"],
-            settings["heads"], store_matrices=not settings["scores_only"],
-            mode=settings["attention"],
-        )  # fmt: skip
-        manifest = _manifest(self.loaded, self.extractor, corpus, text_field, None, created_at)
         # Every actor is its own Delta application; all batches of one call are one transaction.
-        self.writer = StoreWriter(
-            out, manifest, allow_different=settings["allow_different"],
-            app_id=f"ray-{uuid.uuid4().hex[:16]}", commit_every=1 << 30,
+        self.run = ExtractionRun(
+            open_storage(out), loaded, config, app_id=f"ray-{uuid.uuid4().hex[:16]}",
+            commit_every=1 << 30, created_at=created_at,
         )  # fmt: skip
         self.out = out
-        self.text_field = text_field
-        self.batch_size = batch_size
+        self.text_field = config.text_field
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
 
         from attnstore.corpus import Document
-        from attnstore.pipeline import ExtractReport, _batches
-        from attnstore.store import Store
 
         docs = [
             Document(int(i), "" if t is None else str(t))
             for i, t in zip(batch["doc_id"], batch[self.text_field], strict=True)
         ]
         # Re-read what is committed: Ray may retry a batch on another actor after a failure.
-        self.done = Store(self.out).doc_ids()
+        self.done = self.run.committed()
         status = {d.doc_id: "already committed" for d in docs if d.doc_id in self.done}
-        flushes = self.writer.flushes
+        writer = self.run.writer
+        flushes = writer.flushes
         tokens: dict[int, int] = {}
         truncated: dict[int, bool] = {}
         report = ExtractReport(path=self.out)
-        for group, skipped in _batches(
-            iter(docs), self.extractor, self.done, self.batch_size, report
-        ):
-            self.writer.commit(self.extractor.run(group, skipped))
+        for group, skipped in self.run.batches(iter(docs), self.done, report):
+            self.run.commit(group, skipped)
             for doc, why in skipped:
                 status[doc.doc_id] = f"skipped: {why}"
             for tok in group:
                 status[tok.doc.doc_id] = "written"
                 tokens[tok.doc.doc_id] = len(tok.ids)
                 truncated[tok.doc.doc_id] = tok.truncated
-        self.writer.flush()  # one commit per call: nothing stays pending between calls
-        commits = self.writer.flushes - flushes
+        writer.flush()  # one commit per call: nothing stays pending between calls
+        commits = writer.flushes - flushes
         ids = [d.doc_id for d in docs]
         return {
             "commits": np.array([commits] + [0] * (len(ids) - 1), dtype=np.int64),
@@ -258,6 +241,7 @@ def extract_ray(
     scores_only: bool = False,
     attention: str = "auto",
     allow_different: bool = False,
+    analyses: Sequence[str] = (),
 ) -> ExtractReport:
     """Extract attention with a pool of Ray actors into one store at ``out``.
 
@@ -267,7 +251,8 @@ def extract_ray(
     GPU each when ``num_gpus`` is 1; the default is 1 when the cluster has GPUs, else 0), take
     ``batch_rows`` documents per call, run them ``batch_size`` per forward pass, commit them
     through their own :class:`~attnstore.store.StoreWriter` and return one small row per document
-    (never a matrix). ``out`` must be a path every actor can reach. Calling it again resumes:
+    (never a matrix). ``analyses`` (registered names, ``schemas/analyses.md``) run in every actor
+    beside the default ones. ``out`` must be a path every actor can reach. Calling it again resumes:
     committed documents are skipped. Ray must be initialised (``ray.init()``) by the caller.
 
     Examples
@@ -286,7 +271,6 @@ def extract_ray(
     import time
 
     from attnstore.codecs import get_codec
-    from attnstore.pipeline import ExtractReport
 
     started = time.perf_counter()
     for name, value in (("num_actors", num_actors), ("batch_rows", batch_rows),
@@ -294,6 +278,10 @@ def extract_ray(
         if value < 1:
             raise AttnStoreError(f"{name} must be ≥ 1. Got {value}.")
     get_codec(codec)  # an unknown codec fails here, not in every actor
+    from attnstore.analyses.registry import resolve
+    from attnstore.analyses.runner import AnalysisRunner
+
+    AnalysisRunner(resolve(analyses))  # so does an unknown or clashing analysis
     if not ray.is_initialized():
         raise AttnStoreError("Ray is not initialised: call ray.init() (or ray.init(address=...)).")
     corpus = "ray dataset"
@@ -321,19 +309,17 @@ def extract_ray(
             )
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    settings = {
-        "dtype": dtype, "codec": codec, "max_length": max_length,
-        "layers": None if layers is None else list(layers),
-        "heads": None if heads is None else list(heads),
-        "scores_only": scores_only, "attention": attention, "allow_different": allow_different,
-    }  # fmt: skip
+    config = ExtractConfig.of(
+        corpus=corpus, text_field=text_field, batch_size=batch_size, dtype=dtype, codec=codec,
+        max_length=max_length, layers=layers, heads=heads, scores_only=scores_only,
+        attention=attention, allow_different=allow_different, analyses=analyses,
+    )  # fmt: skip
     created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     rows_out = data.select_columns(["doc_id", text_field]).map_batches(
         _ExtractActor,
         fn_constructor_kwargs={
-            "out": os.fspath(out), "model": model, "settings": settings,
-            "text_field": text_field, "batch_size": batch_size, "created_at": created_at,
-            "corpus": corpus, "use_gpu": num_gpus > 0,
+            "out": os.fspath(out), "model": model, "config": config, "created_at": created_at,
+            "use_gpu": num_gpus > 0,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_rows,

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from attnstore import index
 from attnstore.errors import AttnStoreError, IncompatibleStoreError
 from attnstore.layout import parse_format_version
 from attnstore.storage import open_storage
+
+if TYPE_CHECKING:
+    from attnstore.storage import Storage
 from attnstore.store import delta_tables, read_store_manifest, roll_forward_all
 
 __all__ = ["DEFAULT_RETENTION_HOURS", "DEFAULT_TARGET_SIZE", "compact", "maybe_compact"]
@@ -55,13 +58,14 @@ def _retry(what: Any) -> Any:
 
 
 def compact(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Storage,
     *,
     retention_hours: int = DEFAULT_RETENTION_HOURS,
     target_size: int = DEFAULT_TARGET_SIZE,
     storage_options: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Compact every table of the store at ``path`` (a folder or a URL); what was done, per table."""
+    """Compact every table of the store at ``path`` (a folder, a URL, or an opened storage); what
+    was done, per table."""
     from deltalake import WriterProperties
 
     if retention_hours < 0:
@@ -69,7 +73,9 @@ def compact(
             f"Expected --retention-hours ≥ 0 (hours an unreferenced file is kept for readers). "
             f"Got {retention_hours}."
         )
-    storage = open_storage(path, storage_options)
+    storage = _storage(path, storage_options)
+    if not isinstance(path, (str, os.PathLike)):
+        path = storage.root
     manifest = read_store_manifest(storage)
     if parse_format_version(manifest["format_version"])[0] < 2:
         raise IncompatibleStoreError(
@@ -116,10 +122,16 @@ def compact(
 
 
 def maybe_compact(
-    path: str | os.PathLike[str], storage_options: dict[str, str] | None = None
+    path: str | os.PathLike[str] | Storage, storage_options: dict[str, str] | None = None
 ) -> dict[str, Any] | None:
     """Compact (default retention) when some table has more than :data:`AUTO_COMPACT_PARTS` parts."""
-    storage = open_storage(path, storage_options)
+    storage = _storage(path, storage_options)
     if any(len(dt.file_uris()) > AUTO_COMPACT_PARTS for _, dt in delta_tables(storage)):
-        return compact(path, storage_options=storage_options)
+        return compact(storage)
     return None
+
+
+def _storage(path: str | os.PathLike[str] | Storage, options: dict[str, str] | None) -> Storage:
+    if isinstance(path, (str, os.PathLike)):
+        return open_storage(path, options)
+    return path

@@ -9,6 +9,7 @@ The CLI is the only place that turns these into exit codes.
 from __future__ import annotations
 
 __all__ = [
+    "AnalysisError",
     "AttentionCaptureError",
     "AttnStoreError",
     "CorpusError",
@@ -98,3 +99,12 @@ class MatrixNotFoundError(AttnStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class AnalysisError(AttnStoreError, ValueError):
+    """An analysis (``schemas/analyses.md``) is unknown, clashes by name, raised, or returned rows
+    that do not fit its schema; nothing of the batch was committed. ``analysis`` names it."""
+
+    def __init__(self, analysis: str, message: str) -> None:
+        self.analysis = analysis
+        super().__init__(message)

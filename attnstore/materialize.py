@@ -18,9 +18,10 @@ import os
 from typing import Any
 
 from attnstore.errors import AttnStoreError, IncompatibleStoreError, QueryError
+from attnstore.extraction import ExtractConfig, ExtractionRun
 from attnstore.layout import MANIFEST_NAME
 from attnstore.storage import open_storage
-from attnstore.store import Store, StoreWriter
+from attnstore.store import Store
 
 __all__ = ["materialize"]
 
@@ -36,9 +37,7 @@ def materialize(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Store the matrices of the (document, layer, head) rows of ``heads`` matching ``where``."""
-    from attnstore.codecs import get_codec
     from attnstore.corpus import Document
-    from attnstore.pipeline import _manifest
 
     if batch_size < 1:
         raise AttnStoreError(f"--batch-size must be ≥ 1. Got {batch_size}.")
@@ -54,14 +53,15 @@ def materialize(
                               "layers": layers, "heads": heads, "docs_written": 0}  # fmt: skip
     if not doc_ids:
         return report
-    resumed = open_storage(out).exists(MANIFEST_NAME)  # a folder or a URL (s3://…)
-    if resumed and set(doc_ids) <= Store(out).doc_ids():
+    target = open_storage(out)  # a folder or a URL (s3://…), opened once
+    resumed = target.exists(MANIFEST_NAME)
+    if resumed and set(doc_ids) <= Store(target).doc_ids():
         report["docs_already_materialized"] = len(doc_ids)  # a rerun: no model load
         return report
     from attnstore.modelref import check_available
 
     check_available(model or src.manifest["model"]["id"])  # an uncached id: before torch loads
-    from attnstore.capture import Extractor, load_model
+    from attnstore.capture import load_model
 
     loaded = load_model(model or src.manifest["model"]["id"], device=device, progress=progress)
     if loaded.info["id"] != src.manifest["model"]["id"]:
@@ -69,13 +69,15 @@ def materialize(
             f"{str(path)!r} was extracted with model {src.manifest['model']['id']!r}; "
             f"{loaded.info['id']!r} was loaded. Pass --model with the store's model."
         )
-    extractor = Extractor(
-        loaded, get_codec(src.manifest["codec"]), src.manifest["max_length"], layers, heads
-    )
-    manifest = _manifest(loaded, extractor, f"materialize:{path}", "text", None)
-    manifest["settings"] = {**manifest["settings"], "materialized_from": str(path), "where": where}
-    writer = StoreWriter(out, manifest, app_id="materialize", commit_every=64, commit_seconds=30)
-    done = Store(out).doc_ids()
+    config = ExtractConfig.of(
+        corpus=f"materialize:{path}", codec=src.manifest["codec"],
+        max_length=src.manifest["max_length"], layers=layers, heads=heads,
+        batch_size=batch_size, settings={"materialized_from": str(path), "where": where},
+    )  # fmt: skip
+    run = ExtractionRun(target, loaded, config, app_id="materialize", commit_every=64,
+                        commit_seconds=30)  # fmt: skip
+    extractor, writer = run.extractor, run.writer
+    done = run.committed()
     todo = [d for d in doc_ids if d not in done]
     texts = {
         r["doc_id"]: r["text"]

@@ -7,22 +7,26 @@ overlaps the next batch and host memory stays bounded by ``queue_size + 2`` batc
 
 from __future__ import annotations
 
-import datetime as _dt
 import itertools
 import os
 import queue
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from attnstore import __version__
 from attnstore.codecs import get_codec
 from attnstore.compact import maybe_compact
 from attnstore.corpus import DEFAULT_CORPUS, Document, parse_probe, read_corpus
-from attnstore.errors import AttnStoreError, CorpusError
-from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, PACKING_FULL, Manifest
+from attnstore.errors import CorpusError
+from attnstore.extraction import (
+    DEFAULT_MAX_LENGTH,
+    ExtractConfig,
+    ExtractionRun,
+    ExtractReport,
+    parse_shard,
+)
+from attnstore.storage import open_storage
 from attnstore.store import (
     DEFAULT_APP_ID,
     Store,
@@ -34,29 +38,12 @@ from attnstore.store import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from attnstore.capture import Extractor, LoadedModel, Tokenized
+    from attnstore.abc.analysis import Analysis
+    from attnstore.capture import LoadedModel
+    from attnstore.storage import Storage
     from attnstore.store import Segment
 
 __all__ = ["DEFAULT_MAX_LENGTH", "ExtractReport", "extract"]
-
-DEFAULT_MAX_LENGTH = 512
-
-
-@dataclass
-class ExtractReport:
-    """What one ``extract`` call did."""
-
-    path: str
-    docs_written: int = 0
-    docs_skipped: dict[str, int] = field(default_factory=dict)
-    docs_already_committed: int = 0
-    docs_truncated: int = 0
-    tokens: int = 0
-    commits: int = 0
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 class _Writer(threading.Thread):
@@ -93,47 +80,6 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def _batches(
-    docs: Iterator[Document],
-    extractor: Extractor,
-    done: set[int],
-    batch_size: int,
-    report: ExtractReport,
-) -> Iterator[tuple[list[Tokenized], list[tuple[Document, str]]]]:
-    """Tokenize, skip committed and empty documents, and group by similar length.
-
-    Documents are sorted by length inside windows of ``16 × batch_size`` so batches carry little
-    padding; ``doc_id`` stays the input position whatever the order of commits.
-    """
-    window = 16 * batch_size
-    while True:
-        chunk = list(itertools.islice(docs, window))
-        if not chunk:
-            return
-        ready: list[Tokenized] = []
-        skipped: list[tuple[Document, str]] = []
-        for doc in chunk:
-            if doc.doc_id in done:
-                report.docs_already_committed += 1
-                continue
-            if doc.token_ids is None and not doc.text.strip():
-                skipped.append((doc, "empty"))
-                continue
-            tok = extractor.tokenize(doc)
-            if not tok.ids:
-                skipped.append((doc, "no tokens"))
-                continue
-            ready.append(tok)
-        ready.sort(key=lambda t: len(t.ids))
-        for why in (s for _, s in skipped):
-            report.docs_skipped[why] = report.docs_skipped.get(why, 0) + 1
-        groups = [ready[i : i + batch_size] for i in range(0, len(ready), batch_size)] or [[]]
-        if skipped or ready:
-            yield groups[0], skipped
-            for g in groups[1:]:
-                yield g, []
-
-
 def extract(
     out: str | os.PathLike[str],
     *,
@@ -156,6 +102,7 @@ def extract(
     progress: bool | Callable[[int], None] = True,
     storage_options: dict[str, str] | None = None,
     values: str = "probs",
+    analyses: Sequence[str | Analysis] = (),
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
@@ -176,33 +123,47 @@ def extract(
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
     ``out`` may be a URL (``s3://bucket/prefix/name.attn``, ``gs://``, ``az://``); credentials and
-    endpoint come from the ``AWS_*`` variables and ``storage_options``.
+    endpoint come from the ``AWS_*`` variables and ``storage_options``. The store is opened once
+    (:func:`attnstore.storage.open_storage`) and that storage is used by every read and write of
+    the run. The settings become one :class:`~attnstore.extraction.ExtractConfig` and the run an
+    :class:`~attnstore.extraction.ExtractionRun`, as in every other driver.
+    ``analyses`` (instances, or names registered under the ``attnstore.analyses`` entry point
+    group) run beside the default ones over the exact attention of every batch; each one's rows
+    land in a table of its name, committed with the batch (``schemas/analyses.md``). One that
+    clashes by name, raises or returns rows off its schema stops the run with
+    :class:`~attnstore.errors.AnalysisError`, and nothing of that batch is committed.
 
     Examples
     --------
     >>> report = attnstore.extract("demo.attn", corpus="pydoc:topics", limit=8)  # doctest: +SKIP
     """
-    if storage_options is not None:  # every store opened below (writer, readers) uses them
-        arguments = {k: v for k, v in locals().items() if k not in ("out", "storage_options")}
-        from attnstore.storage import default_storage_options
-
-        with default_storage_options(storage_options):
-            return extract(out, **arguments)
     import time
 
-    started = time.perf_counter()
-    if batch_size < 1:
-        raise AttnStoreError(f"--batch-size must be ≥ 1. Got {batch_size}.")
-    if limit is not None and limit < 0:
-        raise AttnStoreError(f"--limit must be ≥ 0. Got {limit}.")
-    the_codec = get_codec(codec)
-    # a bad --shard (or launcher environment) fails before the model load
-    shard_ix = None if shard is None else _parse_shard(shard)
-    if shard == "auto" and device is None:
-        from attnstore.cluster import local_rank_device
+    from attnstore.analyses.registry import resolve
+    from attnstore.analyses.runner import AnalysisRunner
 
-        device = local_rank_device(os.environ)
-    corpus = corpus or DEFAULT_CORPUS
+    started = time.perf_counter()
+    # a bad --shard (or launcher environment) fails before the model load
+    if shard == "auto":
+        from attnstore.cluster import local_rank_device, shard_from_environment
+
+        auto = shard_from_environment(os.environ)
+        shard_ix: tuple[int, int] | None = (auto.index, auto.count)
+        if device is None:
+            device = local_rank_device(os.environ)
+    else:
+        shard_ix = None if shard is None else parse_shard(shard)
+    chosen = resolve(analyses)  # loaded and checked (names, clashes, schemas) before the model
+    AnalysisRunner(chosen)
+    config = ExtractConfig.of(
+        corpus=corpus or DEFAULT_CORPUS, text_field=text_field, max_length=max_length,
+        batch_size=batch_size, device=device, dtype=dtype, codec=codec, limit=limit,
+        layers=layers, heads=heads, allow_different=allow_different, shard=shard_ix, parse=parse,
+        scores_only=scores_only, attention=attention, values=values, analyses=chosen,
+    )  # fmt: skip
+    the_codec = get_codec(config.codec)
+    storage = open_storage(out, storage_options)  # the one opened store of this run
+    corpus = config.corpus or DEFAULT_CORPUS
     # Validate the corpus before the (slow) model load: a missing file fails in milliseconds.
     probe = parse_probe(corpus) if corpus.startswith("probe:") else None
     doc_iter: Iterator[Document] | None = (
@@ -215,7 +176,7 @@ def extract(
             pass
     # A rerun with nothing left to do answers without loading the model (17-30 s).
     pending = _nothing_left(
-        out, model, corpus, text_field, the_codec.get_config(), max_length, limit, shard_ix,
+        storage, model, corpus, text_field, the_codec.get_config(), max_length, limit, shard_ix,
         layers, heads, scores_only,
     )  # fmt: skip
     if pending is not None:
@@ -228,18 +189,12 @@ def extract(
 
         check_available(model)
     # torch and transformers are imported only now that there is work for the model
-    from attnstore.capture import Extractor, load_model, probe_documents
+    from attnstore.capture import load_model, probe_documents
 
     if model is None or isinstance(model, str):
         loaded = load_model(model, device=device, dtype=dtype, progress=progress is True)
     else:  # an already loaded model (notebooks, benchmarks): no second 17 s load
         loaded = model
-    if max_length is None:  # 512, or the model's whole context when that is shorter
-        max_length = min(DEFAULT_MAX_LENGTH, loaded.max_positions or DEFAULT_MAX_LENGTH)
-    extractor = Extractor(
-        loaded, the_codec, max_length, layers, heads, parser=parse,
-        store_matrices=not scores_only, mode=attention, values=values,
-    )  # fmt: skip
     if doc_iter is None:
         doc_iter = iter(probe_documents(loaded, probe or parse_probe(corpus)))
     if limit is not None:
@@ -252,21 +207,19 @@ def extract(
     if first is None:
         raise CorpusError(f"Corpus {corpus!r} holds no documents; nothing was written.")
     doc_iter = itertools.chain([first], doc_iter)
-    manifest = _manifest(loaded, extractor, corpus, text_field, parse)
     commit_every, commit_seconds = commit_cadence()
-    writer = StoreWriter(
-        out, manifest, allow_different=allow_different, commit_every=commit_every,
-        commit_seconds=commit_seconds,
+    run = ExtractionRun(
+        storage, loaded, config, commit_every=commit_every, commit_seconds=commit_seconds,
         app_id=DEFAULT_APP_ID if shard_ix is None else app_id_for_shard(*shard_ix),
     )  # fmt: skip
-    done = Store(out).doc_ids()
+    done = run.committed()
     report = ExtractReport(path=str(out))
     bar = _progress(progress)
-    background = _Writer(writer, size=2)
+    background = _Writer(run.writer, size=2)
     background.start()
     try:
-        for batch, skipped in _batches(doc_iter, extractor, done, batch_size, report):
-            segment = extractor.run(batch, skipped)
+        for batch, skipped in run.batches(doc_iter, done, report):
+            segment = run.segment(batch, skipped)
             background.put(segment)
             n = len(batch) + len(skipped)
             report.docs_written += len(batch)
@@ -279,13 +232,13 @@ def extract(
         if hasattr(bar, "close"):
             bar.close()  # type: ignore[union-attr]
     report.commits = background.commits
-    maybe_compact(out)  # many small parts (a long run of small batches): merge them
+    maybe_compact(storage)  # many small parts (a long run of small batches): merge them
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 
 def _nothing_left(
-    out: str | os.PathLike[str],
+    storage: Storage,
     model: str | LoadedModel | None,
     corpus: str,
     text_field: str,
@@ -301,11 +254,10 @@ def _nothing_left(
     same settings as far as they are known without loading the model; else ``None`` (run
     normally: the writer then compares the full settings and extracts what is missing)."""
     from attnstore.layout import MANIFEST_NAME, manifest_value
-    from attnstore.storage import open_storage
 
-    if not open_storage(out).exists(MANIFEST_NAME):
+    if not storage.exists(MANIFEST_NAME):
         return None
-    store = Store(out)
+    store = Store(storage)
     m = store.manifest
     if isinstance(model, str) or model is None:
         from attnstore.modelref import resolve_model_id
@@ -335,68 +287,6 @@ def _nothing_left(
         ids = (i for i in ids if i % count == index)
     wanted = set(ids)
     return len(wanted) if wanted and wanted <= store.doc_ids() else None
-
-
-def _manifest(
-    loaded: LoadedModel,
-    extractor: Extractor,
-    corpus: str,
-    text_field: str,
-    parse: str | None,
-    created_at: str | None = None,
-) -> Manifest:
-    """The manifest of a store written by ``extractor`` (``created_at`` fixed by a caller whose
-    many writers must create byte-identical manifests, e.g. :mod:`attnstore.cluster`)."""
-    from attnstore.modelref import quantization
-
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "created_by": f"attnstore {__version__}",
-        "created_at": created_at or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "model": loaded.info,
-        "tokenizer": loaded.tokenizer_info,
-        "codec": extractor.codec.get_config(),
-        "packing": PACKING_FULL if loaded.bidirectional else PACKING,
-        "max_length": extractor.max_length,
-        "layers": extractor.layers,
-        "heads": extractor.heads,
-        "matrices": extractor.store_matrices,
-        "attention": "bidirectional" if loaded.bidirectional else "causal",
-        "values": extractor.values,
-        "settings": {
-            "attention_mode": extractor.mode,
-            "parser": parse,
-            "corpus": corpus,
-            "text_field": text_field,
-            # the capture path chosen when the Extractor was built (capture.PATHS)
-            "attention": {"function": "capture", "output_attentions": "eager"}.get(
-                loaded.path, loaded.path
-            ),
-            # the default model is 4-bit (GGUF Q4_1), de-quantised to run: not the released weights
-            "model_quantization": quantization(loaded.info["id"]),
-            # rows sum to 1 − the mass of a learned sink logit (GPT-OSS; heads.learned_sink)
-            "learned_sinks": loaded.learned_sinks,
-        },
-    }
-
-
-def _parse_shard(shard: str) -> tuple[int, int]:
-    """``'i/n'``, or ``'auto'``: i/n from torchrun or a Slurm array (0/1 in a plain process)."""
-    if shard == "auto":
-        from attnstore.cluster import shard_from_environment
-
-        auto = shard_from_environment(os.environ)
-        return auto.index, auto.count
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise AttnStoreError(
-            f"Expected --shard like '0/4' (this index / count) or 'auto'. Got {shard!r}."
-        ) from None
-    if not 0 <= index < count:
-        raise AttnStoreError(f"Expected 0 ≤ index < count in --shard. Got {shard!r}.")
-    return index, count
 
 
 class _Bar:

@@ -9,7 +9,8 @@ to the indirect object, or any relation a user annotates).
 - :func:`align`: items against the stored tokens (which tokens, which candidates count, skips,
   position baselines);
 - :class:`DocumentScorer`: per-head mass and argmax correctness from attention rows, fed a block of
-  query rows at a time (at extraction) or a whole decoded matrix (:func:`add_probes`);
+  query rows at a time (at extraction) or a whole decoded matrix (``attnstore probe``,
+  :mod:`attnstore.analyses.probes.annotate`);
 - :class:`ProbeTables`: the rows of the ``probes`` and ``probe_scores`` tables.
 
 Only numpy here: the extraction hook in :mod:`attnstore.capture` hands over float64 query rows.
@@ -32,7 +33,6 @@ import numpy as np
 from attnstore.errors import CorpusError
 
 if TYPE_CHECKING:
-    import os
 
     import pyarrow as pa
 
@@ -47,7 +47,6 @@ __all__ = [
     "DocumentScorer",
     "Item",
     "ProbeTables",
-    "add_probes",
     "align",
     "best_heads",
     "builtin_documents",
@@ -778,98 +777,6 @@ class ProbeTables:
 
     def tables(self) -> dict[str, dict[str, Any]]:
         return {"probes": self.probes, "probe_scores": self.scores}
-
-
-# ------------------------------------------------------------------------------------------------
-# attnstore probe: items added later, scored from the stored matrices
-# ------------------------------------------------------------------------------------------------
-def add_probes(
-    path: str | os.PathLike[str],
-    corpus: str,
-    *,
-    text_field: str = "text",
-    batch: int = 16,
-) -> dict[str, Any]:
-    """Score the probe items of ``corpus`` against a store that kept its matrices.
-
-    The corpus must hold the stored documents' texts in the same order (``doc_id`` = position);
-    documents that already have probes are skipped, so the command resumes. Scores come from the
-    decoded matrices: with the lossless codec they equal extraction-time scores; with a lossy one
-    an argmax between near-equal keys can flip (the commit records ``"source": "decoded"``).
-    """
-    from attnstore.corpus import read_corpus
-    from attnstore.errors import AttnStoreError
-    from attnstore.store import Segment, Store, StoreWriter
-
-    store = Store(path)
-    if not store.manifest.get("matrices", True):
-        raise AttnStoreError(
-            f"{store.path} was extracted with --scores-only: it has no matrices to score probes "
-            "from. Extract with the probe corpus instead (attnstore extract --corpus ...)."
-        )
-    if corpus.startswith("probe:"):
-        raise CorpusError(
-            f"Built-in probe corpora ({corpus!r}) depend on the model's tokenizer and are scored "
-            f"at extraction: attnstore extract --out NEW.attn --corpus {corpus}."
-        )
-    docs = {
-        int(r["doc_id"]): r for r in store.sql("SELECT doc_id, text, skipped FROM docs").to_pylist()
-    }
-    done = set(store.sql("SELECT DISTINCT doc_id FROM probes").column(0).to_pylist())
-    writer = StoreWriter(store.path, store.manifest)
-    layers, heads = store.manifest["layers"], store.manifest["heads"]
-    report: dict[str, Any] = {"path": str(store.path), "documents": 0, "items": 0, "skipped_items": 0,
-              "already_probed": 0, "not_in_store": 0, "commits": 0}  # fmt: skip
-    tables = ProbeTables()
-    pending = 0
-
-    def commit() -> None:
-        nonlocal tables, pending
-        if tables:
-            writer.commit(
-                Segment(docs={}, tokens={}, heads={}, extra=tables.tables(),
-                        annotation={"probe_corpus": corpus, "source": "decoded"})
-            )  # fmt: skip
-            report["commits"] += 1
-        tables, pending = ProbeTables(), 0
-
-    for doc in read_corpus(corpus, text_field=text_field):
-        if not doc.probes:
-            continue
-        row = docs.get(doc.doc_id)
-        if row is None:
-            report["not_in_store"] += 1
-            continue
-        if doc.doc_id in done:
-            report["already_probed"] += 1
-            continue
-        if row["text"] != doc.text:
-            raise CorpusError(
-                f"Document {doc.doc_id} of {corpus!r} differs from the stored text of doc_id "
-                f"{doc.doc_id}: probes must annotate the stored texts, in the stored order."
-            )
-        spans = store.token_spans(doc.doc_id) if row["skipped"] is None else []
-        if row["skipped"] is None and not any(s is not None for s in spans):
-            raise AttnStoreError(
-                f"doc_id {doc.doc_id} has no token character offsets (a format 1.0 store or a "
-                "slow tokenizer): probe spans cannot be aligned."
-            )
-        aligned = align(doc.probes, spans)
-        tables.add_document(doc.doc_id, aligned)
-        scorer = DocumentScorer(aligned)
-        if scorer.rows:
-            probs = store.matrices(doc.doc_id)
-            for li, layer in enumerate(layers):
-                scorer.add_rows(li, scorer.rows, probs[li][:, scorer.rows, :])
-                tables.add_scores(doc.doc_id, layer, heads, scorer.finish(li))
-        report["documents"] += 1
-        report["items"] += len(aligned)
-        report["skipped_items"] += sum(a.skipped is not None for a in aligned)
-        pending += 1
-        if pending >= batch:
-            commit()
-    commit()
-    return report
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import duckdb
 
-from attnstore import index
 from attnstore.analyses.sparsity import summary_sql
 from attnstore.errors import QueryError
 
@@ -153,7 +152,7 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     format: a column that parts written by an older minor version lack reads as NULL.
     """
     con = duckdb.connect(":memory:")
-    for name in index.TABLES:
+    for name in store.schemas:  # built-in tables, then the store's plug-in tables (analyses)
         con.register(name, store.dataset(name))
     con.execute(_SYNTAX_HEADS_SQL)
     con.execute(_PROBE_HEADS_SQL)

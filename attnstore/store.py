@@ -49,6 +49,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from attnstore import index
+from attnstore.analyses import tables as plugin_tables
 from attnstore.codecs import Codec, get_codec
 from attnstore.errors import (
     IncompatibleStoreError,
@@ -131,8 +132,9 @@ class Segment:
     heads: dict[str, Any]
     #: per stored document, in ``docs`` order of non-skipped rows: ``[layer, head, packed]`` codes
     codes: list[np.ndarray] = field(default_factory=list)
-    #: further tables (``words``, ``syntax``, ``syntax_baseline``) by name
-    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: further tables by name: built-in ones (``words``, ``syntax``, …) as columns or tables, and
+    #: the tables of analyses (pyarrow Tables; plug-in tables registered with the writer first)
+    extra: dict[str, Any] = field(default_factory=dict)
     #: provenance of ``extra`` (e.g. the parser), recorded with the flush
     annotation: dict[str, Any] = field(default_factory=dict)
 
@@ -333,7 +335,7 @@ def _ensure_table(storage: Storage, name: str) -> DeltaTable:
     with contextlib.suppress(Exception):  # another writer created it first: open below
         DeltaTable.create(
             storage.table_uri(table_path(name)),
-            schema=index.SCHEMAS[name],
+            schema=plugin_tables.schemas(storage)[name],
             mode="ignore",
             name=name,
             storage_options=storage.storage_options,
@@ -398,9 +400,16 @@ class Store:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, storage_options: dict[str, str] | None = None
+        self,
+        path: str | os.PathLike[str] | Storage,
+        *,
+        storage_options: dict[str, str] | None = None,
     ) -> None:
-        self.storage: Storage = open_storage(path, storage_options)
+        if isinstance(path, (str, os.PathLike)):
+            self.storage: Storage = open_storage(path, storage_options)
+        else:  # an opened storage, with its options
+            self.storage = path
+            path = path.root
         #: the folder, or the URL of a store on object storage
         self.path: Path | str = self.storage.root if is_url(path) else Path(path)
         self.manifest: Manifest = read_store_manifest(self.storage)
@@ -424,6 +433,10 @@ class Store:
     def refresh(self) -> None:
         """Take a new snapshot (to see batches committed since opening)."""
         self._datasets: dict[str, pads.Dataset] = {}
+        #: every table of this store: the built-in ones, then plug-in tables (analyses)
+        self.schemas: dict[str, pa.Schema] = plugin_tables.schemas(
+            None if self.read_only else self.storage
+        )
         self._locations: OrderedDict[int, _Location | str | None] = OrderedDict()
         if self.read_only:
             folder = Path(self.storage.root) / COMMITS
@@ -439,7 +452,7 @@ class Store:
             }
             self._hidden: dict[str, set[int]] = {}
             return
-        tables, self._hidden = _snapshot(self.storage)
+        tables, self._hidden = _snapshot(self.storage, names=tuple(self.schemas))
         self._versions = {name: dt.version() for name, dt in tables.items()}
         # The snapshot as plain data: reads below never call delta-rs again, so a Store works in
         # forked DataLoader workers (delta-rs' runtime does not survive a fork).
@@ -477,8 +490,8 @@ class Store:
 
     def files(self, table: str) -> list[Path]:
         """The Parquet files the current snapshot of ``table`` reads."""
-        if table not in index.SCHEMAS:
-            raise ValueError(f"Expected a table in {list(index.TABLES)}. Got {table!r} instead.")
+        if table not in self.schemas:
+            raise ValueError(f"Expected a table in {list(self.schemas)}. Got {table!r} instead.")
         return [Path(f.path) for f in self._files.get(table, [])]
 
     def dataset(self, name: str) -> pads.Dataset:
@@ -487,8 +500,8 @@ class Store:
         Filters and projections passed to it (or pushed down by DuckDB) skip whole files by the
         ``doc_id`` statistics in the Delta log and row groups by the Parquet statistics.
         """
-        if name not in index.SCHEMAS:
-            raise ValueError(f"Expected a table in {list(index.TABLES)}. Got {name!r} instead.")
+        if name not in self.schemas:
+            raise ValueError(f"Expected a table in {list(self.schemas)}. Got {name!r} instead.")
         ds = self._datasets.get(name)
         if ds is None:
             ds = self._make_dataset(name)
@@ -496,10 +509,10 @@ class Store:
         return ds
 
     def _make_dataset(self, name: str) -> pads.Dataset:
-        schema = index.SCHEMAS[name]
+        schema = self.schemas[name]
         files = self._files.get(name, [])
         if not files:
-            return pads.dataset(index.empty_table(name))
+            return pads.dataset(schema.empty_table())
         fmt = pads.ParquetFileFormat()
         doc_id = pc.field("doc_id")
         fragments = [
@@ -770,7 +783,7 @@ def _model_quantization(manifest: Manifest) -> str | None:
 
 
 def _snapshot(
-    storage: Storage, attempts: int = 20
+    storage: Storage, attempts: int = 20, names: Sequence[str] = index.TABLES
 ) -> tuple[dict[str, DeltaTable], dict[str, set[int]]]:
     """Consistent table snapshots: ``docs`` first, then the others, plus the doc_ids to hide.
 
@@ -785,7 +798,7 @@ def _snapshot(
         docs = open_table(storage, "docs")
         if docs is not None:
             tables["docs"] = docs
-        for name in index.TABLES:
+        for name in names:
             if name != "docs" and (dt := open_table(storage, name)) is not None:
                 tables[name] = dt
         apps = [n.removesuffix(".json") for n in storage.list(WRITERS) if n.endswith(".json")]
@@ -828,7 +841,8 @@ class StoreWriter:
     Parameters
     ----------
     path
-        Store folder. Created with ``manifest`` if missing or empty; if it already holds a store,
+        Store folder or URL, or an opened :class:`~attnstore.storage.Storage` (a
+        :attr:`Store.storage`, with its options). Created with ``manifest`` if missing or empty; if it already holds a store,
         its manifest must agree with ``manifest`` on :data:`~attnstore.layout.COMPAT_KEYS`
         unless ``allow_different`` is set.
     app_id
@@ -842,7 +856,7 @@ class StoreWriter:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Storage,
         manifest: Manifest,
         *,
         allow_different: bool = False,
@@ -851,7 +865,11 @@ class StoreWriter:
         commit_seconds: float | None = None,
         storage_options: dict[str, str] | None = None,
     ) -> None:
-        self.storage: Storage = open_storage(path, storage_options)
+        if isinstance(path, (str, os.PathLike)):
+            self.storage: Storage = open_storage(path, storage_options)
+        else:  # an opened storage (a Store's): its options come with it
+            self.storage = path
+            path = path.root
         self.path: Path | str = self.storage.root if is_url(path) else Path(path)
         if not _APP_ID.match(app_id):
             raise ValueError(
@@ -895,6 +913,7 @@ class StoreWriter:
         self.flushes = 0
         self.closed = False
         self._tables: dict[str, DeltaTable] = {}  # opened once, updated before each commit
+        self._plugin_specs = plugin_tables.registered(self.storage)
         # Leftovers of crashed writers (unreferenced segments and parts, '.tmp-' files) are ignored
         # by every reader and reported by `attnstore verify`; `attnstore compact` removes old ones.
 
@@ -929,6 +948,13 @@ class StoreWriter:
         return f"{self.writer_id}/{n // FOLDER_FANOUT:05d}/{n:09d}"
 
     # -- public ------------------------------------------------------------------------------
+    def register(self, specs: Iterable[plugin_tables.TableSpec]) -> None:
+        """Record plug-in tables in the store before a batch with their rows is committed
+        (:func:`attnstore.analyses.tables.register`: a name taken with another schema is refused)."""
+        specs = list(specs)
+        plugin_tables.register(self.storage, specs)
+        self._plugin_specs.update({s.name: s for s in specs})
+
     def commit(self, segment: Segment) -> None:
         """Add one batch; it becomes visible at the next flush (at once with ``commit_every=1``)."""
         if self.closed:
@@ -977,6 +1003,23 @@ class StoreWriter:
             f"{getattr(err, 'strerror', None) or err}. Nothing of them was committed and earlier commits are "
             "intact; fix the cause and rerun the same command to resume."
         ) from err
+
+    def _table(self, name: str, parts: list[Any]) -> pa.Table:
+        """One table's rows of the flushed batches: built-in columns, or analyses' tables."""
+        if not any(isinstance(p, pa.Table) for p in parts):
+            return index.table_from_columns(name, _concat_columns(parts))
+        spec = self._plugin_specs.get(name)
+        if spec is None and name in index.SCHEMAS:
+            spec = plugin_tables.TableSpec(name, index.SCHEMAS[name], index.SORT_KEYS[name], "")
+            parts = [
+                p if isinstance(p, pa.Table) else index.table_from_columns(name, p) for p in parts
+            ]
+        if spec is None:
+            raise StoreWriteError(
+                f"Table {name!r} is neither built-in nor registered with this writer "
+                "(StoreWriter.register)."
+            )
+        return plugin_tables.build_table(spec, parts)
 
     def _write_segment(self) -> None:
         """Write the matrices of the batches not yet in a segment as one Zarr array."""
@@ -1040,7 +1083,7 @@ class StoreWriter:
         adds: dict[str, list[dict[str, Any]]] = {}
         doc_ids: set[int] = set()
         for name, column_sets in to_write.items():
-            table = index.table_from_columns(name, _concat_columns(column_sets))
+            table = self._table(name, column_sets)
             if table.num_rows == 0 and name != "docs":
                 continue
             doc_ids.update(table["doc_id"].to_pylist())
@@ -1121,8 +1164,8 @@ def _concat_columns(column_sets: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def delta_tables(storage: Storage) -> Iterable[tuple[str, DeltaTable]]:
-    """Every existing Delta table of a format-2 store."""
-    for name in index.TABLES:
+    """Every existing Delta table of a format-2 store (built-in and plug-in tables)."""
+    for name in plugin_tables.schemas(storage):
         dt = open_table(storage, name)
         if dt is not None:
             yield name, dt

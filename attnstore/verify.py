@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from attnstore.analyses import tables as plugin_tables
 from attnstore.errors import AttnStoreError, StoreNotFoundError
 from attnstore.layout import (
     COMMITS,
@@ -189,7 +190,6 @@ def _verify_v2(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from attnstore import index
     from attnstore.store import Store, open_table, table_path
 
     manifest_sha = hashlib.sha256(storage.read_bytes(MANIFEST_NAME)).hexdigest()
@@ -224,7 +224,12 @@ def _verify_v2(
     # 3. Delta logs and the files they reference
     referenced: set[str] = set()
     intact = True
-    for name in index.TABLES:
+    try:  # built-in, then plug-in tables (analyses)
+        schemas = plugin_tables.schemas(storage)
+    except Exception as err:  # noqa: BLE001 - an unreadable registration is a finding
+        report.error(plugin_tables.ANALYSES_DIR, f"unreadable plug-in table registration: {err}")
+        schemas = plugin_tables.schemas(None)
+    for name in schemas:
         base = table_path(name)
         if not storage.exists(f"{base}/_delta_log"):  # no writer committed to it yet
             if name == "docs" and committed:

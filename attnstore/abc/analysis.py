@@ -51,6 +51,9 @@ class Batch:
     documents: Sequence[Any] = ()
     #: free-form facts about the run (model id, codec, ...)
     info: Mapping[str, Any] = field(default_factory=dict)
+    #: documents of this batch that are skipped (``(document, why)``; no rows, no matrices): their
+    #: ``doc_id`` rows may also appear in a table (the span probes list their items)
+    skipped: Sequence[Any] = ()
 
 
 @runtime_checkable
@@ -60,7 +63,9 @@ class Analysis(Protocol):
     ``name`` is its table's name (``[a-z][a-z0-9_]*``, unique in a store); ``schema`` has
     ``doc_id`` (int64) and may have ``layer``/``head`` (int32). An analysis may own further tables:
     ``extra_schemas`` (optional) maps each further table name to its schema, and then :meth:`end`
-    returns a mapping from table name (``name`` included) to table.
+    returns a mapping from table name (``name`` included) to table. An optional
+    ``applies(batch) -> bool`` (default: the batch has documents) skips batches the analysis has
+    nothing to say about (then none of its methods is called for that batch).
     """
 
     name: str

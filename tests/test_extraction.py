@@ -1,0 +1,105 @@
+"""One extraction run for every driver: its settings one frozen, checked object; the drivers
+(extract, the Ray actor, materialize) share it through public names only; the store is opened once
+and that opened storage is what readers and writers take."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import attnstore
+from attnstore.errors import AttnStoreError
+from attnstore.extraction import ExtractConfig
+
+PACKAGE = Path(attnstore.__file__).parent
+
+
+def test_config_is_frozen_and_checked() -> None:
+    config = ExtractConfig.of(layers=[1, 0], heads=range(2), shard="1/4", analyses=["x"])
+    assert config.layers == (1, 0)
+    assert config.heads == (0, 1)
+    assert config.shard == (1, 4)
+    assert config.analyses == ("x",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.batch_size = 2  # type: ignore[misc]
+    with pytest.raises(AttnStoreError, match="--batch-size must be ≥ 1"):
+        ExtractConfig(batch_size=0)
+    with pytest.raises(AttnStoreError, match="--limit must be ≥ 0"):
+        ExtractConfig(limit=-1)
+    with pytest.raises(AttnStoreError, match="0 ≤ index < count"):
+        ExtractConfig.of(shard="4/4")
+
+
+@pytest.mark.parametrize("module", ["pipeline", "cluster", "materialize", "annotate"])
+def test_drivers_import_no_private_names(module: str) -> None:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    private = [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attnstore")
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert private == []
+
+
+def test_readers_and_writers_take_an_opened_storage(llama_store: Path, tmp_path: Path) -> None:
+    from attnstore.compact import compact
+    from attnstore.storage import open_storage
+    from attnstore.store import Store, StoreWriter
+
+    storage = open_storage(llama_store)
+    store = Store(storage)
+    assert store.path == Path(llama_store)
+    assert store.doc_ids() == attnstore.open(str(llama_store)).doc_ids()
+    target = open_storage(tmp_path / "copy.attn")
+    writer = StoreWriter(target, store.manifest)
+    writer.close()
+    assert Store(target).doc_ids() == set()
+    assert compact(target)["tables"] == {}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module → the attnstore modules it imports (function-level imports included)."""
+    mods = {}
+    for p in PACKAGE.rglob("*.py"):
+        name = ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(
+            ".__init__"
+        )
+        mods[name] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("attnstore"):
+                assert node.module is not None
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                subs = [s for s in subs if s in mods]
+                targets = subs if len(subs) == len(node.names) else [node.module, *subs]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names if a.name.startswith("attnstore")]
+            else:
+                continue
+            graph[m].update(t for t in targets if t in mods and t != m)
+    return graph
+
+
+def test_new_subpackages_are_in_no_import_cycle() -> None:
+    graph = _import_graph()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()]:
+                if nxt == goal:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return False
+
+    for m in graph:
+        if m.startswith(("attnstore.analyses", "attnstore.extraction", "attnstore.abc")):
+            assert not reaches(m, m), m
