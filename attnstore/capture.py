@@ -874,6 +874,10 @@ class Extractor:
         defaults = [load(name) for name in DEFAULT if name not in given]
         #: every analysis of this run: the defaults, then the caller's (checked once, here)
         self.runner = AnalysisRunner([*defaults, *analyses])
+        for analysis in self.runner.analyses:  # optional: hooks on the model (value_norm)
+            bind = getattr(analysis, "bind", None)
+            if callable(bind):
+                bind(loaded.model, loaded.tokenizer)
         self.parser = parser
         self.store_matrices = store_matrices
         if values not in VALUES:

@@ -29,8 +29,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from attnstore.analyses.sparsity import NEEDLES_SCHEMA
-from attnstore.analyses.sparsity import SCHEMA as SPARSITY_SCHEMA
 from attnstore.scores import SCORE_COLUMNS
 
 __all__ = [
@@ -160,6 +158,35 @@ PROBE_SCORES: Final = pa.schema(
     ]
 )
 
+#: ``sparsity`` table columns of schemas/sparsity.md (the analysis: attnstore.analyses.sparsity)
+SPARSITY_COLUMNS: Final = (
+    "sink4", "local64", "stream", "span50", "span90", "vertical1", "slash1", "retrieval",
+)  # fmt: skip
+SPARSITY: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("head", pa.int32(), nullable=False),
+        *(pa.field(c, pa.float64()) for c in SPARSITY_COLUMNS),
+        pa.field("n_queries", pa.int32(), nullable=False),
+        pa.field("n_retrieval", pa.int32(), nullable=False),
+    ]
+)
+
+#: One row per needle document; positions are NULL when the span is not among the stored tokens
+#: (a document truncated by ``--max-length``, a tokenizer without character offsets).
+NEEDLES: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("depth", pa.float64(), nullable=False),
+        pa.field("value_first", pa.int32()),
+        pa.field("value_last", pa.int32()),
+        pa.field("answer_first", pa.int32()),
+        pa.field("answer_last", pa.int32()),
+    ]
+)
+
+
 SCHEMAS: Final[dict[str, pa.Schema]] = {
     "docs": DOCS,
     "tokens": TOKENS,
@@ -169,8 +196,8 @@ SCHEMAS: Final[dict[str, pa.Schema]] = {
     "syntax_baseline": SYNTAX_BASELINE,
     "probes": PROBES,
     "probe_scores": PROBE_SCORES,
-    "sparsity": SPARSITY_SCHEMA,
-    "needles": NEEDLES_SCHEMA,
+    "sparsity": SPARSITY,
+    "needles": NEEDLES,
 }
 #: Row order inside every part (lets DuckDB prune row groups on point look-ups).
 SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {

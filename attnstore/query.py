@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import duckdb
 
-from attnstore.analyses.sparsity import summary_sql
+from attnstore.analyses.sparsity.views import summary_sql
 from attnstore.errors import QueryError
 
 if TYPE_CHECKING:

@@ -65,7 +65,9 @@ class Analysis(Protocol):
     ``extra_schemas`` (optional) maps each further table name to its schema, and then :meth:`end`
     returns a mapping from table name (``name`` included) to table. An optional
     ``applies(batch) -> bool`` (default: the batch has documents) skips batches the analysis has
-    nothing to say about (then none of its methods is called for that batch).
+    nothing to say about (then none of its methods is called for that batch). An optional
+    ``bind(model, tokenizer)`` is called once with the loaded model before the first batch, for
+    an analysis that needs more than attention rows (``value_norm`` hooks the value projections).
     """
 
     name: str

@@ -28,20 +28,20 @@ BUILTIN: Final[dict[str, str]] = {
     "patterns": "attnstore.analyses.patterns:Patterns",
     "syntax": "attnstore.analyses.syntax:Syntax",
     "probes": "attnstore.analyses.probes:Probes",
-    # TODO(integrator): once their branches land, add (and to pyproject's entry points):
-    # "sparsity": "attnstore.analyses.sparsity:Sparsity",
-    # "value_norm": "attnstore.analyses.value_norm:ValueNorm",
+    "sparsity": "attnstore.analyses.sparsity:Sparsity",
+    "value_norm": "attnstore.analyses.value_norm:ValueNorm",
 }
 #: The built-in tables each built-in analysis owns (no other analysis may use these names).
 BUILTIN_TABLES: Final[dict[str, tuple[str, ...]]] = {
     "patterns": ("heads",),
     "syntax": ("syntax", "words", "syntax_baseline"),
     "probes": ("probes", "probe_scores"),
+    "sparsity": ("sparsity", "needles"),
 }
 #: The analyses every extraction runs (each decides per batch whether it applies: ``syntax``
 #: when documents carry a parse, ``probes`` when they carry probe items). Add a built-in name here
 #: to run it by default.
-DEFAULT: Final[tuple[str, ...]] = ("patterns", "syntax", "probes")
+DEFAULT: Final[tuple[str, ...]] = ("patterns", "syntax", "probes", "sparsity")
 _NAME: Final = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import pyarrow as pa
 
+from attnstore.index import NEEDLES, SPARSITY, SPARSITY_COLUMNS
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
@@ -35,12 +37,15 @@ if TYPE_CHECKING:
 
     from attnstore.abc.analysis import Batch
     from attnstore.needles import Needle
-    from attnstore.store import Store
 
 __all__ = [
     "COLUMNS",
+    "LONG_QUERIES",
     "NEEDLES_SCHEMA",
+    "RETRIEVAL_MIN",
+    "RETRIEVAL_MIN_N",
     "SCHEMA",
+    "STREAMING_MIN",
     "Sparsity",
     "align_needle",
     "best_retrieval_heads",
@@ -59,46 +64,12 @@ STREAM_RECENT: Final = 256
 #: ``span50`` and ``span90``.
 SPAN_LEVELS: Final = (0.5, 0.9)
 #: Score columns of the ``sparsity`` table, in order.
-COLUMNS: Final = (
-    "sink4", "local64", "stream", "span50", "span90", "vertical1", "slash1", "retrieval",
-)  # fmt: skip
-#: Labels of the ``sparsity_summary`` view (schemas/sparsity.md). ``streaming``: at least this share
-#: of the mass inside the streaming budget, over documents longer than the budget (shorter ones
-#: are inside it whatever the head does).
-STREAMING_MIN: Final = 0.95
-#: Queries a document needs before its ``stream`` says anything: rows q < 384 see only keys
-#: inside the 128 + 256 budget.
-LONG_QUERIES: Final = STREAM_SINK + STREAM_RECENT
-#: ``retrieval``: Wu et al. 2024 call a head a retrieval head from a retrieval score of 0.1, here
-#: over at least this many answer tokens.
-RETRIEVAL_MIN: Final = 0.1
-RETRIEVAL_MIN_N: Final = 10
+COLUMNS: Final = SPARSITY_COLUMNS
 #: float64 elements per head chunk of a block (bounds the working memory of one call).
 _CHUNK_ELEMENTS: Final = 1 << 22
 
-SCHEMA: Final = pa.schema(
-    [
-        pa.field("doc_id", pa.int64(), nullable=False),
-        pa.field("layer", pa.int32(), nullable=False),
-        pa.field("head", pa.int32(), nullable=False),
-        *(pa.field(c, pa.float64()) for c in COLUMNS),
-        pa.field("n_queries", pa.int32(), nullable=False),
-        pa.field("n_retrieval", pa.int32(), nullable=False),
-    ]
-)
-
-#: One row per needle document; positions are NULL when the span is not among the stored tokens
-#: (a document truncated by ``--max-length``, a tokenizer without character offsets).
-NEEDLES_SCHEMA: Final = pa.schema(
-    [
-        pa.field("doc_id", pa.int64(), nullable=False),
-        pa.field("depth", pa.float64(), nullable=False),
-        pa.field("value_first", pa.int32()),
-        pa.field("value_last", pa.int32()),
-        pa.field("answer_first", pa.int32()),
-        pa.field("answer_last", pa.int32()),
-    ]
-)
+SCHEMA: Final = SPARSITY
+NEEDLES_SCHEMA: Final = NEEDLES
 
 
 def top_count(n: int) -> int:
@@ -419,97 +390,13 @@ def _table(schema: pa.Schema, columns: dict[str, list[Any]]) -> pa.Table:
 # ------------------------------------------------------------------------------------------------
 # corpus level: the sparsity_summary view and the CLI listings
 # ------------------------------------------------------------------------------------------------
-def summary_sql() -> str:
-    """``CREATE VIEW sparsity_summary``: per (layer, head), means weighted by ``n_queries``
-    (``retrieval`` by ``n_retrieval``), ``stream_long`` over documents longer than the streaming
-    budget, and a label (``retrieval``, ``streaming`` or ``none``)."""
-    means = [
-        f"sum({c} * n_queries) / nullif(sum(n_queries), 0) AS {c}"
-        for c in COLUMNS
-        if c != "retrieval"
-    ]
-    long = f"CASE WHEN n_queries >= {LONG_QUERIES} THEN n_queries END"
-    return (
-        "CREATE VIEW sparsity_summary AS WITH m AS (SELECT layer, head, count(*) AS n_docs, "
-        + ", ".join(means)
-        + f", sum(stream * ({long})) / nullif(sum({long}), 0) AS stream_long, "
-        "sum(retrieval * n_retrieval) / nullif(sum(n_retrieval), 0) AS retrieval, "
-        f"sum(n_queries)::BIGINT AS n_queries, coalesce(sum({long}), 0)::BIGINT AS n_queries_long, "
-        "sum(n_retrieval)::BIGINT AS n_retrieval, count(retrieval)::BIGINT AS n_needles "
-        "FROM sparsity GROUP BY layer, head) "
-        f"SELECT *, CASE WHEN retrieval >= {RETRIEVAL_MIN} AND n_retrieval >= {RETRIEVAL_MIN_N} "
-        f"THEN 'retrieval' WHEN stream_long >= {STREAMING_MIN} THEN 'streaming' ELSE 'none' END "
-        "AS label FROM m ORDER BY layer, head"
-    )
 
 
-def _register_listings() -> None:
-    """``heads --sparsity`` and ``heads --retrieval`` in the catalog of head listings, so an empty
-    listing says what to run wherever it is shown."""
-    from attnstore.catalog import LISTINGS, Listing, register
-
-    if "sparsity" not in LISTINGS:
-        register(
-            Listing(
-                name="sparsity", view="sparsity_summary",
-                source_count="SELECT count(*) FROM sparsity", what="sparsity rows",
-                remedy="extract again (the sparsity analysis runs at extraction)",
-                unit="queries", group="head",
-            )
-        )  # fmt: skip
-    if "retrieval" not in LISTINGS:
-        register(
-            Listing(
-                name="retrieval", view="sparsity_summary",
-                source_count="SELECT count(*) FROM needles", what="needle documents",
-                remedy="extract with --corpus 'probe:needle?tokens=2048&count=10' and a "
-                "--max-length of at least its tokens to score retrieval heads",
-                unit="answer tokens", group="head",
-            )
-        )  # fmt: skip
-
-
-_register_listings()
-
-
-def best_retrieval_heads(store: Store, *, top: int = 10) -> pa.Table:
-    """The ``top`` heads with the highest corpus ``retrieval`` score (``sparsity_summary``).
-
-    Raises :class:`~attnstore.errors.QueryError` saying why when there is nothing to list.
-    """
-    from attnstore.catalog import require
-    from attnstore.errors import QueryError
-
-    require(store, "retrieval")
-    scored = store.sql("SELECT count(*) FROM sparsity WHERE n_retrieval > 0").column(0)[0]
-    if not scored.as_py():
-        raise QueryError(
-            "This store has needle documents but no retrieval scores: their answers were not "
-            "stored (truncated by --max-length?) or the store has no sparsity rows."
-        )
-    return store.sql(
-        "SELECT layer, head, round(retrieval, 4) AS retrieval, n_retrieval, n_needles, "
-        "round(stream_long, 4) AS stream_long, round(span90, 1) AS span90, label "
-        "FROM sparsity_summary WHERE n_retrieval > 0 "
-        "ORDER BY retrieval DESC, layer, head LIMIT ?",
-        [top],
-    )
-
-
-def sparsity_heads(store: Store, *, top: int | None = None) -> pa.Table:
-    """Every head's corpus sparsity statistics; with ``top``, the ``top`` most streaming heads
-    (highest ``stream_long``, then ``stream``)."""
-    from attnstore.catalog import require
-
-    require(store, "sparsity")
-    cols = ", ".join(
-        f"round({c}, {1 if c.startswith('span') else 4}) AS {c}"
-        for c in (*COLUMNS[:-1], "stream_long", "retrieval")
-    )
-    sql = f"SELECT layer, head, n_docs, {cols}, n_queries, n_retrieval, label FROM sparsity_summary"
-    if top is None:
-        return store.sql(sql + " ORDER BY layer, head")
-    return store.sql(
-        sql + " ORDER BY stream_long DESC NULLS LAST, stream DESC NULLS LAST, layer, head LIMIT ?",
-        [top],
-    )
+from attnstore.analyses.sparsity.listings import best_retrieval_heads, sparsity_heads
+from attnstore.analyses.sparsity.views import (
+    LONG_QUERIES,
+    RETRIEVAL_MIN,
+    RETRIEVAL_MIN_N,
+    STREAMING_MIN,
+    summary_sql,
+)
