@@ -57,8 +57,10 @@ from attnstore.codecs import Codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import AttentionCaptureError, ModelError
 from attnstore.layout import ModelInfo, TokenizerInfo
-from attnstore.packing import packed_length
+from attnstore.overview import OverviewPool
+from attnstore.rows import DocRows, RowSelection
 from attnstore.store import Segment
+from attnstore.streaming import stream_bytes
 from attnstore.syntax import Alignment
 
 if TYPE_CHECKING:
@@ -258,6 +260,18 @@ class _RowCheck:
                         "keys (or negative)"
                     )
         return out[:4]
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_index(rows: tuple[int, ...], q0: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into a ``[C, width]`` block of rows ``q0 …`` for the packed values of its
+    query rows ``rows`` (global, increasing): row ``r`` holds keys ``0 … r``."""
+    r = np.asarray(rows, dtype=np.int64)
+    lengths = r + 1
+    local = np.repeat(r - q0, lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    cols = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+    return torch.from_numpy(local * width + cols).to(device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -737,6 +751,15 @@ class Extractor:
     chunk_bytes
         Largest block of float32 probabilities alive at once (query rows × keys × heads × docs);
         bounds memory at long contexts.
+    rows
+        ``--rows``: store only these query rows of each document (:mod:`attnstore.rows`).
+    overview
+        ``--overview N``: pool every head into ``N × N`` max and mean overviews
+        (:mod:`attnstore.overview`), with or without matrices.
+
+    Set :attr:`stream` (``StoreWriter.stream``) to write documents bigger than
+    :func:`attnstore.streaming.stream_bytes` to their own segment as their rows come
+    (:mod:`attnstore.streaming`) instead of holding their codes in memory.
     """
 
     def __init__(
@@ -751,8 +774,17 @@ class Extractor:
         store_matrices: bool = True,
         mode: str = "auto",
         chunk_bytes: int = 1 << 28,
+        rows: str | RowSelection | None = None,
+        overview: int | None = None,
     ) -> None:
         self.loaded = loaded
+        self.rows = RowSelection.parse(rows)
+        if overview is not None and overview < 1:
+            raise ModelError(f"--overview N needs N ≥ 1. Got {overview}.")
+        self.overview = overview
+        #: opens a DocStream for a long document (``StoreWriter.stream``); None: keep in memory
+        self.stream: Any = None
+        self.stream_bytes = stream_bytes()
         self.parser = parser
         self.store_matrices = store_matrices
         if mode == "auto":
@@ -1010,9 +1042,26 @@ class Extractor:
         n_tok = [len(t.ids) for t in batch]
         b, t_max = len(batch), max(n_tok, default=0)
         n_l, n_h = len(self.layers), len(self.heads)
-        codes = (
-            [np.zeros((n_l, n_h, packed_length(n)), dtype=self.codec.dtype) for n in n_tok]
-            if self.store_matrices
+        doc_rows = [DocRows.of(self.rows, n) for n in n_tok]
+        itemsize = np.dtype(self.codec.dtype).itemsize
+        streams: list[Any] = [None] * b
+        codes: list[Any] = []
+        if self.store_matrices:
+            for i, r in enumerate(doc_rows):
+                big = n_l * n_h * r.length * itemsize > self.stream_bytes
+                if big and self.stream is not None and not self._calibrating:
+                    streams[i] = self.stream(r.n_tokens)  # written as rows come
+                    codes.append(None)
+                else:
+                    codes.append(np.zeros((n_l, n_h, r.length), dtype=self.codec.dtype))
+        pools = (
+            {i: OverviewPool(n, self.overview, n_h, dev) for i, n in enumerate(n_tok)}
+            if self.overview
+            else {}
+        )
+        overviews = (
+            [np.zeros((n_l, n_h, 2, p.m, p.m), dtype=np.float32) for p in pools.values()]
+            if self.overview
             else []
         )
         score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in scores.SCORE_COLUMNS}
@@ -1074,12 +1123,25 @@ class Extractor:
                     flat = probs.reshape(b, n_h, c * t_max)
                     for i, n in enumerate(n_tok):
                         hi = min(q0 + c, n)
-                        if hi > q0:
+                        if hi <= q0:
+                            continue
+                        if doc_rows[i].every:
+                            lo, end = q0 * (q0 + 1) // 2, hi * (hi + 1) // 2
                             idx = _chunk_index(q0, hi, t_max, dev)
-                            values = flat[i].index_select(1, idx)
-                            codes[i][li, :, q0 * (q0 + 1) // 2 : hi * (hi + 1) // 2] = (
-                                self.codec.encode(values)
-                            )
+                        else:  # --rows: only the selected rows of this block
+                            lo, end, sel = doc_rows[i].span(q0, hi)
+                            if end == lo:
+                                continue
+                            idx = _rows_index(tuple(sel.tolist()), q0, t_max, dev)
+                        encoded = self.codec.encode(flat[i].index_select(1, idx))
+                        if streams[i] is not None:
+                            streams[i].write(li, encoded)
+                        else:
+                            codes[i][li, :, lo:end] = encoded
+                for i, pool in pools.items():
+                    hi = min(q0 + c, n_tok[i])
+                    if hi > q0:
+                        pool.add(q0, probs[i, :, : hi - q0])
                 for i, _, alignment, _ in parsed:
                     hi = min(q0 + c, n_tok[i])
                     if hi > q0:
@@ -1100,6 +1162,11 @@ class Extractor:
                 li = layer_pos.get(layer)
                 if li is None:
                     return
+                for stream in streams:
+                    if stream is not None:
+                        stream.end_layer(li)
+                for j, pool in enumerate(pools.values()):
+                    overviews[j][li] = pool.finish()
                 for name, values in layer_scores.pop(li).result().items():
                     score_arrays[name][:, li, :] = values
                 for i, doc_id, _, inst in parsed:
@@ -1137,7 +1204,11 @@ class Extractor:
 
             # Scores-only in sdpa mode never materialises attention rows (online softmax).
             use_online = (
-                not self.store_matrices and self.mode == "sdpa" and not parsed and not probed
+                not self.store_matrices
+                and self.mode == "sdpa"
+                and not parsed
+                and not probed
+                and not self.overview
             )
             self._forward(
                 path, ids, mask, consume, done, online if use_online else None, check
@@ -1145,9 +1216,13 @@ class Extractor:
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()
+        for i, stream in enumerate(streams):
+            if stream is not None:  # every layer streamed: the document's segment is complete
+                codes[i] = stream.close()
         segment = self._segment(
             batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None
         )
+        segment.overviews = overviews
         if parsed:
             segment.extra = syn.tables()
             segment.annotation = {"parser": self.parser or "gold (corpus)"}

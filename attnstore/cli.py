@@ -276,6 +276,20 @@ def _int_list(value: str | None) -> list[int] | None:
     show_default=True,
     help="Layer outputs from the captured probabilities (eager) or the fused kernel (sdpa).",
 )
+@click.option(
+    "--rows",
+    "rows",
+    multiple=True,
+    help="Store only these query rows of each document: Python slices relative to the document, "
+    "comma-separated or repeated, e.g. --rows=-64: (the last 64) or --rows 0:128,-64:.",
+)
+@click.option(
+    "--overview",
+    type=int,
+    default=None,
+    help="Also write an N×N max- and mean-pooled overview of every head (with --scores-only "
+    "too): the viewer's first picture of long documents.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(
@@ -296,6 +310,8 @@ def extract(
     parse: str | None,
     scores_only: bool,
     attention: str,
+    rows: tuple[str, ...],
+    overview: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -329,6 +345,8 @@ def extract(
         scores_only=scores_only,
         attention=attention,
         progress=not quiet,
+        rows=",".join(rows) if rows else None,
+        overview=overview,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

@@ -9,6 +9,7 @@ Tables (column specs in ``schemas/tables/*.json``; a test keeps code and spec eq
   ``schemas/syntax.md`` (only in stores extracted with ``--parse`` or annotated by ``parse``).
 - ``probes``, ``probe_scores``: span-probe items and their per-head mass and argmax correctness
   (``schemas/probes.md``; only in stores with probe items).
+- ``overviews``: where each document's pooled N × N overviews are (``--overview N``; since 2.1).
 
 Each table is a Delta Lake table (format 2). Files are immutable parts written under a temporary
 name then renamed, so a reader never sees half a file; the Delta log adds them. Rows are sorted by
@@ -151,6 +152,18 @@ PROBE_SCORES: Final = pa.schema(
     ]
 )
 
+#: Where each document's overviews live (``--overview N``, since 2.1): one row per document.
+OVERVIEWS: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("size", pa.int32(), nullable=False),
+        pa.field("block", pa.int32(), nullable=False),
+        pa.field("n_blocks", pa.int32(), nullable=False),
+        pa.field("array", pa.string(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+    ]
+)
+
 SCHEMAS: Final[dict[str, pa.Schema]] = {
     "docs": DOCS,
     "tokens": TOKENS,
@@ -160,6 +173,7 @@ SCHEMAS: Final[dict[str, pa.Schema]] = {
     "syntax_baseline": SYNTAX_BASELINE,
     "probes": PROBES,
     "probe_scores": PROBE_SCORES,
+    "overviews": OVERVIEWS,
 }
 #: Row order inside every part (lets DuckDB prune row groups on point look-ups).
 SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
@@ -171,6 +185,7 @@ SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "syntax_baseline": ("doc_id", "relation", "direction"),
     "probes": ("doc_id", "item"),
     "probe_scores": ("doc_id", "item", "layer", "head"),
+    "overviews": ("doc_id",),
 }
 TABLES: Final = tuple(SCHEMAS)
 

@@ -47,12 +47,15 @@ FORMAT_NAME: Final = "attnstore"
 #: Major.minor. Readers accept any minor of their major; additive changes bump the minor.
 #: 1.1 added tokens.char_start/char_end and the words, syntax and syntax_baseline tables.
 #: 2.0 keeps each table as a Delta Lake table and nests segments (no commit records).
-FORMAT_VERSION: Final = "2.0"
+#: 2.1 adds row selections (manifest ``rows``), overviews (``overview``, ``overviews/``, the
+#: ``overviews`` table) and one segment per long document written as it streams out.
+FORMAT_VERSION: Final = "2.1"
 #: Majors this version reads; only :data:`FORMAT_VERSION`'s major is written.
 READ_MAJORS: Final = (1, 2)
 MANIFEST_NAME: Final = "attnstore.json"
 SEGMENTS: Final = "segments"
 TABLES_DIR: Final = "tables"
+OVERVIEWS: Final = "overviews"
 COMMITS: Final = "commits"
 WRITERS: Final = "writers"
 #: Batches per segment/part folder (``<kkkkk>`` above).
@@ -60,10 +63,12 @@ FOLDER_FANOUT: Final = 1024
 PACKING: Final = "tril-rowmajor"
 
 #: Manifest entries that must agree before new documents may join an existing store.
-COMPAT_KEYS: Final = ("model", "tokenizer", "codec", "max_length", "layers", "heads", "matrices")
+COMPAT_KEYS: Final = (
+    "model", "tokenizer", "codec", "max_length", "layers", "heads", "matrices", "rows", "overview",
+)  # fmt: skip
 #: Of those, the ones that define how segments are laid out: they can never differ within one store
 #: (the manifest describes every segment), even with ``--allow-different``.
-LAYOUT_KEYS: Final = ("codec", "layers", "heads", "matrices")
+LAYOUT_KEYS: Final = ("codec", "layers", "heads", "matrices", "rows", "overview")
 
 
 class ModelInfo(TypedDict):
@@ -101,6 +106,10 @@ class _ManifestRequired(TypedDict):
 class Manifest(_ManifestRequired, total=False):
     #: since 1.1; absent means True. False: a scores-only store (tables, no segments).
     matrices: bool
+    #: since 2.1; absent means every row. The ``--rows`` selection (attnstore.rows), e.g. "-64:".
+    rows: str
+    #: since 2.1; absent means none. N of ``--overview N`` (pooled N × N views per head).
+    overview: int
 
 
 def manifest_value(manifest: Manifest, key: str) -> Any:

@@ -155,6 +155,8 @@ def extract(
     attention: str = "auto",
     progress: bool | Callable[[int], None] = True,
     storage_options: dict[str, str] | None = None,
+    rows: str | None = None,
+    overview: int | None = None,
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
@@ -170,6 +172,11 @@ def extract(
     one machine or many) into the same store and they share no file. ``shard="auto"`` reads
     i/n from torchrun or a Slurm array (:func:`attnstore.cluster.shard_from_environment`) and,
     under torchrun with CUDA and no ``device``, uses GPU ``cuda:LOCAL_RANK``.
+    ``rows="-64:"`` stores only those query rows of each document (Python slices relative to each
+    document, comma-separated; :mod:`attnstore.rows`); ``overview=N`` writes N × N max and mean
+    overviews of every head (:mod:`attnstore.overview`), also with ``scores_only``. Documents too
+    big to hold in memory are streamed to their own segment as their rows come
+    (:mod:`attnstore.streaming`).
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
     ``out`` may be a URL (``s3://bucket/prefix/name.attn``, ``gs://``, ``az://``); credentials and
@@ -195,6 +202,11 @@ def extract(
     if limit is not None and limit < 0:
         raise AttnStoreError(f"--limit must be ≥ 0. Got {limit}.")
     the_codec = get_codec(codec)
+    from attnstore.rows import RowSelection
+
+    row_selection = RowSelection.parse(rows)  # a bad --rows fails before the model load
+    if overview is not None and overview < 1:
+        raise AttnStoreError(f"--overview N needs N ≥ 1. Got {overview}.")
     # a bad --shard (or launcher environment) fails before the model load
     shard_ix = None if shard is None else _parse_shard(shard)
     if shard == "auto" and device is None:
@@ -215,7 +227,7 @@ def extract(
     # A rerun with nothing left to do answers without loading the model (17-30 s).
     pending = _nothing_left(
         out, model, corpus, text_field, the_codec.get_config(), max_length, limit, shard_ix,
-        layers, heads, scores_only,
+        layers, heads, scores_only, row_selection, overview,
     )  # fmt: skip
     if pending is not None:
         report = ExtractReport(path=str(out), docs_already_committed=pending)
@@ -229,7 +241,7 @@ def extract(
         max_length = min(DEFAULT_MAX_LENGTH, loaded.max_positions or DEFAULT_MAX_LENGTH)
     extractor = Extractor(
         loaded, the_codec, max_length, layers, heads, parser=parse,
-        store_matrices=not scores_only, mode=attention,
+        store_matrices=not scores_only, mode=attention, rows=row_selection, overview=overview,
     )  # fmt: skip
     if doc_iter is None:
         doc_iter = iter(probe_documents(loaded, probe or parse_probe(corpus)))
@@ -250,6 +262,7 @@ def extract(
         commit_seconds=commit_seconds,
         app_id=DEFAULT_APP_ID if shard_ix is None else app_id_for_shard(*shard_ix),
     )  # fmt: skip
+    extractor.stream = writer.stream  # long documents: written as their rows come
     done = Store(out).doc_ids()
     report = ExtractReport(path=str(out))
     bar = _progress(progress)
@@ -287,6 +300,8 @@ def _nothing_left(
     layers: Sequence[int] | None,
     heads: Sequence[int] | None,
     scores_only: bool,
+    rows: Any = None,
+    overview: int | None = None,
 ) -> int | None:
     """The number of documents asked for when every one is already committed to ``out`` with the
     same settings as far as they are known without loading the model; else ``None`` (run
@@ -312,6 +327,8 @@ def _nothing_left(
         and list(layers if layers is not None else range(n_layers)) == m["layers"]
         and list(heads if heads is not None else range(n_heads)) == m["heads"]
         and manifest_value(m, "matrices") is not scores_only
+        and manifest_value(m, "rows") == (str(rows) if rows is not None else None)
+        and manifest_value(m, "overview") == overview
     )
     if not same:
         return None
@@ -338,7 +355,7 @@ def _manifest(
 ) -> Manifest:
     """The manifest of a store written by ``extractor`` (``created_at`` fixed by a caller whose
     many writers must create byte-identical manifests, e.g. :mod:`attnstore.cluster`)."""
-    return {
+    manifest: Manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created_by": f"attnstore {__version__}",
@@ -362,6 +379,11 @@ def _manifest(
             ),
         },
     }
+    if extractor.rows is not None:  # 2.1: only the selected query rows are stored
+        manifest["rows"] = str(extractor.rows)
+    if extractor.overview:  # 2.1: N × N overviews of every head
+        manifest["overview"] = extractor.overview
+    return manifest
 
 
 def _parse_shard(shard: str) -> tuple[int, int]:

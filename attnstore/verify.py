@@ -41,7 +41,6 @@ from attnstore.layout import (
     WRITERS,
     parse_format_version,
 )
-from attnstore.packing import packed_length
 
 if TYPE_CHECKING:
     from attnstore.storage import Storage
@@ -381,8 +380,11 @@ def _check_segment(
     except Exception as err:  # noqa: BLE001 - any unreadable array is a finding
         report.error(where, f"cannot open the Zarr array: {err}")
         return
+    from attnstore.rows import DocRows, RowSelection
+
+    selection = RowSelection.parse(manifest.get("rows"))  # 2.1: --rows stores fewer rows
     expected_shape = (len(manifest["layers"]), len(manifest["heads"]))
-    end = max(d["offset"] + packed_length(d["n_tokens"]) for d in stored)
+    end = max(d["offset"] + DocRows.of(selection, d["n_tokens"]).length for d in stored)
     if tuple(arr.shape[:2]) != expected_shape or arr.shape[2] < end:
         report.error(where, f"shape {arr.shape}, expected {expected_shape} × ≥{end}")
         return
@@ -398,7 +400,8 @@ def _check_segment(
         return
     for d in stored:
         n = d["n_tokens"]
-        probs = codec.decode(data[:, :, d["offset"] : d["offset"] + packed_length(n)])
+        doc_rows = DocRows.of(selection, n)
+        probs = codec.decode(data[:, :, d["offset"] : d["offset"] + doc_rows.length])
         report.matrices_checked += probs.shape[0] * probs.shape[1]
         loc = f"{where}:doc_id={d['doc_id']}"
         if not np.isfinite(probs).all():
@@ -406,10 +409,12 @@ def _check_segment(
             continue
         if probs.min() < 0 or probs.max() > 1 + codec.max_abs_error:
             report.error(loc, f"values outside [0, 1]: {probs.min():.3g} … {probs.max():.3g}")
-        # row q of the packed triangle: [q (q + 1) / 2, (q + 1) (q + 2) / 2)
-        starts = np.arange(n) * (np.arange(n) + 1) // 2
+        if not len(doc_rows.rows):
+            continue
+        # stored row k (query rows[k]) of the packed data: [starts[k], starts[k + 1])
+        starts = doc_rows.starts[:-1]
         sums = np.add.reduceat(probs.astype(np.float64), starts, axis=-1)
-        tolerance = (np.arange(n) + 1) * codec.max_abs_error + 1e-5
+        tolerance = (doc_rows.rows + 1) * codec.max_abs_error + 1e-5
         bad = np.abs(sums - 1.0) > tolerance
         if bad.any():
             layer_i, head_i, q = (int(x[0]) for x in np.nonzero(bad))
@@ -417,7 +422,7 @@ def _check_segment(
                 loc,
                 f"{int(bad.sum())} rows do not sum to 1 within the codec's bound, first: "
                 f"layer {manifest['layers'][layer_i]}, head {manifest['heads'][head_i]}, "
-                f"row {q} sums to {sums[layer_i, head_i, q]:.6f}",
+                f"row {doc_rows.rows[q]} sums to {sums[layer_i, head_i, q]:.6f}",
             )
 
 
