@@ -269,7 +269,7 @@ def _rows_index(rows: tuple[int, ...], q0: int, width: int, device: torch.device
     r = np.asarray(rows, dtype=np.int64)
     lengths = r + 1
     local = np.repeat(r - q0, lengths)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    starts = np.cumsum(lengths) - lengths
     cols = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
     return torch.from_numpy(local * width + cols).to(device)
 

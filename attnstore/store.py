@@ -667,6 +667,10 @@ class Store:
                 f"(--rows {self.row_selection}); read them with rows=slice(start, stop)."
             )
         lo, end = doc_rows.require(a, b)
+        if end == lo:  # no rows: nothing to read (zarr refuses empty selections)
+            lead = [x for x in (li, hi) if isinstance(x, slice)]
+            shape = [len(self.manifest["layers"]), len(self.manifest["heads"])][: len(lead)]
+            return np.zeros((*shape, 0), dtype=np.float32), n, a, b
         codes = self._array(loc.segment)[li, hi, loc.offset + lo : loc.offset + end]
         return self.codec.decode(codes), n, a, b
 
@@ -810,7 +814,7 @@ def _rows_index(n: int, a: int, b: int) -> np.ndarray:
     """Flat indices into ``[b − a, n]`` of the packed values of rows ``a … b − 1``."""
     lengths = np.arange(a + 1, b + 1, dtype=np.int64)
     local = np.repeat(np.arange(b - a, dtype=np.int64), lengths)
-    offs = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offs = np.cumsum(lengths) - lengths
     cols = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offs, lengths)
     index: np.ndarray = local * n + cols
     index.setflags(write=False)
