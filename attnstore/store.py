@@ -639,6 +639,10 @@ class Store:
     def _doc_rows(self, n_tokens: int) -> DocRows:
         return _doc_rows(self.row_selection, n_tokens)
 
+    def n_tokens(self, doc_id: int) -> int:
+        """``T`` of a stored document (a cached look-up; no matrix is read)."""
+        return self._location(int(doc_id)).n_tokens
+
     def stored_rows(self, doc_id: int) -> np.ndarray:
         """The query rows stored for ``doc_id`` (every row unless the store has ``--rows``)."""
         return self._doc_rows(self._location(int(doc_id)).n_tokens).rows

@@ -283,3 +283,55 @@ def test_kill_in_the_middle_of_a_streamed_document(
     again = attnstore.open(str(out))
     for d in sorted(again.doc_ids()):
         np.testing.assert_array_equal(again.overview(d, 1, 2), stores["stream"].overview(d, 1, 2))
+
+
+# -- the viewer's API on a long document: overviews and partial reads ---------------------------
+def test_viewer_api_draws_long_documents_from_overviews(viewer_store: Path) -> None:
+    from attnstore.serve import TILE, Viewer
+    from tests.viewer_store import LONG, N_SHORT, OVERVIEW, PREV, SINK
+
+    viewer = Viewer([viewer_store])
+    store = attnstore.open(str(viewer_store))
+    b = LONG // OVERVIEW
+    for layer, head in (SINK, PREV):
+        body, headers = viewer.overview(
+            {"doc": str(N_SHORT), "layer": str(layer), "head": str(head)}
+        )
+        assert headers["X-Shape"] == f"{OVERVIEW},{OVERVIEW}"
+        assert headers["X-Block"] == str(b)
+        got = np.frombuffer(body, dtype="<f4").reshape(OVERVIEW, OVERVIEW)
+        np.testing.assert_array_equal(got, store.overview(N_SHORT, layer, head))
+        # a tile at a pooling that is a multiple of the block comes from the overview, and equals
+        # max-pooling the decoded matrix exactly; a finer one from a partial read of its rows
+        m = store.matrix(N_SHORT, layer, head)
+        for pool, source in ((2 * b, "overview"), (b // 2, "rows")):
+            side = LONG // pool
+            body, headers = viewer.tile(
+                {"doc": str(N_SHORT), "layer": str(layer), "head": str(head), "pool": str(pool),
+                 "ty": "0", "tx": "0"}
+            )  # fmt: skip
+            assert headers["X-Source"] == source
+            tile = np.frombuffer(body, dtype="<f4").reshape(min(TILE, side), min(TILE, side))
+            want = m.reshape(side, pool, side, pool).max(axis=(1, 3))[:TILE, :TILE]
+            np.testing.assert_array_equal(tile, want)
+        row = viewer.row({"doc": str(N_SHORT), "layer": str(layer), "head": str(head), "q": "4000"})
+        np.testing.assert_array_equal(np.float32(row["values"]), m[4000, :4001])
+    viewer.close()
+
+
+def test_dataset_reads_row_blocks(stores: dict[str, attnstore.Store]) -> None:
+    from torch.utils.data import DataLoader
+
+    from attnstore.dataset import AttentionDataset, collate
+
+    ref = stores["ref"]
+    ds = AttentionDataset(str(stores["rows"].path), rows=slice(-7, None))
+    loader = DataLoader(ds, batch_size=4, collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["matrix"].shape[1] == 7
+    for i in range(4):
+        d, la, h, n = (int(batch[k][i]) for k in ("doc_id", "layer", "head", "n_tokens"))
+        want = ref.matrix(d, la, h)[-7:]
+        np.testing.assert_array_equal(batch["matrix"][i, :, :n].numpy(), want)
+    with pytest.raises(AttnStoreError, match="packed"):
+        AttentionDataset(str(stores["rows"].path), rows=slice(0, 1), packed=True)
