@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 import attnstore
 from attnstore.serve import make_server
-from tests.viewer_store import HEADS, LAYERS, LONG, N_SHORT, PREV, SHORT, SINK, SYNTAX
+from tests.viewer_store import HEADS, LAYERS, LONG, N_SHORT, OVERVIEW, PREV, SHORT, SINK, SYNTAX
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/install.sh); never `playwright install`
 SHOTS = Path(
@@ -304,11 +304,16 @@ def test_token_strip_hover_shows_where_a_token_attends(page: Page, server: Any) 
 
 
 def test_long_document_renders_through_pooled_tiles(page: Page, server: Any) -> None:
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
     t0 = time.perf_counter()
     open_view(page, server, f"#/doc?doc={N_SHORT}&layer={SINK[0]}&head={SINK[1]}&scale=sqrt&sink=1")
     wait_heatmaps(page)
     elapsed = time.perf_counter() - t0
+    # the first picture comes from the stored overview (format 2.1), then the exact tiles
+    assert any("/api/overview?" in u for u in requested)
     canvas = page.locator("canvas.main")
+    assert canvas.get_attribute("data-overview") in (None, str(LONG // OVERVIEW))
     pool = int(canvas.get_attribute("data-pool") or 0)
     assert pool > 1
     assert int(canvas.get_attribute("width") or 0) == LONG // pool

@@ -45,6 +45,14 @@ async function tile(params) {
   return { rows, cols, data: new Float32Array(await res.arrayBuffer()) };
 }
 
+// A head's stored --overview (max): [M, M] float32 cells of b × b tokens (X-Block).
+async function overviewImage(params) {
+  const res = await fetch(`/api/overview?${new URLSearchParams(params)}`);
+  if (!res.ok) return null;
+  const [rows, cols] = res.headers.get("X-Shape").split(",").map(Number);
+  return { rows, cols, block: Number(res.headers.get("X-Block")), data: new Float32Array(await res.arrayBuffer()) };
+}
+
 function route() {
   const raw = location.hash.replace(/^#\/?/, "");
   const [page, query] = raw.split("?");
@@ -382,6 +390,13 @@ class Heatmap {
   async load() {
     const T = META.tile, nt = Math.ceil(this.side / T);
     this.data = new Float32Array(this.side * this.side);
+    let done = false;
+    // A long document with a stored overview: its first picture comes from the overview (one small
+    // read), then the exact tiles (partial reads of their rows) replace it.
+    if (storeMeta(this.store).overview && nt > 1) {
+      overviewImage({ store: this.store, doc: this.doc, layer: this.layer, head: this.head, kind: "max" })
+        .then((ov) => { if (ov && !done) this.preview(ov); });
+    }
     const jobs = [];
     for (let ty = 0; ty < nt; ty++) {
       for (let tx = 0; tx <= ty; tx++) { // tiles above the diagonal are all zero (causal)
@@ -392,7 +407,29 @@ class Heatmap {
       }
     }
     await Promise.all(jobs);
+    done = true;
     this.draw();
+  }
+
+  // Draw an overview (cells of ov.block tokens) at this heatmap's pooling: each cell the maximum
+  // of the overview cells it covers (an upper bound of the exact pooled value).
+  preview(ov) {
+    const n = this.side, m = ov.rows, p = this.pool, b = ov.block;
+    const data = new Float32Array(n * n);
+    for (let i = 0; i < n; i++) {
+      const r0 = Math.min(m - 1, Math.floor((i * p) / b)), r1 = Math.min(m, Math.max(r0 + 1, Math.ceil(((i + 1) * p) / b)));
+      for (let j = 0; j <= i; j++) {
+        const c0 = Math.min(m - 1, Math.floor((j * p) / b)), c1 = Math.min(m, Math.max(c0 + 1, Math.ceil(((j + 1) * p) / b)));
+        let v = 0;
+        for (let r = r0; r < r1; r++) for (let c = c0; c < c1; c++) v = Math.max(v, ov.data[r * m + c]);
+        data[i * n + j] = v;
+      }
+    }
+    const exact = this.data;
+    this.data = data;
+    this.draw(false);
+    this.data = exact;
+    this.canvas.dataset.overview = String(b);
   }
 
   value(q, k) {
@@ -401,7 +438,7 @@ class Heatmap {
     return this.data[i * this.side + j];
   }
 
-  draw() {
+  draw(final = true) {
     const n = this.side, d = this.data;
     let vmax = 0;
     for (let i = 0; i < n; i++) for (let j = this.sink ? 1 : 0; j <= i; j++) if (d[i * n + j] > vmax) vmax = d[i * n + j];
@@ -420,7 +457,7 @@ class Heatmap {
     }
     ctx.putImageData(img, 0, 0);
     this.canvas.dataset.vmax = String(vmax);
-    this.canvas.dataset.ready = "1";
+    if (final) this.canvas.dataset.ready = "1";
   }
 
   crosshair(cell) {
