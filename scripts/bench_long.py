@@ -128,6 +128,7 @@ def case_rows32k(args: argparse.Namespace) -> dict[str, Any]:
     res["peak_rss_mib"] = round(_rss_mib())
     store = attnstore.open(str(out))
     worst = 0.0
+    torch.set_grad_enabled(False)  # the captured tensors are inference tensors
     for layer, (h, (cos, sin)) in captured.items():  # reference: last 64 rows in float64
         attn = loaded.model.model.layers[layer].self_attn
         q = attn.q_proj(h).view(1, -1, 9, 64).transpose(1, 2)
