@@ -335,3 +335,24 @@ def test_dataset_reads_row_blocks(stores: dict[str, attnstore.Store]) -> None:
         np.testing.assert_array_equal(batch["matrix"][i, :, :n].numpy(), want)
     with pytest.raises(AttnStoreError, match="packed"):
         AttentionDataset(str(stores["rows"].path), rows=slice(0, 1), packed=True)
+
+
+def test_cli_rows_and_overview(tmp_path: Path, llama_dir: Path, long_corpus: Path) -> None:
+    from click.testing import CliRunner
+
+    from attnstore.cli import cli
+
+    out = tmp_path / "cli.attn"
+    common = ["extract", "--out", str(out), "-m", str(llama_dir), "-c", str(long_corpus),
+              "--limit", "2", "--max-length", "40", "-q"]  # fmt: skip
+    bad = CliRunner().invoke(cli, [*common, "--rows", "1:x"])
+    assert bad.exit_code != 0
+    assert "--rows" in bad.output
+    assert not out.exists()  # refused before anything was written
+    ok = CliRunner().invoke(cli, [*common, "--rows=-3:", "--rows", "0:2", "--overview", "8"])
+    assert ok.exit_code == 0, ok.output
+    store = attnstore.open(str(out))
+    assert store.manifest["rows"] == "-3:,0:2"
+    assert store.manifest["overview"] == 8
+    assert store.stored_rows(0).tolist() == [0, 1, 37, 38, 39]
+    assert store.overview(0, 0, 0).shape == (8, 8)
