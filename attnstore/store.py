@@ -1,6 +1,7 @@
 """A store on disk: attention in Zarr v3 segments, tables in Delta Lake, and read-back.
 
-This is the only module that imports zarr and deltalake. A segment is one Zarr v3 array
+This is the only module that imports deltalake; zarr also in :mod:`attnstore.streaming` (a long
+document's segment, written as its rows come). A segment is one Zarr v3 array
 ``[layer, head, packed]`` holding the packed lower triangles of its documents back to back (see
 :mod:`attnstore.packing`), compressed with Blosc (zstd + byte shuffle) and written as a single shard:
 one object, written once by one process. A document's matrices start at its ``offset`` in the
