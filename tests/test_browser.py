@@ -219,11 +219,11 @@ def test_head_page_shows_syntactic_results(page: Page, server: Any) -> None:
     shot(page, "overview-syntactic")
 
 
-def _brightest(page: Page) -> tuple[np.ndarray, np.ndarray]:
+def _brightest(page: Page, selector: str = "canvas.main") -> tuple[np.ndarray, np.ndarray]:
     """Per row of the heatmap canvas's own pixels (one per cell): the column of the brightest
     pixel (the first one on ties) and the ratio of its luminance to the row's median."""
     out = page.evaluate(
-        """() => { const c = document.querySelector('canvas.main'), w = c.width;
+        """(sel) => { const c = document.querySelector(sel), w = c.width;
         const d = c.getContext('2d').getImageData(0, 0, w, c.height).data;
         const arg = [], ratio = [];
         for (let i = 0; i < c.height; i++) {
@@ -234,8 +234,7 @@ def _brightest(page: Page) -> tuple[np.ndarray, np.ndarray]:
           const sorted = [...lum].sort((a, b) => a - b);
           arg.push(best); ratio.push(lum[best] / Math.max(sorted[w >> 1], 1e-9));
         }
-        return {arg, ratio, w, h: c.height}; }"""
-    )
+        return {arg, ratio, w, h: c.height}; }""", selector)
     assert out["w"] == out["h"]
     return np.array(out["arg"]), np.array(out["ratio"])
 
@@ -331,6 +330,18 @@ def test_long_document_renders_through_pooled_tiles(page: Page, server: Any) -> 
     assert np.isin(arg[1:] - rows[1:], [-1, 0]).all()
     assert (ratio[1:] > 2).all()
     shot(page, "doc-long-previous-token")
+    # a click zooms down to exact cells: the 256 × 256 block around (q 2100, k 2090), one pixel
+    # per cell from a partial read of its 256 rows; each row brightest on its previous token
+    box = canvas.bounding_box()
+    assert box is not None
+    canvas.click(position={"x": box["width"] * 2090 / LONG, "y": box["height"] * 2100 / LONG})
+    until(page, "document.querySelector('canvas.zoom[data-ready=\"1\"]') !== null", timeout=60)
+    zoom = page.locator("canvas.zoom")
+    assert zoom.get_attribute("data-q0") == zoom.get_attribute("data-k0") == "2048"
+    arg, ratio = _brightest(page, "canvas.zoom")
+    assert (arg[1:] == np.arange(len(arg))[:-1]).all()
+    assert (ratio[1:] > 2).all()
+    shot(page, "doc-long-zoom")
     print(f"4,096-token document rendered in {elapsed:.2f} s (pool {pool})")
 
 

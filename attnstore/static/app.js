@@ -385,6 +385,13 @@ class Heatmap {
       this.listeners.forEach((f) => f(cell, e));
     });
     this.canvas.addEventListener("mouseleave", () => this.listeners.forEach((f) => f(null)));
+    // pooled cells: a click zooms down to the exact cells around it (zoomInto)
+    this.canvas.addEventListener("click", (e) => {
+      const r = this.canvas.getBoundingClientRect();
+      const i = Math.floor(((e.clientY - r.top) / r.height) * this.side);
+      const j = Math.floor(((e.clientX - r.left) / r.width) * this.side);
+      if (this.onzoom && i >= 0 && j >= 0 && i < this.side && j < this.side) this.onzoom({ q: i * this.pool, k: j * this.pool });
+    });
   }
 
   async load() {
@@ -473,6 +480,35 @@ class Heatmap {
   }
 }
 
+// The exact cells (pool 1: a partial read of 256 query rows) of the 256 × 256 block holding
+// `cell`, drawn one pixel per cell into `box`.
+async function zoomInto(hm, cell, box) {
+  const T = META.tile, ty = Math.floor(cell.q / T), tx = Math.min(ty, Math.floor(cell.k / T));
+  const t = await tile({ store: hm.store, doc: hm.doc, layer: hm.layer, head: hm.head, pool: 1, ty, tx });
+  const q0 = ty * T, k0 = tx * T;
+  const c = h("canvas", { class: "zoom", width: t.cols, height: t.rows, "data-q0": q0, "data-k0": k0 });
+  let vmax = 0;
+  for (let i = 0; i < t.rows; i++) for (let j = hm.sink && k0 === 0 ? 1 : 0; j < t.cols; j++) vmax = Math.max(vmax, t.data[i * t.cols + j]);
+  const ctx = c.getContext("2d"), img = ctx.createImageData(t.cols, t.rows), px = img.data;
+  for (let i = 0; i < t.rows; i++) {
+    for (let j = 0; j < t.cols; j++) {
+      const o = (i * t.cols + j) * 4;
+      if (k0 + j > q0 + i) { px[o] = 12; px[o + 1] = 12; px[o + 2] = 12; px[o + 3] = 255; continue; }
+      const v = Math.round(scaled(t.data[i * t.cols + j], vmax, hm.scale) * 255) * 3;
+      px[o] = LUT[v]; px[o + 1] = LUT[v + 1]; px[o + 2] = LUT[v + 2]; px[o + 3] = 255;
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+  c.addEventListener("mousemove", (e) => {
+    const r = c.getBoundingClientRect();
+    const i = Math.floor(((e.clientY - r.top) / r.height) * t.rows), j = Math.floor(((e.clientX - r.left) / r.width) * t.cols);
+    if (i < 0 || j < 0 || i >= t.rows || j >= t.cols) return;
+    c.title = `q ${q0 + i} → k ${k0 + j}: ${t.data[i * t.cols + j].toPrecision(6)} (exact)`;
+  });
+  c.dataset.ready = "1";
+  box.replaceChildren(h("p", { class: "muted" }, `Exact cells: queries ${q0}…${q0 + t.rows - 1}, keys ${k0}…${k0 + t.cols - 1}.`), c);
+}
+
 function tokenText(tokens, i) {
   const t = tokens[i];
   return t === undefined ? "?" : t.replace(/\n/g, "\\n").replace(/\t/g, "\\t").replace(/\r/g, "\\r");
@@ -499,7 +535,7 @@ async function docPage(params, token) {
   const doc = await api("doc", { store: st.store, doc: params.doc });
   if (token !== renderToken) return;
   const hm = new Heatmap({ store: st.store, doc: doc.doc_id, layer, head, n: doc.n_tokens, scale, sink, maxPx: 640 });
-  const hover = h("div", { class: "hover", id: "hover" }, "Hover the heatmap for (query, key, value); hover a token below for where it attends.");
+  const hover = h("div", { class: "hover", id: "hover" }, `Hover the heatmap for (query, key, value)${hm.pool > 1 ? "; click it to zoom down to exact cells" : ""}; hover a token below for where it attends.`);
   const strip = h("div", { class: "strip", id: "strip" },
     doc.tokens.map((t, i) => h("span", { class: "tok", "data-pos": i, title: `position ${i}` }, tokenText(doc.tokens, i))));
   const controls = h("div", { class: "controls" },
@@ -511,11 +547,13 @@ async function docPage(params, token) {
     h("a", { href: href("head", { store: st.store, layer, head }) }, "head page"),
     h("a", { href: href("compare", { store: st.store, doc: doc.doc_id, heads: `${st.store}:${layer}:${head}`, scale, sink: params.sink }) }, "compare"));
   const legendBox = h("div");
+  const zoomBox = h("div", { class: "zoombox", id: "zoom" });
+  if (hm.pool > 1) hm.onzoom = (cell) => zoomInto(hm, cell, zoomBox);
   mount(
     h("h1", {}, `Document ${doc.doc_id} · layer ${layer} head ${head} `,
       h("span", { class: "muted" }, `— ${doc.n_tokens} tokens${doc.truncated ? " (truncated)" : ""}`)),
     controls,
-    h("div", { class: "row" }, h("div", {}, hm.el, legendBox, hover),
+    h("div", { class: "row" }, h("div", {}, hm.el, legendBox, hover, zoomBox),
       h("div", { class: "panel tokens-panel" }, h("h2", { text: "Tokens" }),
         h("p", { class: "muted" }, "Hover a token: orange = what it attends to, blue underline = what attends to it."), strip)));
   await hm.load();
