@@ -2,6 +2,7 @@
 cores (figures from shared cores are not comparable). Commands (docs/benchmarks.md):
 
     python scripts/bench_long.py memory  --tokens 8192 --overview 256   # peak RSS: store-all vs bare forward
+    python scripts/bench_long.py stream  --tokens 8192                  # tiny model: streamed vs in-memory store-all
     python scripts/bench_long.py rows32k --tokens 32768                 # 2-layer SmolLM2-shaped, --rows=-64:
     python scripts/bench_long.py reads   --tokens 8192                  # 64 rows vs whole head; viewer first picture
     python scripts/bench_long.py short   --docs 16 --max-length 512     # vs eager + h5py loop; reads; fresh process
@@ -94,6 +95,34 @@ def memory_part(args: argparse.Namespace) -> dict[str, Any]:
         res["store_bytes"] = Store(tmp / "s.attn").info()["store_bytes"]
         shutil.rmtree(tmp)
     return {**res, "rss_after_load_mib": round(before), "peak_rss_mib": round(_rss_mib())}
+
+
+# -- stream: the same store-all, streamed to its segment or held in memory (a tiny model) -----------
+def case_stream(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"case": "stream", "tokens": args.tokens}
+    for name, threshold in (("streamed", "0"), ("in_memory", str(1 << 50))):
+        cmd = [sys.executable, __file__, "_stream_part", "--tokens", str(args.tokens)]
+        env = {**os.environ, "ATTNSTORE_STREAM_BYTES": threshold}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def stream_part(args: argparse.Namespace) -> dict[str, Any]:
+    from attnstore.capture import load_model
+    from attnstore.testing import save_tiny_llama
+
+    tmp = Path(tempfile.mkdtemp())
+    folder = save_tiny_llama(
+        tmp / "model", max_position_embeddings=args.tokens
+    )  # 3 layers × 4 heads
+    loaded = load_model(str(folder), device="cpu", progress=False)
+    before = _rss_mib()
+    res = _store_one(loaded, _tokens(loaded, args.tokens), tmp / "s.attn")
+    n = args.tokens
+    shutil.rmtree(tmp)
+    return {**res, "codes_mib": round(12 * n * (n + 1) // 2 * 2 / 2**20),
+            "rss_after_load_mib": round(before), "peak_rss_mib": round(_rss_mib())}  # fmt: skip
 
 
 # -- rows32k: a 2-layer model with SmolLM2-135M's attention shape, --rows=-64: --------------------
@@ -410,7 +439,17 @@ def case_dataset(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "case", choices=["memory", "rows32k", "reads", "short", "dataset", "_memory_part"]
+        "case",
+        choices=[
+            "memory",
+            "stream",
+            "rows32k",
+            "reads",
+            "short",
+            "dataset",
+            "_memory_part",
+            "_stream_part",
+        ],
     )
     parser.add_argument("part", nargs="?", default=None)
     parser.add_argument("--model", default=None)
@@ -424,10 +463,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.tokens is None:
         args.tokens = {"rows32k": 32768}.get(args.case, 8192)
-    if args.case == "_memory_part":
-        print(json.dumps(memory_part(args)))
+    if args.case in ("_memory_part", "_stream_part"):
+        part = memory_part if args.case == "_memory_part" else stream_part
+        print(json.dumps(part(args)))
         return
-    cases = {"memory": case_memory, "rows32k": case_rows32k, "reads": case_reads,
+    cases = {"memory": case_memory, "stream": case_stream, "rows32k": case_rows32k, "reads": case_reads,
              "short": case_short, "dataset": case_dataset}  # fmt: skip
     result = cases[args.case](args)
     result["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
