@@ -60,8 +60,11 @@ from attnstore.layout import ModelInfo, TokenizerInfo
 from attnstore.modelref import DEFAULT_MODEL, resolve_model_id  # noqa: F401 - its old home
 from attnstore.modelref import not_cached_message as _not_cached_message
 from attnstore.modelref import resolve as _resolve
+from attnstore.overview import OverviewPool
 from attnstore.packing import packed_length
+from attnstore.rows import DocRows, RowSelection
 from attnstore.store import Segment
+from attnstore.streaming import stream_bytes
 from attnstore.syntax import Alignment
 
 if TYPE_CHECKING:
@@ -358,6 +361,18 @@ def _store_lse(
         if hi > q0:
             base = packed(n)
             codes[i][li, :, base + q0 : base + hi] = lse[i, :, : hi - q0].float().cpu().numpy()
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_index(rows: tuple[int, ...], q0: int, width: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into a ``[C, width]`` block of rows ``q0 …`` for the packed values of its
+    query rows ``rows`` (global, increasing): row ``r`` holds keys ``0 … r``."""
+    r = np.asarray(rows, dtype=np.int64)
+    lengths = r + 1
+    local = np.repeat(r - q0, lengths)
+    starts = np.cumsum(lengths) - lengths
+    cols = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+    return torch.from_numpy(local * width + cols).to(device)
 
 
 @functools.lru_cache(maxsize=256)
@@ -852,6 +867,15 @@ class Extractor:
         Analyses (``schemas/analyses.md``) run beside the default ones
         (:data:`attnstore.analyses.registry.DEFAULT`) over every block of exact rows; their tables
         ride in :attr:`Segment.extra <attnstore.store.Segment.extra>`.
+    rows
+        ``--rows``: store only these query rows of each document (:mod:`attnstore.rows`).
+    overview
+        ``--overview N``: pool every head into ``N × N`` max and mean overviews
+        (:mod:`attnstore.overview`), with or without matrices.
+
+    Set :attr:`stream` (``StoreWriter.stream``) to write documents bigger than
+    :func:`attnstore.streaming.stream_bytes` to their own segment as their rows come
+    (:mod:`attnstore.streaming`) instead of holding their codes in memory.
     """
 
     def __init__(
@@ -868,8 +892,17 @@ class Extractor:
         chunk_bytes: int = 1 << 28,
         values: str = "probs",
         analyses: Sequence[Analysis] = (),
+        rows: str | RowSelection | None = None,
+        overview: int | None = None,
     ) -> None:
         self.loaded = loaded
+        self.rows = RowSelection.parse(rows)
+        if overview is not None and overview < 1:
+            raise ModelError(f"--overview N needs N ≥ 1. Got {overview}.")
+        self.overview = overview
+        #: opens a DocStream for a long document (``StoreWriter.stream``); None: keep in memory
+        self.stream: Any = None
+        self.stream_bytes = stream_bytes()
         given = {builtin_key(a) for a in analyses}
         defaults = [load(name) for name in DEFAULT if name not in given]
         #: every analysis of this run: the defaults, then the caller's (checked once, here)
@@ -890,6 +923,11 @@ class Extractor:
         #: what the matrices hold: "probs" (post-softmax) or "logits" (pre-softmax scores, masked
         #: entries -inf, plus each row's log-sum-exp; schemas/README.md)
         self.values = values
+        if self.rows is not None and (values == "logits" or loaded.bidirectional):
+            raise ModelError(
+                "--rows selects query rows of causal probabilities; it cannot be combined with "
+                "--values logits or an encoder's (bidirectional) squares. Drop --rows."
+            )
         if mode == "auto":
             mode = "sdpa" if loaded.device.type == "cuda" else "eager"
         if mode not in ("eager", "sdpa"):
@@ -1184,9 +1222,29 @@ class Extractor:
         n_tok = [len(t.ids) for t in batch]
         b, t_max = len(batch), max(n_tok, default=0)
         n_l, n_h = len(self.layers), len(self.heads)
-        codes = (
-            [np.zeros((n_l, n_h, self._stored(n)), dtype=self.codec.dtype) for n in n_tok]
-            if self.store_matrices
+        doc_rows = [DocRows.of(self.rows, n) for n in n_tok]
+        itemsize = np.dtype(self.codec.dtype).itemsize
+        # encoders' squares and --values logits (row LSEs after the matrix) stay in memory
+        plain = not loaded.bidirectional and self.values == "probs"
+        streams: list[Any] = [None] * b
+        codes: list[Any] = []
+        if self.store_matrices:
+            for i, r in enumerate(doc_rows):
+                big = n_l * n_h * r.length * itemsize > self.stream_bytes
+                if plain and big and self.stream is not None and not self._calibrating:
+                    streams[i] = self.stream(r.n_tokens)  # written as rows come
+                    codes.append(None)
+                else:
+                    size = r.length if plain else self._stored(r.n_tokens)
+                    codes.append(np.zeros((n_l, n_h, size), dtype=self.codec.dtype))
+        pools = (
+            {i: OverviewPool(n, self.overview, n_h, dev) for i, n in enumerate(n_tok)}
+            if self.overview
+            else {}
+        )
+        overviews = (
+            [np.zeros((n_l, n_h, 2, p.m, p.m), dtype=np.float32) for p in pools.values()]
+            if self.overview
             else []
         )
         score_arrays = {k: np.full((b, n_l, n_h), np.nan) for k in self._score_columns}
@@ -1255,12 +1313,25 @@ class Extractor:
                     flat = stored.reshape(b, n_h, c * t_max)
                     for i, n in enumerate(n_tok):
                         hi = min(q0 + c, n)
-                        if hi > q0:
+                        if hi <= q0:
+                            continue
+                        if doc_rows[i].every:
+                            lo, end = q0 * (q0 + 1) // 2, hi * (hi + 1) // 2
                             idx = _chunk_index(q0, hi, t_max, dev)
-                            values = flat[i].index_select(1, idx)
-                            codes[i][li, :, q0 * (q0 + 1) // 2 : hi * (hi + 1) // 2] = (
-                                self.codec.encode(values)
-                            )
+                        else:  # --rows: only the selected rows of this block
+                            lo, end, sel = doc_rows[i].span(q0, hi)
+                            if end == lo:
+                                continue
+                            idx = _rows_index(tuple(sel.tolist()), q0, t_max, dev)
+                        encoded = self.codec.encode(flat[i].index_select(1, idx))
+                        if streams[i] is not None:
+                            streams[i].write(li, encoded)
+                        else:
+                            codes[i][li, :, lo:end] = encoded
+                for i, pool in pools.items():
+                    hi = min(q0 + c, n_tok[i])
+                    if hi > q0:
+                        pool.add(q0, probs[i, :, : hi - q0])
                 if runner is not None:
                     runner.rows(layer, q0, probs)
 
@@ -1268,6 +1339,11 @@ class Extractor:
                 li = layer_pos.get(layer)
                 if li is None:
                     return
+                for stream in streams:
+                    if stream is not None:
+                        stream.end_layer(li)
+                for j, pool in enumerate(pools.values()):
+                    overviews[j][li] = pool.finish()
                 for name, values in layer_scores.pop(li).result().items():
                     score_arrays[name][:, li, :] = values
 
@@ -1303,6 +1379,7 @@ class Extractor:
                 not self.store_matrices
                 and self.mode == "sdpa"
                 and not (runner is not None and runner.active)
+                and not self.overview
             )
             self._forward(
                 path, ids, mask, consume, done, online if use_online else None, check
@@ -1312,9 +1389,13 @@ class Extractor:
             n_q = masks.n_queries.cpu().numpy()
             if sink_mass.seen:
                 score_arrays["learned_sink"] = sink_mass.result()
+        for i, stream in enumerate(streams):
+            if stream is not None:  # every layer streamed: the document's segment is complete
+                codes[i] = stream.close()
         segment = self._segment(
             batch, skipped, codes, score_arrays, (n_q, n_dup, n_ind) if b else None
         )
+        segment.overviews = overviews
         if runner is not None:  # built-in tables as columns, like every built-in table
             segment.extra = {
                 name: table.to_pydict() if name in runner.builtin else table

@@ -307,6 +307,20 @@ def _probe_corpora() -> list[str]:
     help="Store post-softmax probabilities, or pre-softmax scores and each row's log-sum-exp "
     "(needs --codec float32 or float16).",
 )
+@click.option(
+    "--rows",
+    "rows",
+    multiple=True,
+    help="Store only these query rows of each document: Python slices relative to the document, "
+    "comma-separated or repeated, e.g. --rows=-64: (the last 64) or --rows 0:128,-64:.",
+)
+@click.option(
+    "--overview",
+    type=int,
+    default=None,
+    help="Also write an N×N max- and mean-pooled overview of every head (with --scores-only "
+    "too): the viewer's first picture of long documents.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--quiet", "-q", is_flag=True,
@@ -332,6 +346,8 @@ def extract(
     analyses: tuple[str, ...],
     attention: str,
     values: str,
+    rows: tuple[str, ...],
+    overview: int | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -367,6 +383,8 @@ def extract(
         progress=not quiet,
         values=values,
         analyses=analyses,
+        rows=",".join(rows) if rows else None,
+        overview=overview,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

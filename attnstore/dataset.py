@@ -48,6 +48,10 @@ class AttentionDataset(Dataset[dict[str, Any]]):
         Add ``label`` (class index into :data:`attnstore.labels.LABELS`) from per-item scores.
     seed
         Shuffle the selection with this seed (deterministic); keep ``heads`` order if None.
+    rows
+        ``slice(a, b)`` (relative to each document, e.g. ``slice(-64, None)``): only those query
+        rows, ``matrix`` ``[rows, T]`` read with :meth:`Store.matrix`'s partial read (only the
+        chunks holding them); needed for a store extracted with ``--rows``.
     storage_options
         For a store at ``s3://…`` (or ``gs://``, ``az://``): endpoint, credentials, region, on top
         of the ``AWS_*`` variables. Object-storage clients do not survive a fork: give the
@@ -68,7 +72,12 @@ class AttentionDataset(Dataset[dict[str, Any]]):
         labels: bool = False,
         seed: int | None = None,
         storage_options: dict[str, str] | None = None,
+        rows: slice | None = None,
     ) -> None:
+        if rows is not None and (packed or raw):
+            raise AttnStoreError("AttentionDataset(rows=...) returns float32 [rows, T] matrices: "
+                                 "it cannot be combined with packed or raw.")  # fmt: skip
+        self.rows = rows
         self.path = str(store)
         self.storage_options = storage_options
         self.packed, self.raw, self.labels = packed, raw, labels
@@ -115,10 +124,13 @@ class AttentionDataset(Dataset[dict[str, Any]]):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         doc_id, layer, head, n = (int(x) for x in self._ids[i])
         store = self.store
-        values = store.packed(doc_id, layer, head, decode=not self.raw)
-        if self.raw and values.dtype == np.uint16:
-            values = values.astype(np.int32)  # torch has no general uint16 arithmetic
-        matrix = values if self.packed else _unpack(values, n, store.packing)
+        if self.rows is not None:  # a partial read: only the chunks of these rows
+            matrix = store.matrix(doc_id, layer, head, rows=self.rows)
+        else:
+            values = store.packed(doc_id, layer, head, decode=not self.raw)
+            if self.raw and values.dtype == np.uint16:
+                values = values.astype(np.int32)  # torch has no general uint16 arithmetic
+            matrix = values if self.packed else _unpack(values, n, store.packing)
         tokens = store.token_ids(doc_id)
         item: dict[str, Any] = {
             "matrix": torch.from_numpy(np.ascontiguousarray(matrix)),
@@ -152,11 +164,13 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     t_max = max(it["n_tokens"] for it in items)
     b = len(items)
     first = items[0]["matrix"]
-    if first.dim() == 2:
-        matrix = torch.zeros((b, t_max, t_max), dtype=first.dtype)
+    if first.dim() == 2:  # [T, T], or [rows, T] (AttentionDataset(rows=...))
+        r_max = max(it["matrix"].shape[0] for it in items)
+        square = all(it["matrix"].shape[0] == it["n_tokens"] for it in items)
+        matrix = torch.zeros((b, t_max if square else r_max, t_max), dtype=first.dtype)
         for i, it in enumerate(items):
-            n = it["n_tokens"]
-            matrix[i, :n, :n] = it["matrix"]
+            r, n = it["matrix"].shape
+            matrix[i, :r, :n] = it["matrix"]
     else:
         p_max = max(it["matrix"].shape[0] for it in items)
         matrix = torch.zeros((b, p_max), dtype=first.dtype)

@@ -11,6 +11,7 @@ Tables (column specs in ``schemas/tables/*.json``; a test keeps code and spec eq
   (``schemas/probes.md``; only in stores with probe items).
 - ``sparsity``, ``needles``: positional statistics per (document, layer, head) and the needle
   probe's spans (``schemas/sparsity.md``; owned by :class:`attnstore.analyses.sparsity.Sparsity`).
+- ``overviews``: where each document's pooled N × N overviews are (``--overview N``; since 2.1).
 
 Each table is a Delta Lake table (format 2). Files are immutable parts written under a temporary
 name then renamed, so a reader never sees half a file; the Delta log adds them. Rows are sorted by
@@ -187,6 +188,18 @@ NEEDLES: Final = pa.schema(
 )
 
 
+#: Where each document's overviews live (``--overview N``, since 2.1): one row per document.
+OVERVIEWS: Final = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),
+        pa.field("size", pa.int32(), nullable=False),
+        pa.field("block", pa.int32(), nullable=False),
+        pa.field("n_blocks", pa.int32(), nullable=False),
+        pa.field("array", pa.string(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+    ]
+)
+
 SCHEMAS: Final[dict[str, pa.Schema]] = {
     "docs": DOCS,
     "tokens": TOKENS,
@@ -198,6 +211,7 @@ SCHEMAS: Final[dict[str, pa.Schema]] = {
     "probe_scores": PROBE_SCORES,
     "sparsity": SPARSITY,
     "needles": NEEDLES,
+    "overviews": OVERVIEWS,
 }
 #: Row order inside every part (lets DuckDB prune row groups on point look-ups).
 SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
@@ -211,6 +225,7 @@ SORT_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "probe_scores": ("doc_id", "item", "layer", "head"),
     "sparsity": ("doc_id", "layer", "head"),
     "needles": ("doc_id",),
+    "overviews": ("doc_id",),
 }
 TABLES: Final = tuple(SCHEMAS)
 

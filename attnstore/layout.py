@@ -49,12 +49,15 @@ FORMAT_NAME: Final = "attnstore"
 #: 2.0 keeps each table as a Delta Lake table and nests segments (no commit records).
 #: 2.1 added heads.next_token/sep/learned_sink and bidirectional (encoder) stores: manifest
 #: "attention": "bidirectional" with "packing": "full-rowmajor" (whole squares).
+#: 2.1 adds row selections (manifest ``rows``), overviews (``overview``, ``overviews/``, the
+#: ``overviews`` table) and one segment per long document written as it streams out.
 FORMAT_VERSION: Final = "2.1"
 #: Majors this version reads; only :data:`FORMAT_VERSION`'s major is written.
 READ_MAJORS: Final = (1, 2)
 MANIFEST_NAME: Final = "attnstore.json"
 SEGMENTS: Final = "segments"
 TABLES_DIR: Final = "tables"
+OVERVIEWS: Final = "overviews"
 COMMITS: Final = "commits"
 WRITERS: Final = "writers"
 #: Batches per segment/part folder (``<kkkkk>`` above).
@@ -66,11 +69,13 @@ PACKING_FULL: Final = "full-rowmajor"
 #: Manifest entries that must agree before new documents may join an existing store.
 COMPAT_KEYS: Final = (
     "model", "tokenizer", "codec", "max_length", "layers", "heads", "matrices", "attention",
-    "values",
+    "values", "rows", "overview",
 )  # fmt: skip
 #: Of those, the ones that define how segments are laid out: they can never differ within one store
 #: (the manifest describes every segment), even with ``--allow-different``.
-LAYOUT_KEYS: Final = ("codec", "layers", "heads", "matrices", "attention", "values")
+LAYOUT_KEYS: Final = (
+    "codec", "layers", "heads", "matrices", "attention", "values", "rows", "overview",
+)  # fmt: skip
 
 
 class ModelInfo(TypedDict):
@@ -112,6 +117,10 @@ class Manifest(_ManifestRequired, total=False):
     attention: str
     #: since 2.1; absent means "probs". "logits": pre-softmax scores + each row's log-sum-exp.
     values: str
+    #: since 2.1; absent means every row. The ``--rows`` selection (attnstore.rows), e.g. "-64:".
+    rows: str
+    #: since 2.1; absent means none. N of ``--overview N`` (pooled N × N views per head).
+    overview: int
 
 
 def manifest_value(manifest: Manifest, key: str) -> Any:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from attnstore.codecs import get_codec
 from attnstore.compact import maybe_compact
 from attnstore.corpus import DEFAULT_CORPUS, Document, parse_probe, read_corpus
-from attnstore.errors import CorpusError
+from attnstore.errors import AttnStoreError, CorpusError
 from attnstore.extraction import (
     DEFAULT_MAX_LENGTH,
     ExtractConfig,
@@ -103,6 +103,8 @@ def extract(
     storage_options: dict[str, str] | None = None,
     values: str = "probs",
     analyses: Sequence[str | Analysis] = (),
+    rows: str | None = None,
+    overview: int | None = None,
 ) -> ExtractReport:
     """Extract attention for a corpus into the store at ``out`` (created, or resumed/appended).
 
@@ -120,6 +122,11 @@ def extract(
     one machine or many) into the same store and they share no file. ``shard="auto"`` reads
     i/n from torchrun or a Slurm array (:func:`attnstore.cluster.shard_from_environment`) and,
     under torchrun with CUDA and no ``device``, uses GPU ``cuda:LOCAL_RANK``.
+    ``rows="-64:"`` stores only those query rows of each document (Python slices relative to each
+    document, comma-separated; :mod:`attnstore.rows`); ``overview=N`` writes N × N max and mean
+    overviews of every head (:mod:`attnstore.overview`), also with ``scores_only``. Documents too
+    big to hold in memory are streamed to their own segment as their rows come
+    (:mod:`attnstore.streaming`).
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
     ``out`` may be a URL (``s3://bucket/prefix/name.attn``, ``gs://``, ``az://``); credentials and
@@ -143,6 +150,11 @@ def extract(
     from attnstore.analyses.runner import AnalysisRunner
 
     started = time.perf_counter()
+    from attnstore.rows import RowSelection
+
+    row_selection = RowSelection.parse(rows)  # a bad --rows fails before the model load
+    if overview is not None and overview < 1:
+        raise AttnStoreError(f"--overview N needs N ≥ 1. Got {overview}.")
     # a bad --shard (or launcher environment) fails before the model load
     if shard == "auto":
         from attnstore.cluster import local_rank_device, shard_from_environment
@@ -160,6 +172,7 @@ def extract(
         batch_size=batch_size, device=device, dtype=dtype, codec=codec, limit=limit,
         layers=layers, heads=heads, allow_different=allow_different, shard=shard_ix, parse=parse,
         scores_only=scores_only, attention=attention, values=values, analyses=chosen,
+        rows=rows, overview=overview,
     )  # fmt: skip
     the_codec = get_codec(config.codec)
     storage = open_storage(out, storage_options)  # the one opened store of this run
@@ -177,7 +190,7 @@ def extract(
     # A rerun with nothing left to do answers without loading the model (17-30 s).
     pending = _nothing_left(
         storage, model, corpus, text_field, the_codec.get_config(), max_length, limit, shard_ix,
-        layers, heads, scores_only,
+        layers, heads, scores_only, row_selection, overview,
     )  # fmt: skip
     if pending is not None:
         report = ExtractReport(path=str(out), docs_already_committed=pending)
@@ -249,6 +262,8 @@ def _nothing_left(
     layers: Sequence[int] | None,
     heads: Sequence[int] | None,
     scores_only: bool,
+    rows: Any = None,
+    overview: int | None = None,
 ) -> int | None:
     """The number of documents asked for when every one is already committed to ``out`` with the
     same settings as far as they are known without loading the model; else ``None`` (run
@@ -273,6 +288,8 @@ def _nothing_left(
         and list(layers if layers is not None else range(n_layers)) == m["layers"]
         and list(heads if heads is not None else range(n_heads)) == m["heads"]
         and manifest_value(m, "matrices") is not scores_only
+        and manifest_value(m, "rows") == (str(rows) if rows is not None else None)
+        and manifest_value(m, "overview") == overview
     )
     if not same:
         return None

@@ -11,6 +11,7 @@ API they use, which scripts can use too (documented in ``schemas/serve.md``):
 ``/api/head``           one head: every score with its rank, label, top and per-decile documents
 ``/api/doc``            one document: text and tokens
 ``/api/tile``           one 256 × 256 tile of a head's max-pooled matrix, float32 (binary)
+``/api/overview``       a head's stored ``--overview`` (max or mean), float32 (binary)
 ``/api/row``            exact attention of one query row (``/api/col``: one key column)
 ``/api/sql``            read-only SQL over the store's views: rows, or 4xx ``{"error": ...}``
 =====================  ==========================================================================
@@ -400,6 +401,8 @@ class Viewer:
                     "scores": src.scores,
                     "syntax": src.has_syntax,
                     "semantic": src.has_semantic,
+                    "overview": m.get("overview"),
+                    "rows": m.get("rows"),
                 }
             )
         return {
@@ -589,16 +592,41 @@ class Viewer:
             raise ApiError(404, str(err)) from None
         return m, doc, layer, head
 
+    def _tokens_of(self, src: _Source, params: dict[str, str]) -> tuple[int, int, int, int]:
+        """``(doc, layer, head, T)`` of a stored matrix, without reading it."""
+        from attnstore.errors import MatrixNotFoundError
+
+        doc = _int(params, "doc")
+        layer, head = self._layer_head(src, params)
+        try:
+            return doc, layer, head, src.store.n_tokens(doc)
+        except MatrixNotFoundError as err:
+            raise ApiError(404, str(err)) from None
+
+    def _overview_grid(self, src: _Source, doc: int) -> dict[str, Any] | None:
+        if not src.store.manifest.get("overview"):
+            return None
+        from attnstore.errors import MatrixNotFoundError
+
+        try:
+            return src.store.overview_grid(doc)
+        except MatrixNotFoundError:
+            return None
+
     def tile(self, params: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         """``/api/tile``: float32 little-endian, row-major, the header ``X-Shape: rows,cols``.
 
         Cell (i, j) of tile (ty, tx) at pooling ``pool`` is the maximum of the matrix over
         queries ``[(ty·256 + i)·pool, … + pool)`` and keys likewise; max keeps one-cell structures
-        (a previous-token diagonal, a sink column) visible at any pooling.
+        (a previous-token diagonal, a sink column) visible at any pooling. A tile never decodes the
+        whole matrix: when ``pool`` is a multiple of the stored overview's block it is pooled from
+        the ``max`` overview (exactly the same values), otherwise from a partial read of its
+        ``256 · pool`` query rows.
         """
+        from attnstore.errors import MatrixNotFoundError
+
         src = self.source(params)
-        m, doc, layer, head = self._matrix(src, params)
-        t = m.shape[0]
+        doc, layer, head, t = self._tokens_of(src, params)
         pool = _int(params, "pool", 1, 1, max(1, t))
         if pool & (pool - 1):
             raise ApiError(400, f"Expected pool to be a power of two. Got {pool}.")
@@ -606,35 +634,96 @@ class Viewer:
         n_tiles = -(-side // TILE)
         ty = _int(params, "ty", 0, 0, n_tiles - 1)
         tx = _int(params, "tx", 0, 0, n_tiles - 1)
+        grid = self._overview_grid(src, doc)
+        source = "rows"
+        if grid is not None and pool % grid["block"] == 0:
+            f = pool // grid["block"]
+            source = "overview"
 
-        def pooled() -> np.ndarray:
-            if pool == 1:
-                return m
-            padded = m
-            if t % pool:  # zero rows and columns at the edge (attention is never negative)
-                padded = np.zeros((side * pool, side * pool), dtype=np.float32)
-                padded[:t, :t] = m
-            out: np.ndarray = padded.reshape(side, pool, side, pool).max(axis=(1, 3))
-            return out
+            def pooled() -> np.ndarray:
+                # the codec's rounding is monotone, so the max of the stored (rounded) values
+                # is the rounded max: these cells equal pooling the decoded matrix exactly
+                codec = src.store.codec
+                ov = codec.decode(codec.encode(src.store.overview(doc, layer, head, "max")))
+                m = ov.shape[0]
+                padded = np.zeros((side * f, side * f), dtype=np.float32)
+                padded[:m, :m] = ov
+                out: np.ndarray = padded.reshape(side, f, side, f).max(axis=(1, 3))
+                return out
 
-        image = self.cache.get(("p", src.index, doc, layer, head, pool), pooled)
+            key: tuple[Any, ...] = ("o", src.index, doc, layer, head, pool)
+        else:
+            r0, r1 = ty * TILE * pool, min(t, (ty + 1) * TILE * pool)
+
+            def pooled() -> np.ndarray:
+                band = src.store.matrix(doc, layer, head, rows=slice(r0, r1))  # [rows, T]
+                if pool == 1:
+                    return band
+                rows = -(-(r1 - r0) // pool)
+                padded = np.zeros((rows * pool, side * pool), dtype=np.float32)
+                padded[: r1 - r0, :t] = band  # zero edge rows/columns: attention is never negative
+                out: np.ndarray = padded.reshape(rows, pool, side, pool).max(axis=(1, 3))
+                return out
+
+            key = ("b", src.index, doc, layer, head, pool, ty)
+        try:
+            image = self.cache.get(key, pooled)
+        except MatrixNotFoundError as err:
+            raise ApiError(404, str(err)) from None
+        y0 = 0 if source == "rows" else ty * TILE
         block = np.ascontiguousarray(
-            image[ty * TILE : (ty + 1) * TILE, tx * TILE : (tx + 1) * TILE], dtype="<f4"
+            image[y0 : y0 + TILE, tx * TILE : (tx + 1) * TILE], dtype="<f4"
         )
         headers = {
             "X-Shape": f"{block.shape[0]},{block.shape[1]}",
             "X-Tokens": str(t),
             "X-Pool": str(pool),
-            "Access-Control-Expose-Headers": "X-Shape, X-Tokens, X-Pool",
+            "X-Source": source,
+            "Access-Control-Expose-Headers": "X-Shape, X-Tokens, X-Pool, X-Source",
         }
         return block.tobytes(), headers
 
-    def row(self, params: dict[str, str]) -> dict[str, Any]:
-        """``/api/row``: exact attention of query ``q`` to keys ``0 … q``."""
+    def overview(self, params: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        """``/api/overview``: the stored ``--overview`` of one head (``kind`` max or mean),
+        float32 little-endian ``[M, M]`` with ``X-Shape``, ``X-Block`` (b) and ``X-Tokens``."""
+        from attnstore.errors import MatrixNotFoundError
+
         src = self.source(params)
-        m, doc, layer, head = self._matrix(src, params)
-        q = _int(params, "q", None, 0, m.shape[0] - 1)
-        values = m[q, : q + 1].astype(np.float64).tolist()
+        doc, layer, head, t = self._tokens_of(src, params)
+        kind = params.get("kind", "max")
+        if kind not in ("max", "mean"):
+            raise ApiError(400, f"Expected kind max or mean. Got {kind[:20]!r}.")
+        grid = self._overview_grid(src, doc)
+        if grid is None:
+            raise ApiError(404, f"doc {doc} has no overview: extract with --overview N.")
+        try:
+            image = self.cache.get(
+                ("ov", src.index, doc, layer, head, kind),
+                lambda: src.store.overview(doc, layer, head, kind),
+            )
+        except MatrixNotFoundError as err:
+            raise ApiError(404, str(err)) from None
+        headers = {
+            "X-Shape": f"{image.shape[0]},{image.shape[1]}",
+            "X-Block": str(grid["block"]),
+            "X-Tokens": str(t),
+            "Access-Control-Expose-Headers": "X-Shape, X-Block, X-Tokens",
+        }
+        return np.ascontiguousarray(image, dtype="<f4").tobytes(), headers
+
+    def row(self, params: dict[str, str]) -> dict[str, Any]:
+        """``/api/row``: exact attention of query ``q`` to keys ``0 … q`` (a partial read of that
+        row only)."""
+        from attnstore.errors import MatrixNotFoundError
+
+        src = self.source(params)
+        doc, layer, head, t = self._tokens_of(src, params)
+        q = _int(params, "q", None, 0, t - 1)
+        try:
+            m = src.store.matrix(doc, layer, head, rows=slice(q, q + 1))
+        except MatrixNotFoundError as err:
+            raise ApiError(404, str(err)) from None
+        values = m[0, : q + 1].astype(np.float64).tolist()
         return {"doc": doc, "layer": layer, "head": head, "q": q, "values": values}
 
     def col(self, params: dict[str, str]) -> dict[str, Any]:
@@ -783,8 +872,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _api(self, name: str, params: dict[str, str]) -> None:
         viewer = self.server.viewer
-        if name == "tile":
-            body, headers = viewer.tile(params)
+        if name in ("tile", "overview"):
+            body, headers = viewer.tile(params) if name == "tile" else viewer.overview(params)
             headers["Cache-Control"] = "private, max-age=3600"
             self._send(200, body, "application/octet-stream", headers)
             return
@@ -802,7 +891,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         handler = routes.get(name)
         if handler is None:
             raise ApiError(
-                404, f"No API endpoint /api/{name}. Endpoints: {', '.join(routes)}, tile."
+                404,
+                f"No API endpoint /api/{name}. Endpoints: {', '.join(routes)}, tile, overview.",
             )
         self._json(200, handler(params))
 

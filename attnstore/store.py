@@ -1,6 +1,7 @@
 """A store on disk: attention in Zarr v3 segments, tables in Delta Lake, and read-back.
 
-This is the only module that imports zarr and deltalake. A segment is one Zarr v3 array
+This is the only module that imports deltalake; zarr also in :mod:`attnstore.streaming` (a long
+document's segment, written as its rows come). A segment is one Zarr v3 array
 ``[layer, head, packed]`` holding the packed lower triangles of its documents back to back (see
 :mod:`attnstore.packing`), compressed with Blosc (zstd + byte shuffle) and written as a single shard:
 one object, written once by one process. A document's matrices start at its ``offset`` in the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -65,6 +67,7 @@ from attnstore.layout import (
     FORMAT_NAME,
     LAYOUT_KEYS,
     MANIFEST_NAME,
+    OVERVIEWS,
     SEGMENTS,
     TABLES_DIR,
     WRITERS,
@@ -75,7 +78,9 @@ from attnstore.layout import (
     read_json,
     read_manifest,
 )
-from attnstore.packing import packed_size, row_index, unpack, unpack_logits
+from attnstore.overview import grid
+from attnstore.packing import packed_size, row_index, unpack, unpack_logits, unpack_tril
+from attnstore.rows import DocRows, RowSelection, RowsNotStoredError
 from attnstore.storage import LocalStorage, Storage, is_url, open_storage
 
 if TYPE_CHECKING:
@@ -131,7 +136,11 @@ class Segment:
     tokens: dict[str, Any]
     heads: dict[str, Any]
     #: per stored document, in ``docs`` order of non-skipped rows: ``[layer, head, packed]`` codes
-    codes: list[np.ndarray] = field(default_factory=list)
+    #: (packed: its stored rows, :class:`attnstore.rows.DocRows`), or a
+    #: :class:`~attnstore.streaming.Streamed` document already written as its own segment
+    codes: list[Any] = field(default_factory=list)
+    #: ``--overview N``: per stored document, ``[layer, head, 2 (max, mean), M, M]`` float32
+    overviews: list[np.ndarray] = field(default_factory=list)
     #: further tables by name: built-in ones (``words``, ``syntax``, …) as columns or tables, and
     #: the tables of analyses (pyarrow Tables; plug-in tables registered with the writer first)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -417,6 +426,9 @@ class Store:
         self.format_major = parse_format_version(self.manifest["format_version"])[0]
         self.codec: Codec = get_codec(self.manifest["codec"])
         self._layer_pos = {layer: i for i, layer in enumerate(self.manifest["layers"])}
+        self._head_pos = {head: i for i, head in enumerate(self.manifest["heads"])}
+        #: ``--rows`` of a 2.1 store (None: every query row is stored)
+        self.row_selection = RowSelection.parse(self.manifest.get("rows"))
         self._arrays: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self.refresh()
@@ -438,6 +450,7 @@ class Store:
             None if self.read_only else self.storage
         )
         self._locations: OrderedDict[int, _Location | str | None] = OrderedDict()
+        self._overview_rows: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()
         if self.read_only:
             folder = Path(self.storage.root) / COMMITS
             names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
@@ -593,21 +606,22 @@ class Store:
         )
         raise MatrixNotFoundError(f"No doc_id {doc_id} in this store. Stored doc_ids: {have}.")
 
-    def _array(self, segment: str) -> Any:
+    def _array(self, segment: str, folder: str = SEGMENTS) -> Any:
         if self._pid != os.getpid():  # a forked worker: arrays opened before hold the parent's clients
             self._arrays, self._lock, self._pid = OrderedDict(), threading.Lock(), os.getpid()
+        key = segment if folder == SEGMENTS else f"{folder}/{segment}"
         with self._lock:
-            arr = self._arrays.get(segment)
+            arr = self._arrays.get(key)
             if arr is not None:
-                self._arrays.move_to_end(segment)
+                self._arrays.move_to_end(key)
                 return arr
         arr = zarr.open_array(
-            store=self.storage.zarr_store(f"{SEGMENTS}/{segment}", read_only=True),
+            store=self.storage.zarr_store(f"{folder}/{segment}", read_only=True),
             mode="r",
             zarr_format=3,
         )
         with self._lock:
-            self._arrays[segment] = arr
+            self._arrays[key] = arr
             while len(self._arrays) > 256:
                 self._arrays.popitem(last=False)
         return arr
@@ -629,15 +643,24 @@ class Store:
         """One head's packed values (lower triangle; whole square in bidirectional stores):
         float32 probabilities, or raw codes with ``decode=False``.
 
+        In a store with ``--rows``, the packed values of the stored rows only
+        (:meth:`stored_rows`; row ``r`` holds keys ``0 … r``, rows in increasing order).
+
         ``values="logits"`` (stores extracted with ``--values logits``): the pre-softmax scores
         (masked entries −inf); the probabilities of such a store are ``exp(logit − lse)`` with
         each row's stored log-sum-exp, exactly the model's (rows of models with learned sinks
         keep their sum below 1). Raw codes (``decode=False``) of such a store hold the packed
         logits followed by the ``T`` row LSEs.
         """
+        if self._plain:  # causal probabilities: only the stored rows (--rows)
+            stored = self._stored_codes(doc_id, layer, head)
+            if decode:
+                self._values(stored[..., :0], 0, values)  # refuses logits of a probs store
+                return self.codec.decode(stored)
+            return stored
         li = self._check_layer_head(layer, head)
         loc = self._location(int(doc_id))
-        hi = self.manifest["heads"].index(head)
+        hi = self._head_pos[head]
         size = packed_size(loc.n_tokens, self.packing)
         extra = loc.n_tokens if self.values == "logits" else 0
         codes: np.ndarray = self._array(loc.segment)[li, hi, loc.offset : loc.offset + size + extra]
@@ -682,6 +705,103 @@ class Store:
         """Whether the store holds an encoder's bidirectional attention (whole squares)."""
         return bool(manifest_value(self.manifest, "attention") == "bidirectional")
 
+    @property
+    def _plain(self) -> bool:
+        """Causal probabilities (the packed triangle, rows selectable): not an encoder's squares,
+        not ``--values logits``."""
+        return self.packing == "tril-rowmajor" and self.values == "probs"
+
+    def _stored_codes(self, doc_id: int, layer: int, head: int) -> np.ndarray:
+        li = self._check_layer_head(layer, head)
+        loc = self._location(int(doc_id))
+        length = self._doc_rows(loc.n_tokens).length
+        codes: np.ndarray = self._array(loc.segment)[
+            li, self._head_pos[head], loc.offset : loc.offset + length
+        ]
+        return codes
+
+    def _doc_rows(self, n_tokens: int) -> DocRows:
+        return _doc_rows(self.row_selection, n_tokens)
+
+    def n_tokens(self, doc_id: int) -> int:
+        """``T`` of a stored document (a cached look-up; no matrix is read)."""
+        return self._location(int(doc_id)).n_tokens
+
+    def stored_rows(self, doc_id: int) -> np.ndarray:
+        """The query rows stored for ``doc_id`` (every row unless the store has ``--rows``)."""
+        return self._doc_rows(self._location(int(doc_id)).n_tokens).rows
+
+    def _row_range(self, rows: slice | None, n: int) -> tuple[int, int]:
+        if rows is None:
+            return 0, n
+        if not isinstance(rows, slice):
+            raise TypeError(f"Expected rows=slice(start, stop). Got {rows!r}.")
+        start, stop, step = rows.indices(n)
+        if step != 1:
+            raise ValueError(f"Expected rows=slice(start, stop) with step 1. Got {rows!r}.")
+        return start, max(start, stop)
+
+    def _read_rows(
+        self, doc_id: int, li: slice | int, hi: slice | int, rows: slice | None
+    ) -> tuple[np.ndarray, int, int, int]:
+        """Decoded packed values of rows ``a … b`` (only the chunks holding them are read)."""
+        loc = self._location(int(doc_id))
+        n = loc.n_tokens
+        a, b = self._row_range(rows, n)
+        doc_rows = self._doc_rows(n)
+        if rows is None and not doc_rows.every:
+            raise RowsNotStoredError(
+                f"doc_id {doc_id}: this store keeps only query rows {doc_rows.describe()} "
+                f"(--rows {self.row_selection}); read them with rows=slice(start, stop)."
+            )
+        lo, end = doc_rows.require(a, b)
+        if end == lo:  # no rows: nothing to read (zarr refuses empty selections)
+            lead = [x for x in (li, hi) if isinstance(x, slice)]
+            shape = [len(self.manifest["layers"]), len(self.manifest["heads"])][: len(lead)]
+            return np.zeros((*shape, 0), dtype=np.float32), n, a, b
+        codes = self._array(loc.segment)[li, hi, loc.offset + lo : loc.offset + end]
+        return self.codec.decode(codes), n, a, b
+
+    def overview(self, doc_id: int, layer: int, head: int, kind: str = "max") -> np.ndarray:
+        """The ``--overview N`` picture of one head: float32 ``[M, M]``, ``M = ⌈T / b⌉ ≤ N``.
+
+        Cell ``(i, j)`` pools query rows ``i·b … (i+1)·b − 1`` and keys likewise, ``b = ⌈T / N⌉``:
+        ``kind="max"`` their largest probability, ``"mean"`` their summed mass divided by the
+        number of query rows (each row sums to 1). See :meth:`overview_grid` for ``b`` and ``M``.
+        """
+        if kind not in ("max", "mean"):
+            raise ValueError(f"Expected kind 'max' or 'mean'. Got {kind!r}.")
+        li = self._check_layer_head(layer, head)
+        info = self.overview_grid(doc_id)
+        m = info["n_blocks"]
+        arr = self._array(info["array"], OVERVIEWS)
+        values = arr[li, self._head_pos[head], ("max", "mean").index(kind),
+                     info["offset"] : info["offset"] + m * m]  # fmt: skip
+        return np.asarray(values, dtype=np.float32).reshape(m, m)
+
+    def overview_grid(self, doc_id: int) -> dict[str, Any]:
+        """Where and how one document's overviews are: ``size`` (N), ``block`` (b), ``n_blocks``
+        (M), ``array`` and ``offset``; :class:`MatrixNotFoundError` if it has none."""
+        doc_id = int(doc_id)
+        key = ("overview", doc_id)
+        with self._lock:
+            hit = self._overview_rows.get(key)
+        if hit is None:
+            rows = self.dataset("overviews").to_table(filter=pc.field("doc_id") == doc_id).to_pylist()
+            if not rows:
+                if not self.manifest.get("overview"):
+                    raise MatrixNotFoundError(
+                        "This store has no overviews: extract with --overview N to write them."
+                    )
+                self._location(doc_id)  # the clear error for unknown or skipped documents
+                raise MatrixNotFoundError(f"doc_id {doc_id} has no overview in this store.")
+            hit = rows[0]
+            with self._lock:
+                self._overview_rows[key] = hit
+                while len(self._overview_rows) > 4096:
+                    self._overview_rows.popitem(last=False)
+        return dict(hit)
+
     def _doc_tokens(self, doc_id: int, columns: list[str]) -> pa.Table:
         """``columns`` of one document's ``tokens`` rows in position order (a filtered read)."""
         rows = self.dataset("tokens").to_table(
@@ -707,27 +827,62 @@ class Store:
         starts, ends = rows["char_start"].to_pylist(), rows["char_end"].to_pylist()
         return [None if a is None else (a, b) for a, b in zip(starts, ends, strict=True)]
 
-    def matrix(self, doc_id: int, layer: int, head: int, values: str = "probs") -> np.ndarray:
+    def matrix(
+        self,
+        doc_id: int,
+        layer: int,
+        head: int,
+        values: str = "probs",
+        *,
+        rows: slice | None = None,
+    ) -> np.ndarray:
         """One head's attention for one document: float32 ``[T, T]``, zeros above the diagonal
         (a whole square in bidirectional stores). ``values="logits"``: the pre-softmax scores of
-        a store extracted with ``--values logits``, −inf where masked or not stored."""
-        n = self._location(int(doc_id)).n_tokens
-        packed = self.packed(doc_id, layer, head, values=values)
-        if values == "logits":
-            return unpack_logits(packed, n, self.packing)
-        return unpack(packed, n, self.packing)
+        a store extracted with ``--values logits``, −inf where masked or not stored.
 
-    def matrices(self, doc_id: int, values: str = "probs") -> np.ndarray:
-        """Every stored head of one document: float32 ``[layer, head, T, T]`` (``values`` as in
-        :meth:`matrix`)."""
-        loc = self._location(int(doc_id))
-        size = packed_size(loc.n_tokens, self.packing)
-        extra = loc.n_tokens if self.values == "logits" else 0
-        codes = self._array(loc.segment)[:, :, loc.offset : loc.offset + size + extra]
-        packed = self._values(self.codec.decode(codes), loc.n_tokens, values)
-        if values == "logits":
-            return unpack_logits(packed, loc.n_tokens, self.packing)
-        return unpack(packed, loc.n_tokens, self.packing)
+        ``rows=slice(a, b)``: only query rows ``a … b − 1``, float32 ``[b − a, T]``, reading only
+        the chunks that hold them (causal probability stores; the others decode the head and
+        slice it). Rows the store did not keep (``--rows``) raise
+        :class:`~attnstore.rows.RowsNotStoredError`.
+        """
+        if not self._plain:
+            n = self._location(int(doc_id)).n_tokens
+            packed = self.packed(doc_id, layer, head, values=values)
+            full = (
+                unpack_logits(packed, n, self.packing)
+                if values == "logits"
+                else unpack(packed, n, self.packing)
+            )
+            return full if rows is None else full[rows]
+        self._values(np.zeros(0, dtype=np.float32), 0, values)  # refuses logits of a probs store
+        li = self._check_layer_head(layer, head)
+        got, n, a, b = self._read_rows(doc_id, li, self._head_pos[head], rows)
+        if a == 0 and b == n:
+            return unpack_tril(got, n)
+        return _unpack_rows(got, n, a, b)
+
+    def matrices(
+        self, doc_id: int, values: str = "probs", *, rows: slice | None = None
+    ) -> np.ndarray:
+        """Every stored head of one document: float32 ``[layer, head, T, T]`` (or ``[…, b − a, T]``
+        with ``rows=slice(a, b)``; ``values`` as in :meth:`matrix`)."""
+        if not self._plain:
+            loc = self._location(int(doc_id))
+            size = packed_size(loc.n_tokens, self.packing)
+            extra = loc.n_tokens if self.values == "logits" else 0
+            codes = self._array(loc.segment)[:, :, loc.offset : loc.offset + size + extra]
+            packed = self._values(self.codec.decode(codes), loc.n_tokens, values)
+            full = (
+                unpack_logits(packed, loc.n_tokens, self.packing)
+                if values == "logits"
+                else unpack(packed, loc.n_tokens, self.packing)
+            )
+            return full if rows is None else full[..., rows, :]
+        self._values(np.zeros(0, dtype=np.float32), 0, values)
+        got, n, a, b = self._read_rows(doc_id, slice(None), slice(None), rows)
+        if a == 0 and b == n:
+            return unpack_tril(got, n)
+        return _unpack_rows(got, n, a, b)
 
     # -- SQL -----------------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
@@ -780,6 +935,30 @@ def _model_quantization(manifest: Manifest) -> str | None:
     from attnstore.modelref import quantization
 
     return quantization(manifest["model"]["id"], inspect=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _doc_rows(selection: RowSelection | None, n_tokens: int) -> DocRows:
+    return DocRows.of(selection, n_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_index(n: int, a: int, b: int) -> np.ndarray:
+    """Flat indices into ``[b − a, n]`` of the packed values of rows ``a … b − 1``."""
+    lengths = np.arange(a + 1, b + 1, dtype=np.int64)
+    local = np.repeat(np.arange(b - a, dtype=np.int64), lengths)
+    offs = np.cumsum(lengths) - lengths
+    cols = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offs, lengths)
+    index: np.ndarray = local * n + cols
+    index.setflags(write=False)
+    return index
+
+
+def _unpack_rows(values: np.ndarray, n: int, a: int, b: int) -> np.ndarray:
+    """Packed values of consecutive rows ``a … b − 1`` (leading axes kept) → ``[..., b − a, n]``."""
+    out = np.zeros((*values.shape[:-1], (b - a) * n), dtype=np.float32)
+    out[..., _rows_index(n, a, b)] = values
+    return out.reshape(*values.shape[:-1], b - a, n)
 
 
 def _snapshot(
@@ -882,6 +1061,7 @@ class StoreWriter:
         self.commit_seconds = commit_seconds
         self.writer_id = new_writer_id()
         self._counter = 0
+        self._name_lock = threading.Lock()  # names are taken by the writer thread and streams
         if isinstance(self.path, Path) and self.path.exists() and not self.path.is_dir():
             raise StoreExistsError(
                 f"Cannot write a store at {str(self.path)!r}: it is a file. Choose another --out."
@@ -943,9 +1123,24 @@ class StoreWriter:
         return existing
 
     def _next_name(self) -> str:
-        n = self._counter
-        self._counter += 1
+        with self._name_lock:
+            n = self._counter
+            self._counter += 1
         return f"{self.writer_id}/{n // FOLDER_FANOUT:05d}/{n:09d}"
+
+    def stream(self, n_tokens: int) -> Any:
+        """A :class:`~attnstore.streaming.DocStream` for one long document of ``n_tokens``.
+
+        Its segment (``[layer, head, stored rows]``) is written as the rows come, by the caller's
+        thread; the document joins a flush (and becomes visible) when its
+        :class:`~attnstore.streaming.Streamed` handle arrives in :attr:`Segment.codes`.
+        """
+        from attnstore.streaming import DocStream
+
+        rows = DocRows.of(RowSelection.parse(self.manifest.get("rows")), n_tokens)
+        shape = (len(self.manifest["layers"]), len(self.manifest["heads"]), rows.length)
+        name = self._next_name()
+        return DocStream(self.storage, f"{SEGMENTS}/{name}", name, shape, self.codec, _fault)
 
     # -- public ------------------------------------------------------------------------------
     def register(self, specs: Iterable[plugin_tables.TableSpec]) -> None:
@@ -961,7 +1156,9 @@ class StoreWriter:
             raise StoreWriteError("This StoreWriter is closed; open a new one to add batches.")
         self._buffer.append(segment)
         self._unsegmented += 1
-        self._buffered_bytes += sum(c.nbytes for c in segment.codes)
+        self._buffered_bytes += sum(c.nbytes for c in segment.codes) + sum(
+            o.nbytes for o in segment.overviews
+        )
         try:
             if self._buffered_bytes >= SEGMENT_BYTES:
                 self._write_segment()
@@ -1023,15 +1220,88 @@ class StoreWriter:
 
     def _write_segment(self) -> None:
         """Write the matrices of the batches not yet in a segment as one Zarr array."""
-        batches = self._buffer[len(self._buffer) - self._unsegmented :]
+        from attnstore.streaming import Streamed
+
+        first = len(self._buffer) - self._unsegmented
         self._unsegmented = 0
-        codes = [c for s in batches for c in s.codes]
-        if not codes:
+        self._write_overviews(first)
+        batches = self._buffer[first:]
+        codes = [c for s in batches for c in s.codes if not isinstance(c, Streamed)]
+        if not any(s.codes for s in batches):
+            self._buffered_bytes = 0
             return
-        name = self._next_name()
+        name = self._next_name() if codes else ""
         lengths = [c.shape[-1] for c in codes]
         starts = iter(np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist())
-        data = np.concatenate(codes, axis=-1)
+        if codes:
+            self._write_array(name, np.concatenate(codes, axis=-1))
+        for i, s in enumerate(batches, start=first):
+            if not s.docs or not s.codes:
+                continue
+            handles = iter(s.codes)
+            places: list[tuple[str, int] | None] = []
+            for sk in s.docs["skipped"]:
+                if sk is not None:
+                    places.append(None)
+                    continue
+                c = next(handles)
+                places.append((c.segment, 0) if isinstance(c, Streamed) else (name, next(starts)))
+            docs = {**s.docs, "segment": [None if p is None else p[0] for p in places],
+                    "offset": [None if p is None else int(p[1]) for p in places]}  # fmt: skip
+            self._buffer[i] = dataclasses.replace(s, docs=docs, codes=[])  # the caller's stays
+        self._buffered_bytes = 0
+
+    def _write_overviews(self, first: int) -> None:
+        """One ``overviews/<name>`` array ``[layer, head, 2, cells]`` for the overviews of the
+        buffered batches from ``first`` on, and their rows of the ``overviews`` table
+        (schemas/README.md, format 2.1)."""
+        batches = self._buffer[first:]
+        if not any(s.overviews for s in batches):
+            return
+        name = self._next_name()
+        size = int(self.manifest.get("overview") or 0)
+        flat = [o.reshape(*o.shape[:3], -1) for s in batches for o in s.overviews]
+        data = np.concatenate(flat, axis=-1)
+        n_layers, n_heads, n_kinds, total = data.shape
+        chunk = min(CHUNK, total)
+        rel = f"{OVERVIEWS}/{name}"
+        arr = zarr.create_array(
+            store=self.storage.zarr_store(rel, read_only=False),
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=(1, 1, n_kinds, chunk),
+            shards=(n_layers, n_heads, n_kinds, -(-total // chunk) * chunk),
+            compressors=[BloscCodec(**self.codec.compressor), Crc32cCodec()],
+            fill_value=0,
+            zarr_format=3,
+            attributes={"attnstore": {"overview": size, "kinds": ["max", "mean"]}},
+        )
+        arr[...] = data
+        self.storage.sync(rel)
+        offset = 0
+        for i, s in enumerate(batches, start=first):
+            if not s.overviews:
+                continue
+            stored = [(d, n) for d, n, sk in zip(s.docs["doc_id"], s.docs["n_tokens"],
+                                                 s.docs["skipped"], strict=True) if sk is None]  # fmt: skip
+            rows: dict[str, list[Any]] = {
+                k: [] for k in ("doc_id", "size", "block", "n_blocks", "array", "offset")
+            }
+            for (doc_id, n), o in zip(stored, s.overviews, strict=True):
+                m = o.shape[-1]
+                rows["doc_id"].append(int(doc_id))
+                rows["size"].append(size)
+                rows["block"].append(grid(int(n), size)[0])
+                rows["n_blocks"].append(m)
+                rows["array"].append(name)
+                rows["offset"].append(offset)
+                offset += m * m
+            self._buffer[i] = dataclasses.replace(
+                s, overviews=[], extra={**s.extra, "overviews": rows}
+            )
+
+    def _write_array(self, name: str, data: np.ndarray) -> None:
+        """The segment ``segments/<name>``: codes ``[layer, head, packed]`` as one shard."""
         n_layers, n_heads, total = data.shape
         shard = -(-total // CHUNK) * CHUNK
         rel = f"{SEGMENTS}/{name}"
@@ -1055,15 +1325,6 @@ class StoreWriter:
         arr[...] = data
         self.storage.sync(rel)
         _fault("segment")
-        first = len(self._buffer) - len(batches)
-        for i, s in enumerate(batches, start=first):
-            if not s.docs or not s.codes:
-                continue
-            offsets = [None if sk is not None else int(next(starts)) for sk in s.docs["skipped"]]
-            docs = {**s.docs, "segment": [None if o is None else name for o in offsets],
-                    "offset": offsets}  # fmt: skip
-            self._buffer[i] = dataclasses.replace(s, docs=docs, codes=[])  # the caller's stays
-        self._buffered_bytes = 0
 
     def _flush(self) -> None:
         self._write_segment()

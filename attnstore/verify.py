@@ -386,13 +386,19 @@ def _check_segment(
     except Exception as err:  # noqa: BLE001 - any unreadable array is a finding
         report.error(where, f"cannot open the Zarr array: {err}")
         return
+    from attnstore.rows import DocRows, RowSelection
+
+    selection = RowSelection.parse(manifest.get("rows"))  # 2.1: --rows stores fewer rows
     expected_shape = (len(manifest["layers"]), len(manifest["heads"]))
     packing = manifest.get("packing") or "tril-rowmajor"
     sinks = bool(manifest.get("settings", {}).get("learned_sinks"))
     logits = manifest.get("values") == "logits"  # packed logits, then T row LSEs (2.1)
+    full = packing == "full-rowmajor"  # an encoder's squares (2.1); --rows is refused with them
 
     def stored_size(n: int) -> int:
-        return packed_size(n, packing) + (n if logits else 0)
+        if full:
+            return packed_size(n, packing)
+        return DocRows.of(selection, n).length + (n if logits else 0)
 
     end = max(d["offset"] + stored_size(d["n_tokens"]) for d in stored)
     if tuple(arr.shape[:2]) != expected_shape or arr.shape[2] < end:
@@ -425,13 +431,17 @@ def _check_segment(
             continue
         if probs.min() < 0 or probs.max() > 1 + codec.max_abs_error:
             report.error(loc, f"values outside [0, 1]: {probs.min():.3g} … {probs.max():.3g}")
-        if packing == "full-rowmajor":  # an encoder's square: row q at [q n, (q + 1) n)
-            starts = np.arange(n) * n
+        if full:  # an encoder's square: row q at [q n, (q + 1) n)
+            rows = np.arange(n)
+            starts = rows * n
             tolerance = n * codec.max_abs_error + 1e-5 + np.zeros(n)
-        else:  # row q of the packed triangle: [q (q + 1) / 2, (q + 1) (q + 2) / 2)
-            starts = np.arange(n) * (np.arange(n) + 1) // 2
-            tolerance = (np.arange(n) + 1) * codec.max_abs_error + 1e-5
-        sums = np.add.reduceat(probs.astype(np.float64), starts, axis=-1) if n else probs
+        else:  # stored row k (query rows[k]) of the packed data: [starts[k], starts[k + 1])
+            doc_rows = DocRows.of(selection, n)
+            rows, starts = doc_rows.rows, doc_rows.starts[:-1]
+            tolerance = (rows + 1) * codec.max_abs_error + 1e-5
+        if not len(rows):
+            continue
+        sums = np.add.reduceat(probs.astype(np.float64), starts, axis=-1)
         if sinks:  # a learned sink logit takes part of each row's mass (heads.learned_sink)
             bad = sums - 1.0 > tolerance
         else:
@@ -442,7 +452,7 @@ def _check_segment(
                 loc,
                 f"{int(bad.sum())} rows do not sum to 1 within the codec's bound, first: "
                 f"layer {manifest['layers'][layer_i]}, head {manifest['heads'][head_i]}, "
-                f"row {q} sums to {sums[layer_i, head_i, q]:.6f}",
+                f"row {rows[q]} sums to {sums[layer_i, head_i, q]:.6f}",
             )
 
 

@@ -47,9 +47,18 @@ def main() -> None:
         corpus.write_text(CONLLU)
         shutil.rmtree(store_path, ignore_errors=True)
         GOLDEN.mkdir(parents=True, exist_ok=True)
-        attnstore.extract(str(store_path), model=str(model), corpus=str(corpus), progress=False)
+        # since 2.1: overviews (a 4 × 4 grid, so the 7- and 4-token documents pool blocks of 2)
+        attnstore.extract(
+            str(store_path), model=str(model), corpus=str(corpus), progress=False, overview=4
+        )
     store = attnstore.open(str(store_path))
     expected = {f"matrix_{d}": store.matrices(d) for d in (0, 1)}
+    layers, heads = store.manifest["layers"], store.manifest["heads"]
+    for d in (0, 1):
+        for kind in ("max", "mean"):
+            expected[f"overview_{kind}_{d}"] = np.stack(
+                [np.stack([store.overview(d, la, h, kind) for h in heads]) for la in layers]
+            )
     for table, order in (
         ("heads", "doc_id, layer, head"),
         ("syntax", "doc_id, layer, head, relation, direction"),

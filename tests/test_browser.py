@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 import attnstore
 from attnstore.serve import make_server
-from tests.viewer_store import HEADS, LAYERS, LONG, N_SHORT, PREV, SHORT, SINK, SYNTAX
+from tests.viewer_store import HEADS, LAYERS, LONG, N_SHORT, OVERVIEW, PREV, SHORT, SINK, SYNTAX
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/install.sh); never `playwright install`
 SHOTS = Path(
@@ -219,11 +219,11 @@ def test_head_page_shows_syntactic_results(page: Page, server: Any) -> None:
     shot(page, "overview-syntactic")
 
 
-def _brightest(page: Page) -> tuple[np.ndarray, np.ndarray]:
+def _brightest(page: Page, selector: str = "canvas.main") -> tuple[np.ndarray, np.ndarray]:
     """Per row of the heatmap canvas's own pixels (one per cell): the column of the brightest
     pixel (the first one on ties) and the ratio of its luminance to the row's median."""
     out = page.evaluate(
-        """() => { const c = document.querySelector('canvas.main'), w = c.width;
+        """(sel) => { const c = document.querySelector(sel), w = c.width;
         const d = c.getContext('2d').getImageData(0, 0, w, c.height).data;
         const arg = [], ratio = [];
         for (let i = 0; i < c.height; i++) {
@@ -234,8 +234,7 @@ def _brightest(page: Page) -> tuple[np.ndarray, np.ndarray]:
           const sorted = [...lum].sort((a, b) => a - b);
           arg.push(best); ratio.push(lum[best] / Math.max(sorted[w >> 1], 1e-9));
         }
-        return {arg, ratio, w, h: c.height}; }"""
-    )
+        return {arg, ratio, w, h: c.height}; }""", selector)
     assert out["w"] == out["h"]
     return np.array(out["arg"]), np.array(out["ratio"])
 
@@ -304,11 +303,16 @@ def test_token_strip_hover_shows_where_a_token_attends(page: Page, server: Any) 
 
 
 def test_long_document_renders_through_pooled_tiles(page: Page, server: Any) -> None:
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
     t0 = time.perf_counter()
     open_view(page, server, f"#/doc?doc={N_SHORT}&layer={SINK[0]}&head={SINK[1]}&scale=sqrt&sink=1")
     wait_heatmaps(page)
     elapsed = time.perf_counter() - t0
+    # the first picture comes from the stored overview (format 2.1), then the exact tiles
+    assert any("/api/overview?" in u for u in requested)
     canvas = page.locator("canvas.main")
+    assert canvas.get_attribute("data-overview") in (None, str(LONG // OVERVIEW))
     pool = int(canvas.get_attribute("data-pool") or 0)
     assert pool > 1
     assert int(canvas.get_attribute("width") or 0) == LONG // pool
@@ -326,6 +330,18 @@ def test_long_document_renders_through_pooled_tiles(page: Page, server: Any) -> 
     assert np.isin(arg[1:] - rows[1:], [-1, 0]).all()
     assert (ratio[1:] > 2).all()
     shot(page, "doc-long-previous-token")
+    # a click zooms down to exact cells: the 256 × 256 block around (q 2100, k 2090), one pixel
+    # per cell from a partial read of its 256 rows; each row brightest on its previous token
+    box = canvas.bounding_box()
+    assert box is not None
+    canvas.click(position={"x": box["width"] * 2090 / LONG, "y": box["height"] * 2100 / LONG})
+    until(page, "document.querySelector('canvas.zoom[data-ready=\"1\"]') !== null", timeout=60)
+    zoom = page.locator("canvas.zoom")
+    assert zoom.get_attribute("data-q0") == zoom.get_attribute("data-k0") == "2048"
+    arg, ratio = _brightest(page, "canvas.zoom")
+    assert (arg[1:] == np.arange(len(arg))[:-1]).all()
+    assert (ratio[1:] > 2).all()
+    shot(page, "doc-long-zoom")
     print(f"4,096-token document rendered in {elapsed:.2f} s (pool {pool})")
 
 

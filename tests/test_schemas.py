@@ -126,6 +126,13 @@ def test_golden_store_reads_exactly(version: str) -> None:
     for key in matrices:
         d = int(key.removeprefix("matrix_"))
         np.testing.assert_array_equal(store.matrices(d), expected[key])
+    for key in (k for k in expected.files if k.startswith("overview_")):  # since 2.1
+        _, kind, d = key.split("_")
+        layers, heads = store.manifest["layers"], store.manifest["heads"]
+        for i, la in enumerate(layers):
+            for j, h in enumerate(heads):
+                got = store.overview(int(d), la, h, kind)
+                np.testing.assert_array_equal(got, expected[key][i, j])
     for table, order in (("heads", "doc_id, layer, head"),
                          ("syntax", "doc_id, layer, head, relation, direction")):  # fmt: skip
         if f"{table}_doc_id" not in expected.files:

@@ -18,6 +18,7 @@ import torch
 
 from attnstore.codecs import get_codec
 from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, Manifest
+from attnstore.overview import pool_matrix
 from attnstore.packing import pack_tril
 from attnstore.scores import COUNT_COLUMNS, SCORE_COLUMNS, LayerScores, batch_masks
 from attnstore.store import Segment, StoreWriter
@@ -27,6 +28,8 @@ PREV: Final = (0, 1)  # (layer, head) of the planted previous-token head
 SINK: Final = (1, 2)  # (layer, head) of the planted sink head
 SYNTAX: Final = (1, 3)  # (layer, head) that finds 'det' dependents' heads (syntax tables only)
 SHORT, N_SHORT, LONG = 64, 8, 4096
+#: ``--overview`` of the viewer store: the 4,096-token document pools blocks of 16 (format 2.1)
+OVERVIEW: Final = 256
 VOCAB = 50
 
 
@@ -103,6 +106,7 @@ def write_viewer_store(
                       "adds_bos": False},
         "codec": codec.get_config(), "packing": PACKING, "max_length": LONG,
         "layers": list(range(LAYERS)), "heads": list(range(HEADS)), "settings": {},
+        "overview": OVERVIEW,
     }  # fmt: skip
     writer = StoreWriter(path, manifest)
     batches = [[(i + shift) % N_SHORT for i in range(N_SHORT)]] + ([[N_SHORT]] if long_doc else [])
@@ -120,6 +124,7 @@ def write_viewer_store(
                 acc.add(torch.from_numpy(block), q0)
             per_layer.append(acc.result())  # each score: [doc, head]
         codes = [codec.encode(pack_tril(a)) for a in attn]
+        overviews = [np.stack(pool_matrix(a, OVERVIEW), axis=2) for a in attn]  # [L, H, 2, M, M]
         n = len(doc_ids)
         docs = np.repeat(np.array(doc_ids), LAYERS * HEADS)
         counts = {c: np.repeat(getattr(masks, c).numpy(), LAYERS * HEADS) for c in COUNT_COLUMNS}
@@ -137,8 +142,9 @@ def write_viewer_store(
                    **{c: np.stack([s[c] for s in per_layer], 1).ravel() for c in SCORE_COLUMNS},
                    **counts},
             codes=codes,
+            overviews=overviews,
             extra={} if t == LONG else _syntax_tables(doc_ids),
         )  # fmt: skip
         writer.commit(segment)
-        del attn, codes
+        del attn, codes, overviews
     return path

@@ -57,6 +57,10 @@ class ExtractConfig:
     attention: str = "auto"
     #: what the matrices hold: "probs" (post-softmax) or "logits" (pre-softmax scores)
     values: str = "probs"
+    #: ``--rows``: the query rows stored of each document (attnstore.rows syntax); None: all
+    rows: str | None = None
+    #: ``--overview N``: N × N pooled views of every head; None: none
+    overview: int | None = None
     analyses: tuple[str | Analysis, ...] = ()
     #: further ``settings`` recorded in the manifest (e.g. where a materialized store came from)
     settings: Mapping[str, Any] = field(default_factory=dict)
@@ -64,6 +68,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise AttnStoreError(f"--batch-size must be ≥ 1. Got {self.batch_size}.")
+        if self.overview is not None and self.overview < 1:
+            raise AttnStoreError(f"--overview N needs N ≥ 1. Got {self.overview}.")
         if self.limit is not None and self.limit < 0:
             raise AttnStoreError(f"--limit must be ≥ 0. Got {self.limit}.")
         for name in ("layers", "heads"):

@@ -101,7 +101,7 @@ def build_manifest(
     many writers must create byte-identical manifests, e.g. :mod:`attnstore.cluster`)."""
     from attnstore.modelref import quantization
 
-    return {
+    manifest: Manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created_by": f"attnstore {__version__}",
@@ -131,6 +131,11 @@ def build_manifest(
             "learned_sinks": loaded.learned_sinks,
         },
     }
+    if extractor.rows is not None:  # 2.1: only the selected query rows are stored
+        manifest["rows"] = str(extractor.rows)
+    if extractor.overview:  # 2.1: N × N overviews of every head
+        manifest["overview"] = extractor.overview
+    return manifest
 
 
 class ExtractionRun:
@@ -165,6 +170,7 @@ class ExtractionRun:
         from attnstore.analyses.registry import resolve
         from attnstore.capture import Extractor
         from attnstore.codecs import get_codec
+        from attnstore.rows import RowSelection
 
         self.storage = storage
         self.loaded = loaded
@@ -176,6 +182,7 @@ class ExtractionRun:
             loaded, get_codec(config.codec), max_length, config.layers, config.heads,
             parser=config.parse, store_matrices=not config.scores_only, mode=config.attention,
             values=config.values, analyses=resolve(config.analyses),
+            rows=RowSelection.parse(config.rows), overview=config.overview,
         )  # fmt: skip
         manifest = build_manifest(
             loaded, self.extractor, config.corpus or "", config.text_field, config.parse,
@@ -190,6 +197,7 @@ class ExtractionRun:
         )  # fmt: skip
         # before the first batch with their rows, so readers know the tables' schemas
         self.writer.register(self.extractor.runner.plugin_specs)
+        self.extractor.stream = self.writer.stream  # long documents: written as their rows come
 
     def committed(self) -> set[int]:
         """The doc_ids committed to the store now (stored or skipped)."""

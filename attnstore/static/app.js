@@ -45,6 +45,14 @@ async function tile(params) {
   return { rows, cols, data: new Float32Array(await res.arrayBuffer()) };
 }
 
+// A head's stored --overview (max): [M, M] float32 cells of b × b tokens (X-Block).
+async function overviewImage(params) {
+  const res = await fetch(`/api/overview?${new URLSearchParams(params)}`);
+  if (!res.ok) return null;
+  const [rows, cols] = res.headers.get("X-Shape").split(",").map(Number);
+  return { rows, cols, block: Number(res.headers.get("X-Block")), data: new Float32Array(await res.arrayBuffer()) };
+}
+
 function route() {
   const raw = location.hash.replace(/^#\/?/, "");
   const [page, query] = raw.split("?");
@@ -377,11 +385,25 @@ class Heatmap {
       this.listeners.forEach((f) => f(cell, e));
     });
     this.canvas.addEventListener("mouseleave", () => this.listeners.forEach((f) => f(null)));
+    // pooled cells: a click zooms down to the exact cells around it (zoomInto)
+    this.canvas.addEventListener("click", (e) => {
+      const r = this.canvas.getBoundingClientRect();
+      const i = Math.floor(((e.clientY - r.top) / r.height) * this.side);
+      const j = Math.floor(((e.clientX - r.left) / r.width) * this.side);
+      if (this.onzoom && i >= 0 && j >= 0 && i < this.side && j < this.side) this.onzoom({ q: i * this.pool, k: j * this.pool });
+    });
   }
 
   async load() {
     const T = META.tile, nt = Math.ceil(this.side / T);
     this.data = new Float32Array(this.side * this.side);
+    let done = false;
+    // A long document with a stored overview: its first picture comes from the overview (one small
+    // read), then the exact tiles (partial reads of their rows) replace it.
+    if (storeMeta(this.store).overview && nt > 1) {
+      overviewImage({ store: this.store, doc: this.doc, layer: this.layer, head: this.head, kind: "max" })
+        .then((ov) => { if (ov && !done) this.preview(ov); });
+    }
     const jobs = [];
     for (let ty = 0; ty < nt; ty++) {
       // tiles above the diagonal are all zero (causal); an encoder's (bidirectional) are not
@@ -394,7 +416,29 @@ class Heatmap {
       }
     }
     await Promise.all(jobs);
+    done = true;
     this.draw();
+  }
+
+  // Draw an overview (cells of ov.block tokens) at this heatmap's pooling: each cell the maximum
+  // of the overview cells it covers (an upper bound of the exact pooled value).
+  preview(ov) {
+    const n = this.side, m = ov.rows, p = this.pool, b = ov.block;
+    const data = new Float32Array(n * n);
+    for (let i = 0; i < n; i++) {
+      const r0 = Math.min(m - 1, Math.floor((i * p) / b)), r1 = Math.min(m, Math.max(r0 + 1, Math.ceil(((i + 1) * p) / b)));
+      for (let j = 0; j <= i; j++) {
+        const c0 = Math.min(m - 1, Math.floor((j * p) / b)), c1 = Math.min(m, Math.max(c0 + 1, Math.ceil(((j + 1) * p) / b)));
+        let v = 0;
+        for (let r = r0; r < r1; r++) for (let c = c0; c < c1; c++) v = Math.max(v, ov.data[r * m + c]);
+        data[i * n + j] = v;
+      }
+    }
+    const exact = this.data;
+    this.data = data;
+    this.draw(false);
+    this.data = exact;
+    this.canvas.dataset.overview = String(b);
   }
 
   value(q, k) {
@@ -403,7 +447,7 @@ class Heatmap {
     return this.data[i * this.side + j];
   }
 
-  draw() {
+  draw(final = true) {
     const n = this.side, d = this.data;
     let vmax = 0;
     for (let i = 0; i < n; i++) for (let j = this.sink ? 1 : 0; j <= i; j++) if (d[i * n + j] > vmax) vmax = d[i * n + j];
@@ -422,7 +466,7 @@ class Heatmap {
     }
     ctx.putImageData(img, 0, 0);
     this.canvas.dataset.vmax = String(vmax);
-    this.canvas.dataset.ready = "1";
+    if (final) this.canvas.dataset.ready = "1";
   }
 
   crosshair(cell) {
@@ -436,6 +480,35 @@ class Heatmap {
     ctx.strokeStyle = "rgba(255,80,40,.6)";
     ctx.beginPath(); ctx.moveTo(0, (i + 0.5) * s); ctx.lineTo((j - 1) * s, (i + 0.5) * s); ctx.moveTo((j + 0.5) * s, (i + 2) * s); ctx.lineTo((j + 0.5) * s, o.height); ctx.stroke();
   }
+}
+
+// The exact cells (pool 1: a partial read of 256 query rows) of the 256 × 256 block holding
+// `cell`, drawn one pixel per cell into `box`.
+async function zoomInto(hm, cell, box) {
+  const T = META.tile, ty = Math.floor(cell.q / T), tx = Math.min(ty, Math.floor(cell.k / T));
+  const t = await tile({ store: hm.store, doc: hm.doc, layer: hm.layer, head: hm.head, pool: 1, ty, tx });
+  const q0 = ty * T, k0 = tx * T;
+  const c = h("canvas", { class: "zoom", width: t.cols, height: t.rows, "data-q0": q0, "data-k0": k0 });
+  let vmax = 0;
+  for (let i = 0; i < t.rows; i++) for (let j = hm.sink && k0 === 0 ? 1 : 0; j < t.cols; j++) vmax = Math.max(vmax, t.data[i * t.cols + j]);
+  const ctx = c.getContext("2d"), img = ctx.createImageData(t.cols, t.rows), px = img.data;
+  for (let i = 0; i < t.rows; i++) {
+    for (let j = 0; j < t.cols; j++) {
+      const o = (i * t.cols + j) * 4;
+      if (k0 + j > q0 + i) { px[o] = 12; px[o + 1] = 12; px[o + 2] = 12; px[o + 3] = 255; continue; }
+      const v = Math.round(scaled(t.data[i * t.cols + j], vmax, hm.scale) * 255) * 3;
+      px[o] = LUT[v]; px[o + 1] = LUT[v + 1]; px[o + 2] = LUT[v + 2]; px[o + 3] = 255;
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+  c.addEventListener("mousemove", (e) => {
+    const r = c.getBoundingClientRect();
+    const i = Math.floor(((e.clientY - r.top) / r.height) * t.rows), j = Math.floor(((e.clientX - r.left) / r.width) * t.cols);
+    if (i < 0 || j < 0 || i >= t.rows || j >= t.cols) return;
+    c.title = `q ${q0 + i} → k ${k0 + j}: ${t.data[i * t.cols + j].toPrecision(6)} (exact)`;
+  });
+  c.dataset.ready = "1";
+  box.replaceChildren(h("p", { class: "muted" }, `Exact cells: queries ${q0}…${q0 + t.rows - 1}, keys ${k0}…${k0 + t.cols - 1}.`), c);
 }
 
 function tokenText(tokens, i) {
@@ -464,7 +537,7 @@ async function docPage(params, token) {
   const doc = await api("doc", { store: st.store, doc: params.doc });
   if (token !== renderToken) return;
   const hm = new Heatmap({ store: st.store, doc: doc.doc_id, layer, head, n: doc.n_tokens, scale, sink, maxPx: 640 });
-  const hover = h("div", { class: "hover", id: "hover" }, "Hover the heatmap for (query, key, value); hover a token below for where it attends.");
+  const hover = h("div", { class: "hover", id: "hover" }, `Hover the heatmap for (query, key, value)${hm.pool > 1 ? "; click it to zoom down to exact cells" : ""}; hover a token below for where it attends.`);
   const strip = h("div", { class: "strip", id: "strip" },
     doc.tokens.map((t, i) => h("span", { class: "tok", "data-pos": i, title: `position ${i}` }, tokenText(doc.tokens, i))));
   const controls = h("div", { class: "controls" },
@@ -476,11 +549,13 @@ async function docPage(params, token) {
     h("a", { href: href("head", { store: st.store, layer, head }) }, "head page"),
     h("a", { href: href("compare", { store: st.store, doc: doc.doc_id, heads: `${st.store}:${layer}:${head}`, scale, sink: params.sink }) }, "compare"));
   const legendBox = h("div");
+  const zoomBox = h("div", { class: "zoombox", id: "zoom" });
+  if (hm.pool > 1) hm.onzoom = (cell) => zoomInto(hm, cell, zoomBox);
   mount(
     h("h1", {}, `Document ${doc.doc_id} · layer ${layer} head ${head} `,
       h("span", { class: "muted" }, `— ${doc.n_tokens} tokens${doc.truncated ? " (truncated)" : ""}`)),
     controls,
-    h("div", { class: "row" }, h("div", {}, hm.el, legendBox, hover),
+    h("div", { class: "row" }, h("div", {}, hm.el, legendBox, hover, zoomBox),
       h("div", { class: "panel tokens-panel" }, h("h2", { text: "Tokens" }),
         h("p", { class: "muted" }, "Hover a token: orange = what it attends to, blue underline = what attends to it."), strip)));
   await hm.load();
