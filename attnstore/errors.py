@@ -12,17 +12,20 @@ __all__ = [
     "AttentionCaptureError",
     "AttnStoreError",
     "CorpusError",
+    "DamagedStoreError",
     "FormatVersionError",
     "IncompatibleStoreError",
     "MatrixNotFoundError",
     "ModelError",
     "QueryError",
+    "ShardBusyError",
     "StorageConfigError",
     "StoreExistsError",
     "StoreNotFoundError",
     "StoreWriteError",
     "UnknownCodecError",
     "UnknownLabelError",
+    "UnsafeStorePathError",
 ]
 
 
@@ -98,3 +101,15 @@ class MatrixNotFoundError(AttnStoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class DamagedStoreError(AttnStoreError, ValueError):
+    """A store file that cannot be read as what it should be; the message names the file."""
+
+
+class UnsafeStorePathError(DamagedStoreError):
+    """A path in a store's metadata that would leave the store (``..``, absolute, a URL)."""
+
+
+class ShardBusyError(AttnStoreError, RuntimeError):
+    """Another live writer holds the lease of this shard of the store."""

@@ -75,6 +75,7 @@ from attnstore.layout import (
     read_manifest,
 )
 from attnstore.packing import packed_length, unpack_tril
+from attnstore.segments import open_segment
 from attnstore.storage import LocalStorage, Storage, is_url, open_storage
 
 if TYPE_CHECKING:
@@ -146,15 +147,23 @@ class _File:
     max_doc: int | None
 
 
-def _files_of(storage: Storage, dt: DeltaTable) -> list[_File]:
+def _files_of(storage: Storage, name: str, dt: DeltaTable) -> list[_File]:
+    from attnstore.paths import inside
+
     actions = pa.table(dt.get_add_actions(flatten=True))
-    base = storage.arrow_path(dt.table_uri)
-    paths = actions["path"].to_pylist()
+    base = table_path(name)
+    source = f"{base}/_delta_log"
+    paths = [  # every add path checked: a store's log never makes a reader leave the store
+        storage.arrow_path(
+            storage.table_uri(inside(storage, base, p, source=source, what="add path", uri=True))
+        )
+        for p in actions["path"].to_pylist()
+    ]
     if "min.doc_id" in actions.column_names:
         lows, highs = actions["min.doc_id"].to_pylist(), actions["max.doc_id"].to_pylist()
     else:
         lows = highs = [None] * len(paths)
-    return [_File(f"{base}/{p}", lo, hi) for p, lo, hi in zip(paths, lows, highs, strict=True)]
+    return [_File(p, lo, hi) for p, lo, hi in zip(paths, lows, highs, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -363,7 +372,16 @@ def _commit_pending(
     pending: dict[str, Any],
     cache: dict[str, DeltaTable] | None = None,
 ) -> None:
+    from attnstore.errors import UnsafeStorePathError
+    from attnstore.paths import inside
+
     tables: dict[str, list[dict[str, Any]]] = pending["tables"]
+    source = writer_path(app_id)
+    for name, adds in tables.items():  # an intent is store metadata too: checked before commit
+        if name not in index.SCHEMAS:
+            raise UnsafeStorePathError(f"{source}: unknown table {name!r} in the pending flush.")
+        for a in adds:
+            inside(storage, table_path(name), a["path"], source=source, what="add path", uri=True)
     metadata = {"attnstore": json.dumps(pending.get("record", {}), sort_keys=True)}
     order = [n for n in tables if n != "docs"] + ["docs"]
     for name in order:
@@ -429,9 +447,16 @@ class Store:
             folder = Path(self.storage.root) / COMMITS
             names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
             self._commits: list[dict[str, Any]] = [read_json(folder / n) for n in names]
+            from attnstore.paths import relative_name
+
             self._files = {
                 name: [
-                    _File(f"{self.storage.root}/{c['tables'][name]}", None, None)
+                    _File(
+                        f"{self.storage.root}/"
+                        + relative_name(c["tables"][name], source=COMMITS, what="table file"),
+                        None,
+                        None,
+                    )
                     for c in self._commits
                     if c["tables"].get(name)
                 ]
@@ -443,7 +468,7 @@ class Store:
         self._versions = {name: dt.version() for name, dt in tables.items()}
         # The snapshot as plain data: reads below never call delta-rs again, so a Store works in
         # forked DataLoader workers (delta-rs' runtime does not survive a fork).
-        self._files = {name: _files_of(self.storage, dt) for name, dt in tables.items()}
+        self._files = {name: _files_of(self.storage, name, dt) for name, dt in tables.items()}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -588,11 +613,11 @@ class Store:
             if arr is not None:
                 self._arrays.move_to_end(segment)
                 return arr
-        arr = zarr.open_array(
-            store=self.storage.zarr_store(f"{SEGMENTS}/{segment}", read_only=True),
-            mode="r",
-            zarr_format=3,
-        )
+        from attnstore.paths import inside, local_files_inside
+
+        rel = inside(self.storage, SEGMENTS, segment, source="tables/docs", what="segment")
+        local_files_inside(self.storage, rel, source="tables/docs", what="segment")
+        arr = open_segment(self.storage.zarr_store(rel, read_only=True), rel)
         with self._lock:
             self._arrays[segment] = arr
             while len(self._arrays) > 256:

@@ -1,0 +1,175 @@
+"""A store is data from elsewhere: its metadata must never make attnstore read outside it (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import attnstore
+from attnstore import index
+from attnstore.errors import DamagedStoreError, UnsafeStorePathError
+from attnstore.verify import verify_store
+from tests.synthetic import write_synthetic_store
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_store(tmp_path_factory.mktemp("hostile") / "s.attn", n_docs=2)
+
+
+def _copy(clean: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "store" / "s.attn"
+    shutil.copytree(clean, out)
+    return out
+
+
+def _log(store: Path, table: str) -> list[Path]:
+    return sorted((store / "tables" / table / "_delta_log").glob("*.json"))
+
+
+def _docs_add(store: Path) -> tuple[Path, dict]:
+    for entry in reversed(_log(store, "docs")):
+        for line in entry.read_text().splitlines():
+            action = json.loads(line)
+            if "add" in action:
+                return entry, action["add"]
+    raise AssertionError("no add action")
+
+
+def _append_add(store: Path, table: str, path: str) -> None:
+    """A new Delta commit adding ``path`` (as the store's own part looks)."""
+    _, add = _docs_add(store) if table == "docs" else (None, None)
+    assert add is not None
+    n = int(_log(store, table)[-1].stem) + 1
+    entry = {**add, "path": path}
+    log = store / "tables" / table / "_delta_log" / f"{n:020d}.json"
+    log.write_text(json.dumps({"add": entry}) + "\n")
+
+
+def _outside_part(tmp_path: Path, store: Path) -> Path:
+    """A Parquet file outside the store: the store's own docs part with a marker text."""
+    _, add = _docs_add(store)
+    table = pq.read_table(store / "tables" / "docs" / add["path"])
+    i = table.schema.get_field_index("text")
+    table = table.set_column(i, "text", pa.array(["SECRET"] * table.num_rows, table.field(i).type))
+    outside = tmp_path / "outside.parquet"
+    index.write_part(table, outside)
+    return outside
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "attnstore", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "url", "encoded"])
+def test_delta_add_path_leaving_the_store_is_refused(
+    clean: Path, tmp_path: Path, kind: str
+) -> None:
+    store = _copy(clean, tmp_path)
+    outside = _outside_part(tmp_path, store)
+    rel = os.path.relpath(outside, store / "tables" / "docs")
+    path = {
+        "dotdot": rel,
+        "absolute": str(outside),
+        "url": outside.as_uri(),
+        "encoded": rel.replace("..", "%2E%2E"),
+    }[kind]
+    _append_add(store, "docs", path)
+    with pytest.raises(UnsafeStorePathError, match=r"tables/docs/_delta_log: add path .* leaves"):
+        attnstore.open(str(store))
+    report = verify_store(store)
+    assert not report.ok
+    assert any("leaves the store" in p.message for p in report.problems), report.problems
+    # the query command and the viewer refuse with one line, never reading the outside file
+    done = _cli("query", str(store), "SELECT text FROM docs")
+    assert done.returncode == 1
+    assert "SECRET" not in done.stdout
+    assert "leaves the store" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    from attnstore.serve import Viewer
+
+    with pytest.raises(UnsafeStorePathError):
+        Viewer([store])
+
+
+def test_segment_leaving_the_store_is_refused(clean: Path, tmp_path: Path) -> None:
+    store = _copy(clean, tmp_path)
+    entry, add = _docs_add(store)
+    part = store / "tables" / "docs" / add["path"]
+    docs = pq.read_table(part)
+    segment = docs["segment"][0].as_py()
+    # a Zarr array outside the store, and a docs row pointing at it with '../'
+    shutil.copytree(store / "segments" / segment, tmp_path / "elsewhere")
+    evil = os.path.relpath(tmp_path / "elsewhere", store / "segments")
+    i = docs.schema.get_field_index("segment")
+    docs = docs.set_column(i, "segment", pa.array([evil] * docs.num_rows, docs.field(i).type))
+    index.write_part(docs, part)
+    size = part.stat().st_size
+    entry.write_text(
+        "\n".join(
+            json.dumps({"add": {**a["add"], "size": size}} if "add" in a else a)
+            for a in map(json.loads, entry.read_text().splitlines())
+        )
+        + "\n"
+    )
+    shutil.rmtree(store / "segments" / segment)
+    s = attnstore.open(str(store))
+    with pytest.raises(UnsafeStorePathError, match=r"tables/docs: segment .* leaves the store"):
+        s.matrix(0, 0, 0)
+    report = verify_store(store)
+    assert any("leaves the store" in p.message for p in report.problems), report.problems
+    assert not report.ok
+
+
+def test_segment_symlink_out_of_the_store_is_refused(clean: Path, tmp_path: Path) -> None:
+    store = _copy(clean, tmp_path)
+    _, add = _docs_add(store)
+    segment = pq.read_table(store / "tables" / "docs" / add["path"])["segment"][0].as_py()
+    target = store / "segments" / segment
+    shutil.move(target, tmp_path / "moved")
+    target.symlink_to(tmp_path / "moved")
+    with pytest.raises(UnsafeStorePathError, match="resolves outside the store"):
+        attnstore.open(str(store)).matrix(0, 0, 0)
+
+
+def test_intent_add_path_leaving_the_store_is_never_committed(clean: Path, tmp_path: Path) -> None:
+    from attnstore.storage import open_storage
+    from attnstore.store import roll_forward_all
+
+    store = _copy(clean, tmp_path)
+    writers = store / "writers"
+    state = json.loads((writers / "shard-0-of-1.json").read_text())
+    state["pending"] = {
+        "version": state["version"] + 1,
+        "doc_ids": [9],
+        "tables": {"docs": [{"path": "../../x.parquet", "size": 1, "modification_time": 0}]},
+        "record": {},
+    }
+    (writers / "shard-0-of-1.json").write_text(json.dumps(state))
+    before = len(_log(store, "docs"))
+    with pytest.raises(UnsafeStorePathError, match=r"writers/shard-0-of-1.json"):
+        roll_forward_all(open_storage(store))
+    assert len(_log(store, "docs")) == before
+
+
+def test_corrupt_zarr_json_is_one_line_naming_the_file(clean: Path, tmp_path: Path) -> None:
+    store = _copy(clean, tmp_path)
+    _, add = _docs_add(store)
+    segment = pq.read_table(store / "tables" / "docs" / add["path"])["segment"][0].as_py()
+    (store / "segments" / segment / "zarr.json").write_text('{"zarr_format": 3, "node_type": 7}')
+    with pytest.raises(DamagedStoreError, match=rf"segments/{segment}/zarr.json: not a readable"):
+        attnstore.open(str(store)).matrix(0, 0, 0)
