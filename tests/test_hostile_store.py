@@ -173,3 +173,47 @@ def test_corrupt_zarr_json_is_one_line_naming_the_file(clean: Path, tmp_path: Pa
     (store / "segments" / segment / "zarr.json").write_text('{"zarr_format": 3, "node_type": 7}')
     with pytest.raises(DamagedStoreError, match=rf"segments/{segment}/zarr.json: not a readable"):
         attnstore.open(str(store)).matrix(0, 0, 0)
+
+
+def _plant_bomb(store: Path, declared_mb: int) -> str:
+    """Replace the first chunk of a segment's shard by a Blosc frame of ``declared_mb`` MB of zeros."""
+    import google_crc32c
+    import numcodecs
+    import numpy as np
+
+    _, add = _docs_add(store)
+    segment = pq.read_table(store / "tables" / "docs" / add["path"])["segment"][0].as_py()
+    shard = store / "segments" / segment / "c" / "0" / "0" / "0"
+    data = shard.read_bytes()
+    meta = json.loads((store / "segments" / segment / "zarr.json").read_text())
+    sharding = meta["codecs"][0]["configuration"]
+    outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    n = int(np.prod([-(-s // c) for s, c in zip(outer, sharding["chunk_shape"], strict=True)]))
+    index_bytes = data[-(16 * n + 4) : -4]
+    table = np.frombuffer(index_bytes, "<u8").reshape(n, 2).copy()
+    chunks = [data[o : o + b] for o, b in table.tolist()]
+    frame = numcodecs.Blosc("zstd", 5, numcodecs.Blosc.SHUFFLE).encode(
+        np.zeros(declared_mb << 19, np.uint16)
+    )
+    chunks[0] = frame + np.array([google_crc32c.value(frame)], "<u4").tobytes()
+    body, offset = b"", 0
+    for i, c in enumerate(chunks):
+        table[i] = (offset, len(c))
+        body += c
+        offset += len(c)
+    index_out = table.astype("<u8").tobytes()
+    crc = np.array([google_crc32c.value(index_out)], "<u4").tobytes()
+    shard.write_bytes(body + index_out + crc)
+    return segment
+
+
+def test_decompression_bomb_is_refused_before_decoding(clean: Path, tmp_path: Path) -> None:
+    store = _copy(clean, tmp_path)
+    segment = _plant_bomb(store, 64)
+    with pytest.raises(DamagedStoreError, match=r"declares 67,108,864 decoded bytes"):
+        attnstore.open(str(store)).matrix(0, 0, 0)
+    report = verify_store(store)
+    assert any(
+        p.location == f"segments/{segment}/c/0/0/0" and "declares 67,108,864" in p.message
+        for p in report.problems
+    ), report.problems
