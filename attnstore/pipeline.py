@@ -245,11 +245,49 @@ def extract(
     doc_iter = itertools.chain([first], doc_iter)
     manifest = _manifest(loaded, extractor, corpus, text_field, parse)
     commit_every, commit_seconds = commit_cadence()
+    app_id = DEFAULT_APP_ID if shard_ix is None else app_id_for_shard(*shard_ix)
+    return _extract_into(
+        out, manifest, allow_different, commit_every, commit_seconds, app_id, doc_iter,
+        extractor, batch_size, progress, started,
+    )  # fmt: skip
+
+
+def _extract_into(
+    out: str | os.PathLike[str],
+    manifest: Manifest,
+    allow_different: bool,
+    commit_every: int,
+    commit_seconds: float,
+    app_id: str,
+    doc_iter: Iterator[Document],
+    extractor: Extractor,
+    batch_size: int,
+    progress: bool | Callable[[int], None],
+    started: float,
+) -> ExtractReport:
+    from attnstore.lease import hold_shard
+
     writer = StoreWriter(
         out, manifest, allow_different=allow_different, commit_every=commit_every,
-        commit_seconds=commit_seconds,
-        app_id=DEFAULT_APP_ID if shard_ix is None else app_id_for_shard(*shard_ix),
+        commit_seconds=commit_seconds, app_id=app_id,
     )  # fmt: skip
+    # One live writer per shard (attnstore.lease): a second one stops here with one line.
+    with hold_shard(writer.storage, app_id):
+        return _extract_leased(writer, out, doc_iter, extractor, batch_size, progress, started)
+
+
+def _extract_leased(
+    writer: StoreWriter,
+    out: str | os.PathLike[str],
+    doc_iter: Iterator[Document],
+    extractor: Extractor,
+    batch_size: int,
+    progress: bool | Callable[[int], None],
+    started: float,
+) -> ExtractReport:
+    import time
+
+    # read once the lease is held: what an earlier holder committed is skipped
     done = Store(out).doc_ids()
     report = ExtractReport(path=str(out))
     bar = _progress(progress)

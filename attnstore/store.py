@@ -138,6 +138,16 @@ class Segment:
     annotation: dict[str, Any] = field(default_factory=dict)
 
 
+def _parquet_format() -> pads.ParquetFileFormat:
+    """Parquet as every reader reads it: page checksums verified, so a flipped bit in a page fails
+    the read instead of returning wrong values (every attnstore writer writes them)."""
+    return pads.ParquetFileFormat(
+        default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+            page_checksum_verification=True
+        )
+    )
+
+
 @dataclass(frozen=True)
 class _File:
     """One Parquet file of a table snapshot, with its ``doc_id`` range when known."""
@@ -525,7 +535,7 @@ class Store:
         files = self._files.get(name, [])
         if not files:
             return pads.dataset(index.empty_table(name))
-        fmt = pads.ParquetFileFormat()
+        fmt = _parquet_format()
         doc_id = pc.field("doc_id")
         fragments = [
             fmt.make_fragment(
@@ -992,8 +1002,22 @@ class StoreWriter:
         part = self._next_name()
         adds: dict[str, list[dict[str, Any]]] = {}
         doc_ids: set[int] = set()
-        for name, column_sets in to_write.items():
-            table = index.table_from_columns(name, _concat_columns(column_sets))
+        tables = {n: index.table_from_columns(n, _concat_columns(c)) for n, c in to_write.items()}
+        # The claim check (attnstore.lease): documents another writer already committed are
+        # dropped, so no document is ever stored twice.
+        new_docs = set(tables["docs"]["doc_id"].to_pylist()) if "docs" in tables else set()
+        taken = _committed(self.storage, self._tables, new_docs)
+        if taken:
+            drop = pa.array(sorted(taken), pa.int64())
+            tables = {
+                n: t.filter(pc.invert(pc.is_in(t["doc_id"], value_set=drop)))
+                for n, t in tables.items()
+            }
+            new_docs -= taken
+            if not any(t.num_rows for t in tables.values()):  # every document was taken
+                self._last_flush = time.monotonic()
+                return
+        for name, table in tables.items():
             if table.num_rows == 0 and name != "docs":
                 continue
             doc_ids.update(table["doc_id"].to_pylist())
@@ -1025,6 +1049,13 @@ class StoreWriter:
             if docs_table is not None:
                 docs_table.update_incremental()
             seen = _txn_version(docs_table, self.app_id)
+            raced = _committed(self.storage, self._tables, new_docs)
+            if raced:  # committed by another writer while this flush wrote its parts
+                raise StoreWriteError(
+                    f"doc_ids {_span(raced)} were committed by another writer of this store "
+                    f"while {self.app_id} was writing them; this flush is refused so that no "
+                    "document is stored twice"
+                )
             version = max(int(state.get("version", 0)), seen) + 1
             record = {
                 "app_id": self.app_id, "version": version, "writer": self.writer_id,
@@ -1049,6 +1080,34 @@ class StoreWriter:
             _fault("committed")
         self.flushes += 1
         self._last_flush = time.monotonic()
+
+
+def _committed(storage: Storage, cache: dict[str, DeltaTable], doc_ids: set[int]) -> set[int]:
+    """Those of ``doc_ids`` whose ``docs`` row is committed (a filtered read of the latest log)."""
+    if not doc_ids:
+        return set()
+    dt = cache.get("docs") or open_table(storage, "docs")
+    if dt is None:
+        return set()
+    cache["docs"] = dt
+    dt.update_incremental()
+    files = _files_of(storage, "docs", dt)
+    lo, hi = min(doc_ids), max(doc_ids)
+    paths = [
+        f.path
+        for f in files
+        if f.min_doc is None or f.max_doc is None or (f.min_doc <= hi and f.max_doc >= lo)
+    ]
+    if not paths:
+        return set()
+    ds = pads.dataset(paths, format=_parquet_format(), filesystem=storage.arrow_filesystem())
+    wanted = pa.array(sorted(doc_ids), pa.int64())
+    found = ds.to_table(columns=["doc_id"], filter=pc.field("doc_id").isin(wanted))["doc_id"]
+    return set(found.to_pylist())
+
+
+def _span(ids: set[int]) -> str:
+    return f"{min(ids)}…{max(ids)} ({len(ids)})" if len(ids) > 1 else str(next(iter(ids)))
 
 
 def _write_errors() -> tuple[type[Exception], ...]:
