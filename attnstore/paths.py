@@ -13,6 +13,7 @@ naming the file that holds the name and the name itself.
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,13 @@ from attnstore.errors import UnsafeStorePathError
 if TYPE_CHECKING:
     from attnstore.storage import Storage
 
-__all__ = ["check_local", "inside", "local_files_inside", "relative_name"]
+__all__ = [
+    "check_local",
+    "damaged_file_message",
+    "inside",
+    "local_files_inside",
+    "relative_name",
+]
 
 
 def relative_name(name: object, *, source: str, what: str, uri: bool = False) -> str:
@@ -88,3 +95,20 @@ def local_files_inside(storage: Storage, rel: str, *, source: str, what: str) ->
             path = Path(dirpath) / name
             if path.is_symlink():
                 check_local(storage, path.relative_to(root).as_posix(), source=source, what=what)
+
+
+_PARQUET_OPEN = re.compile(r"Could not open Parquet input source '([^']+)': (.*?)(?:\.? Either .*)?$")
+
+
+def damaged_file_message(err: BaseException) -> str | None:
+    """One line naming the file and the problem for a reader error that a damaged store file
+    causes (pyarrow refusing a Parquet file, in any wrapping), or None if ``err`` is not one."""
+    text = " ".join(str(err).split())
+    found = _PARQUET_OPEN.search(text)
+    if found:
+        path, problem = found.group(1), found.group(2).rstrip(".")
+        return (
+            f"{path}: not a readable Parquet file ({problem}); the store is damaged. "
+            "`attnstore verify` lists every damaged file."
+        )
+    return None

@@ -165,6 +165,8 @@ def run(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] | None = 
             fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
             return fetch()
         except duckdb.Error as err:
-            raise QueryError(f"{type(err).__name__}: {err}") from None
+            from attnstore.paths import damaged_file_message
+
+            raise QueryError(damaged_file_message(err) or f"{type(err).__name__}: {err}") from None
     finally:
         con.close()

@@ -68,6 +68,7 @@ from attnstore.layout import (
     TABLES_DIR,
     WRITERS,
     Manifest,
+    check_manifest_fields,
     manifest_value,
     new_writer_id,
     parse_format_version,
@@ -248,6 +249,7 @@ def read_store_manifest(storage: Storage) -> Manifest:
             f'expected "format": "{FORMAT_NAME}".'
         )
     parse_format_version(doc.get("format_version"))
+    check_manifest_fields(doc, f"{storage.root}/{MANIFEST_NAME}")
     return doc  # type: ignore[return-value]
 
 
@@ -285,7 +287,7 @@ def _write_state(storage: Storage, state: dict[str, Any]) -> None:
 def open_table(storage: Storage, name: str) -> DeltaTable | None:
     """The Delta table ``name`` of a format-2 store, or ``None`` if no writer created it yet."""
     from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
+    from deltalake.exceptions import DeltaError, TableNotFoundError
 
     try:
         return DeltaTable(
@@ -293,6 +295,26 @@ def open_table(storage: Storage, name: str) -> DeltaTable | None:
         )
     except TableNotFoundError:
         return None
+    except DeltaError as err:
+        raise _damaged_log(table_path(name), err) from None
+
+
+def _damaged_log(rel: str, err: Exception) -> Exception:
+    """One line for a Delta log delta-rs cannot read (it names Rust structures, not the problem)."""
+    from attnstore.errors import DamagedStoreError
+
+    text = " ".join(str(err).split())
+    names = re.findall(r'filename: "([^"]+)"', text)
+    if "found gap" in text and len(names) >= 2:
+        return DamagedStoreError(
+            f"{rel}/_delta_log: a log entry is missing between {names[0]} and {names[-1]} (the "
+            "log must be contiguous); the table cannot be read. `attnstore verify` lists every "
+            "damaged file."
+        )
+    return DamagedStoreError(
+        f"{rel}/_delta_log: the Delta log cannot be read ({text[:200]}). "
+        "`attnstore verify` lists every damaged file."
+    )
 
 
 def _txn_version(table: DeltaTable | None, app_id: str) -> int:

@@ -253,3 +253,51 @@ def test_flipped_bit_in_a_parquet_page_fails_the_read(clean: Path, tmp_path: Pat
         s.sql("SELECT * FROM heads")
     report = verify_store(store)
     assert any("CRC" in p.message for p in report.problems), report.problems
+
+
+def test_missing_delta_log_entry_is_one_line(clean: Path, tmp_path: Path) -> None:
+    store = _copy(clean, tmp_path)
+    logs = _log(store, "docs")
+    (logs[-1].parent / f"{int(logs[-1].stem) + 1:020d}.json").write_text(logs[-1].read_text())
+    logs[-1].unlink()
+    with pytest.raises(DamagedStoreError, match=r"tables/docs/_delta_log: a log entry is missing"):
+        attnstore.open(str(store))
+    done = _cli("info", str(store))
+    assert done.returncode == 1
+    assert "tables/docs/_delta_log: a log entry is missing between" in done.stderr
+    assert "ParsedLogPath" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_add_path_naming_a_non_parquet_file_is_one_line(clean: Path, tmp_path: Path) -> None:
+    store = _copy(clean, tmp_path)
+    (store / "tables" / "docs" / "notes.parquet").write_text("not a Parquet file " * 10)
+    _append_add(store, "docs", "notes.parquet")
+    for args in (("info", str(store)), ("query", str(store), "SELECT count(*) FROM docs")):
+        done = _cli(*args)
+        assert done.returncode == 1
+        assert "tables/docs/notes.parquet: not a readable Parquet file" in done.stderr, done.stderr
+        assert "internal error" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_manifest_with_wrong_types_is_one_line(clean: Path, tmp_path: Path) -> None:
+    store = _copy(clean, tmp_path)
+    manifest = json.loads((store / "attnstore.json").read_text())
+    (store / "attnstore.json").write_text(json.dumps({**manifest, "heads": "abc"}))
+    with pytest.raises(DamagedStoreError, match=r"attnstore.json: 'heads' must be a list of int"):
+        attnstore.open(str(store))
+    done = _cli("info", str(store))
+    assert done.returncode == 1
+    assert "'heads' must be a list of integers. Got 'abc'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_reversed_layer_range_is_named(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello\n")
+    done = _cli("extract", "--out", str(tmp_path / "s.attn"), "-c", str(corpus), "--layers", "2-0")
+    assert done.returncode == 2
+    assert "low ≤ high" in done.stderr
+    assert "'2-0'" in done.stderr
+    assert not (tmp_path / "s.attn").exists()
