@@ -142,3 +142,34 @@ def test_claim_check_refuses_a_flush_that_raced(
     with pytest.raises(StoreWriteError, match=r"committed by another writer .* refused"):
         writer.commit(batch)
     assert _counts(out) == (2, 2)
+
+
+def test_lease_on_object_storage(s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import obstore
+
+    import attnstore.lease as lease_module
+
+    storage = open_storage(f"{s3}/leased.attn")
+    key = "writers/shard-0-of-2.lease"
+    with hold_shard(storage, "shard-0-of-2"):
+        holder = json.loads(bytes(obstore.get(storage._object_store(), key).bytes()))  # type: ignore[attr-defined]
+        assert holder["pid"] == os.getpid()
+        with (
+            pytest.raises(ShardBusyError, match=rf"{key}: shard-0-of-2 of this store"),
+            hold_shard(storage, "shard-0-of-2"),
+        ):
+            pass
+    assert not storage.exists(key)  # released
+    # a holder that stopped renewing (expired) is taken over
+    stale = {"host": "elsewhere", "pid": 1, "token": "x", "expires": 0, "since": "then"}
+    obstore.put(storage._object_store(), key, json.dumps(stale).encode())  # type: ignore[attr-defined]
+    monkeypatch.setattr(lease_module, "LEASE_SECONDS", 0.2)  # renewals every 0.05 s
+    with hold_shard(storage, "shard-0-of-2"):
+        import time
+
+        time.sleep(0.3)  # renewed meanwhile: not stale
+        holder = json.loads(bytes(obstore.get(storage._object_store(), key).bytes()))  # type: ignore[attr-defined]
+        assert holder["pid"] == os.getpid()
+        assert holder["expires"] > time.time()
