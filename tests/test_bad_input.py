@@ -200,3 +200,28 @@ def test_fallback_to_eager_gives_the_same_store(
         json.loads((tmp_path / "b.attn" / "attnstore.json").read_text())["settings"]["attention"]
         == "eager"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "word " * 50_000,
+        "The cat sat on the mat. " * 5_000,
+        "x" * 200_000,  # one long word across every cut
+        "naïve café 東京 " * 20_000,
+    ],
+    ids=["words", "sentences", "one_word", "unicode"],
+)
+def test_prefix_tokenization_keeps_the_first_tokens(tokenizer_dir: Path, text: str) -> None:
+    from transformers import AutoTokenizer
+
+    from attnstore.capture import tokenize_prefix
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    whole = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+    for max_length in (8, 128, 512):
+        ids, offsets = tokenize_prefix(tok, text, max_length)
+        assert ids[:max_length] == whole.input_ids[:max_length]
+        assert offsets is not None
+        assert offsets[:max_length] == [tuple(o) for o in whole.offset_mapping[:max_length]]
+        assert max_length < len(ids) < len(whole.input_ids)
