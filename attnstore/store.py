@@ -729,8 +729,14 @@ class Store:
         n_tokens = np.asarray(docs["n_tokens"].to_numpy(zero_copy_only=False), dtype=np.int64)
         stored = np.asarray(docs["skipped"].is_null().to_numpy(zero_copy_only=False))
         segments = {s for s in pc.unique(docs["segment"]).to_pylist() if s is not None}
-        seg_bytes = sum(  # the segments committed documents point at
-            size for s in segments for _, size in self.storage.walk(f"{SEGMENTS}/{s}")
+        from attnstore.paths import inside
+
+        seg_bytes = sum(  # the segments committed documents point at (names checked)
+            size
+            for s in segments
+            for _, size in self.storage.walk(
+                inside(self.storage, SEGMENTS, s, source="tables/docs", what="segment")
+            )
         )
         total_bytes = sum(size for _, size in self.storage.walk(""))
         n_lh = len(self.manifest["layers"]) * len(self.manifest["heads"])

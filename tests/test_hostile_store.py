@@ -130,6 +130,8 @@ def test_segment_leaving_the_store_is_refused(clean: Path, tmp_path: Path) -> No
     s = attnstore.open(str(store))
     with pytest.raises(UnsafeStorePathError, match=r"tables/docs: segment .* leaves the store"):
         s.matrix(0, 0, 0)
+    with pytest.raises(UnsafeStorePathError, match=r"tables/docs: segment .* leaves the store"):
+        s.info()  # its sizes too
     report = verify_store(store)
     assert any("leaves the store" in p.message for p in report.problems), report.problems
     assert not report.ok
