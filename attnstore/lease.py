@@ -136,7 +136,9 @@ def _hold_object(storage: Any, app_id: str) -> Iterator[None]:
     token = uuid.uuid4().hex
 
     def mine() -> bytes:
-        return json.dumps({**_who(), "token": token, "expires": time.time() + LEASE_SECONDS}).encode()
+        return json.dumps(
+            {**_who(), "token": token, "expires": time.time() + LEASE_SECONDS}
+        ).encode()
 
     try:
         etag = obstore.put(store, key, mine(), mode="create")["e_tag"]

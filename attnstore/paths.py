@@ -97,7 +97,9 @@ def local_files_inside(storage: Storage, rel: str, *, source: str, what: str) ->
                 check_local(storage, path.relative_to(root).as_posix(), source=source, what=what)
 
 
-_PARQUET_OPEN = re.compile(r"Could not open Parquet input source '([^']+)': (.*?)(?:\.? Either .*)?$")
+_PARQUET_OPEN = re.compile(
+    r"Could not open Parquet input source '([^']+)': (.*?)(?:\.? Either .*)?$"
+)
 
 
 def damaged_file_message(err: BaseException) -> str | None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["connect", "run"]
 
+
 def _head_summary_sql() -> str:
     """Corpus-level view per (layer, head): count-weighted means (mergeable) and a label."""
     from attnstore.labels import label_sql
