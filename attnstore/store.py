@@ -1034,7 +1034,8 @@ class StoreWriter:
         # The claim check (attnstore.lease): documents another writer already committed are
         # dropped, so no document is ever stored twice.
         new_docs = set(tables["docs"]["doc_id"].to_pylist()) if "docs" in tables else set()
-        taken = _committed(self.storage, self._tables, new_docs)
+        checked: set[str] = set()  # docs parts read by the first check (immutable: not re-read)
+        taken = _committed(self.storage, self._tables, new_docs, checked)
         if taken:
             drop = pa.array(sorted(taken), pa.int64())
             tables = {
@@ -1077,7 +1078,7 @@ class StoreWriter:
             if docs_table is not None:
                 docs_table.update_incremental()
             seen = _txn_version(docs_table, self.app_id)
-            raced = _committed(self.storage, self._tables, new_docs)
+            raced = _committed(self.storage, self._tables, new_docs, checked)
             if raced:  # committed by another writer while this flush wrote its parts
                 raise StoreWriteError(
                     f"doc_ids {_span(raced)} were committed by another writer of this store "
@@ -1110,8 +1111,11 @@ class StoreWriter:
         self._last_flush = time.monotonic()
 
 
-def _committed(storage: Storage, cache: dict[str, DeltaTable], doc_ids: set[int]) -> set[int]:
-    """Those of ``doc_ids`` whose ``docs`` row is committed (a filtered read of the latest log)."""
+def _committed(
+    storage: Storage, cache: dict[str, DeltaTable], doc_ids: set[int], checked: set[str]
+) -> set[int]:
+    """Those of ``doc_ids`` whose ``docs`` row is committed (a filtered read of the latest log),
+    reading only parts not in ``checked`` (which gets the parts read added)."""
     if not doc_ids:
         return set()
     dt = cache.get("docs") or open_table(storage, "docs")
@@ -1124,8 +1128,10 @@ def _committed(storage: Storage, cache: dict[str, DeltaTable], doc_ids: set[int]
     paths = [
         f.path
         for f in files
-        if f.min_doc is None or f.max_doc is None or (f.min_doc <= hi and f.max_doc >= lo)
+        if f.path not in checked
+        and (f.min_doc is None or f.max_doc is None or (f.min_doc <= hi and f.max_doc >= lo))
     ]
+    checked.update(paths)
     if not paths:
         return set()
     ds = pads.dataset(paths, format=_parquet_format(), filesystem=storage.arrow_filesystem())
