@@ -833,6 +833,43 @@ class Tokenized:
         return self.n_input > len(self.ids)
 
 
+#: Characters of a document tokenized first: 16 per token of ``--max-length`` (plus slack); a
+#: document longer than that is tokenized by growing prefixes (×4) until one yields enough tokens.
+PREFIX_CHARS_PER_TOKEN: Final = 16
+#: A token counts towards "enough" only if it ends this many characters before the prefix's cut
+#: (tokens near the cut may merge differently once more text follows).
+PREFIX_MARGIN: Final = 1024
+
+
+def tokenize_prefix(
+    tok: Any, text: str, max_length: int
+) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Token ids (and character offsets, for a fast tokenizer) of ``text`` as far as
+    ``max_length`` tokens can use: never the whole of a huge document (a 50 MB line).
+
+    A document that fits the first window is tokenized whole, exactly as before; a longer one by
+    growing prefixes, stopping at the first whose tokens include more than ``max_length`` that end
+    :data:`PREFIX_MARGIN` characters before the cut. Its ``n_tokens_input`` then counts the tokens
+    of that prefix: a lower bound, more than ``max_length``, so ``truncated`` is still right.
+    """
+    fast = getattr(tok, "is_fast", False)
+    window = PREFIX_CHARS_PER_TOKEN * (max_length + 8) + PREFIX_MARGIN
+    while True:
+        whole = window >= len(text)
+        piece = text if whole else text[:window]
+        if fast:
+            enc = tok(piece, add_special_tokens=True, return_offsets_mapping=True)
+            ids = list(enc.input_ids)
+            offsets = [(int(a), int(b)) for a, b in enc.offset_mapping]
+            settled = sum(1 for _, end in offsets if 0 < end <= window - PREFIX_MARGIN)
+        else:
+            ids, offsets = list(tok(piece, add_special_tokens=True).input_ids), None
+            settled = len(ids) - PREFIX_MARGIN // 16
+        if whole or settled > max_length:
+            return ids, offsets
+        window *= 4
+
+
 class Extractor:
     """Turns batches of documents into :class:`~attnstore.store.Segment` objects.
 
@@ -965,16 +1002,14 @@ class Extractor:
         spans: list[tuple[int, int] | None] | None = None
         if doc.token_ids is not None:
             ids = list(doc.token_ids)
-        elif getattr(tok, "is_fast", False):
-            enc = tok(doc.text, add_special_tokens=True, return_offsets_mapping=True)
-            ids = enc.input_ids
-            special = set(tok.all_special_ids)
-            spans = [
-                None if i in special or a == b else (int(a), int(b))
-                for i, (a, b) in zip(ids, enc.offset_mapping, strict=True)
-            ]
         else:
-            ids = tok(doc.text, add_special_tokens=True).input_ids
+            ids, offsets = tokenize_prefix(tok, doc.text, self.max_length)
+            if offsets is not None:
+                special = set(tok.all_special_ids)
+                spans = [
+                    None if i in special or a == b else (int(a), int(b))
+                    for i, (a, b) in zip(ids, offsets, strict=True)
+                ]
         n_input = len(ids)
         last = ids[-1] if ids else None
         keep_last = (

@@ -96,6 +96,10 @@ class _Cli(click.Group):
         except Exception as err:
             if os.environ.get("ATTNSTORE_DEBUG"):
                 raise
+            from attnstore.paths import damaged_file_message
+
+            if damaged := damaged_file_message(err):  # a damaged store file, named
+                raise click.ClickException(damaged) from None
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise click.ClickException(
                 f"internal error, {type(err).__name__}: {first} "
@@ -188,11 +192,17 @@ def _int_list(value: str | None) -> list[int] | None:
         for part in value.split(","):
             if "-" in part.strip()[1:]:
                 lo, hi = part.split("-", 1)
+                if int(hi) < int(lo):
+                    raise click.BadParameter(
+                        f"expected ranges low-high with low ≤ high, like '0-5'. Got {part.strip()!r}."
+                    )
                 out.extend(range(int(lo), int(hi) + 1))
             elif part.strip():
                 out.append(int(part))
     except ValueError:
         raise click.BadParameter(f"expected integers like '0,3,5-7'. Got {value!r}.") from None
+    if not out:
+        raise click.BadParameter(f"expected integers like '0,3,5-7'. Got {value!r}.")
     return out
 
 

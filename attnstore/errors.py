@@ -13,17 +13,20 @@ __all__ = [
     "AttentionCaptureError",
     "AttnStoreError",
     "CorpusError",
+    "DamagedStoreError",
     "FormatVersionError",
     "IncompatibleStoreError",
     "MatrixNotFoundError",
     "ModelError",
     "QueryError",
+    "ShardBusyError",
     "StorageConfigError",
     "StoreExistsError",
     "StoreNotFoundError",
     "StoreWriteError",
     "UnknownCodecError",
     "UnknownLabelError",
+    "UnsafeStorePathError",
 ]
 
 
@@ -108,3 +111,15 @@ class AnalysisError(AttnStoreError, ValueError):
     def __init__(self, analysis: str, message: str) -> None:
         self.analysis = analysis
         super().__init__(message)
+
+
+class DamagedStoreError(AttnStoreError, ValueError):
+    """A store file that cannot be read as what it should be; the message names the file."""
+
+
+class UnsafeStorePathError(DamagedStoreError):
+    """A path in a store's metadata that would leave the store (``..``, absolute, a URL)."""
+
+
+class ShardBusyError(AttnStoreError, RuntimeError):
+    """Another live writer holds the lease of this shard of the store."""

@@ -162,7 +162,37 @@ def read_manifest(root: Path) -> Manifest:
             f'{str(path)!r} is not an attnstore manifest: expected "format": "{FORMAT_NAME}".'
         )
     parse_format_version(doc.get("format_version"))
+    check_manifest_fields(doc, str(path))
     return doc  # type: ignore[return-value]
+
+
+def check_manifest_fields(doc: dict[str, Any], where: str) -> None:
+    """The fields readers index must have their types: one line naming the file, else."""
+    from attnstore.errors import DamagedStoreError
+
+    def ints(value: object) -> bool:
+        return isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+
+    def fail(key: str, expected: str) -> None:
+        got = repr(doc.get(key, "nothing"))[:80] if "." not in key else "another value"
+        raise DamagedStoreError(
+            f"{where}: {key!r} must be {expected}. Got {got}; the manifest is damaged."
+        )
+
+    for key in ("layers", "heads"):
+        if not ints(doc.get(key)):
+            fail(key, "a list of integers")
+    model, codec = doc.get("model"), doc.get("codec")
+    if not isinstance(model, dict) or not isinstance(model.get("id"), str):
+        fail("model", 'an object with a string "id"')
+    if not isinstance(codec, dict) or not isinstance(codec.get("id"), str):
+        fail("codec", 'an object with a string "id"')
+    if "max_length" in doc and not (
+        isinstance(doc["max_length"], int) and not isinstance(doc["max_length"], bool)
+    ):
+        fail("max_length", "an integer")
 
 
 def parse_format_version(value: object) -> tuple[int, int]:

@@ -58,7 +58,10 @@ def migrate(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> dict[st
         rows = docs.to_pylist()
         codes: list[np.ndarray] = []
         if record.get("segment"):
-            arr = zarr.open_array(old_root / SEGMENTS / record["segment"], mode="r")
+            from attnstore.paths import relative_name
+
+            segment = relative_name(record["segment"], source="commits", what="segment")
+            arr = zarr.open_array(old_root / SEGMENTS / segment, mode="r")
             for r in rows:
                 if r["skipped"] is None and r["segment"] is not None:
                     n = r["n_tokens"]

@@ -221,10 +221,28 @@ def extract(
         raise CorpusError(f"Corpus {corpus!r} holds no documents; nothing was written.")
     doc_iter = itertools.chain([first], doc_iter)
     commit_every, commit_seconds = commit_cadence()
+    app_id = DEFAULT_APP_ID if shard_ix is None else app_id_for_shard(*shard_ix)
     run = ExtractionRun(
         storage, loaded, config, commit_every=commit_every, commit_seconds=commit_seconds,
-        app_id=DEFAULT_APP_ID if shard_ix is None else app_id_for_shard(*shard_ix),
+        app_id=app_id,
     )  # fmt: skip
+    from attnstore.lease import hold_shard
+
+    # One live writer per shard (attnstore.lease): a second one stops here with one line.
+    with hold_shard(storage, app_id):
+        return _extract_leased(run, out, doc_iter, progress, started)
+
+
+def _extract_leased(
+    run: ExtractionRun,
+    out: str | os.PathLike[str],
+    doc_iter: Iterator[Document],
+    progress: bool | Callable[[int], None],
+    started: float,
+) -> ExtractReport:
+    import time
+
+    # read once the lease is held: what an earlier holder committed is skipped
     done = run.committed()
     report = ExtractReport(path=str(out))
     bar = _progress(progress)
@@ -245,7 +263,7 @@ def extract(
         if hasattr(bar, "close"):
             bar.close()  # type: ignore[union-attr]
     report.commits = background.commits
-    maybe_compact(storage)  # many small parts (a long run of small batches): merge them
+    maybe_compact(run.storage)  # many small parts (a long run of small batches): merge them
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 

@@ -31,18 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["connect", "run"]
 
-_READ_ONLY: Final = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
-
-
-#: Applied after the views are defined (the tables are Arrow datasets read by pyarrow, which
-#: these settings do not touch); ``lock_configuration`` last, so a statement cannot undo them.
-_LOCKDOWN: Final = (
-    "SET enable_external_access = false",
-    "SET autoinstall_known_extensions = false",
-    "SET autoload_known_extensions = false",
-    "SET lock_configuration = true",
-)
-
 
 def _head_summary_sql() -> str:
     """Corpus-level view per (layer, head): count-weighted means (mergeable) and a label."""
@@ -164,26 +152,15 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
 def run(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
     """Run one read-only statement; the result as a pyarrow Table.
 
-    The statement sees the store and nothing else: file access, extensions and configuration are
-    switched off once the views exist, so even ``EXPLAIN ANALYZE COPY …`` or ``read_text(…)``
-    cannot reach the file system.
+    The statement sees the store and nothing else (:mod:`attnstore.sqlpolicy`): file access, the
+    temporary folder, extensions and configuration are switched off once the views exist, so even
+    ``EXPLAIN ANALYZE COPY …`` or ``read_text(…)`` cannot reach the file system.
     """
-    con = connect(store)
-    for setting in _LOCKDOWN:
-        con.execute(setting)
+    from attnstore.sqlpolicy import READ_ONLY, check_statement, session
+
+    con = session(store)  # the one read-only policy (attnstore.sqlpolicy), shared with the viewer
     try:
-        try:
-            statements = con.extract_statements(sql)
-        except duckdb.Error as err:
-            raise QueryError(f"Malformed SQL: {err}") from None
-        if len(statements) != 1:
-            raise QueryError(f"Expected exactly one SQL statement. Got {len(statements)}.")
-        kind = statements[0].type
-        if kind not in _READ_ONLY:
-            raise QueryError(
-                f"Only read-only statements run on a store (SELECT, WITH, EXPLAIN, DESCRIBE). "
-                f"Got a {kind.name} statement."
-            )
+        check_statement(con, sql, READ_ONLY)
         try:
             relation = con.sql(sql, params=params)
             if relation is None:  # pragma: no cover - read statements always return rows
@@ -192,6 +169,8 @@ def run(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] | None = 
             fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
             return fetch()
         except duckdb.Error as err:
-            raise QueryError(f"{type(err).__name__}: {err}") from None
+            from attnstore.paths import damaged_file_message
+
+            raise QueryError(damaged_file_message(err) or f"{type(err).__name__}: {err}") from None
     finally:
         con.close()

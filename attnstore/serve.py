@@ -17,13 +17,18 @@ API they use, which scripts can use too (documented in ``schemas/serve.md``):
 =====================  ==========================================================================
 
 Safety: the server binds 127.0.0.1 unless told otherwise and answers only requests addressed to
-that host (DNS rebinding). Each store gets its own DuckDB connection, built by
-:func:`attnstore.query.connect` and then locked down: file access only inside the store
-(``allowed_directories`` + ``enable_external_access=false``), no extension installing or loading,
-bounded threads, memory and temporary disk, and ``lock_configuration``. User SQL must be one
-``SELECT`` statement; it runs on the store's connection (one query at a time; the tables stay lazy
-Arrow datasets, never copied into memory), is interrupted after a time limit, and returns at
-most a row cap. Bad parameters get a 4xx with a message, never a stack trace.
+that host (DNS rebinding), and every ``/api/`` request must carry the header ``X-Attnstore: 1``
+(the page sends it; a page on another origin cannot without CORS, so a cross-origin ``no-cors``
+request spends no work). Each store gets its own DuckDB connection, built by
+:func:`attnstore.query.connect` and locked down by the one read-only policy of
+:mod:`attnstore.sqlpolicy` (no file system for DuckDB at all, no temporary folder, no extensions,
+``lock_configuration``), with bounded threads and memory. User SQL must be one ``SELECT``
+statement; it runs on the store's connection (one query at a time; the tables stay lazy Arrow
+datasets, never copied into memory), is interrupted after a time limit that also covers the
+conversion to JSON, returns at most a row cap and a byte cap (``"truncated": true``), and at most
+:data:`SQL_CONCURRENCY` user queries run or wait at once (more get HTTP 429). Bad parameters get a
+4xx with a message, never a stack trace; so do requests the standard library refuses itself (an
+over-long request line or header: JSON, not its HTML page).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     import duckdb
+    import pyarrow as pa
 
     from attnstore.store import Store
 
@@ -69,6 +75,12 @@ SQL_TIME_LIMIT: Final = 3.0
 PAGE_TIME_LIMIT: Final = 120.0
 #: Rows a user query returns at most (the answer says ``truncated``).
 ROW_CAP: Final = 1000
+#: Bytes of JSON rows a user query returns at most (the answer says ``truncated``).
+RESULT_BYTES: Final = 4 << 20
+#: User SQL queries running or waiting at once, all stores together (more get HTTP 429).
+SQL_CONCURRENCY: Final = 2
+#: The header every ``/api/`` request must carry (a cross-origin ``no-cors`` request cannot).
+API_HEADER: Final = "X-Attnstore"
 #: Decoded matrices kept in memory (bytes, all stores together).
 CACHE_BYTES: Final = 512 << 20
 #: Columns of ``head_summary`` that are identifiers or counts, not scores.
@@ -128,28 +140,6 @@ def _jsonable(value: Any) -> Any:
 def _records(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     """Result rows as JSON objects keyed by column name."""
     return [dict(zip(columns, map(_jsonable, r), strict=True)) for r in rows]
-
-
-def _lock_down(con: duckdb.DuckDBPyConnection, root: Path, memory_limit: str) -> None:
-    """Confine a connection whose views are already defined (see the module docstring)."""
-    # Bind every view once while access is still open, so whatever a view needs (an extension,
-    # a file listing) is in place before the doors close. The tables stay the store's lazy Arrow
-    # datasets (registered in this connection's temporary schema): nothing is loaded into memory.
-    views = con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
-    for (name,) in views:
-        con.execute(f"SELECT * FROM {_ident(name)} LIMIT 0").fetchall()
-    dirs = sorted({str(root.absolute()) + os.sep, str(root.resolve()) + os.sep})
-    for statement in (
-        f"SET allowed_directories = [{', '.join(_quote(d) for d in dirs)}]",
-        "SET enable_external_access = false",
-        "SET autoinstall_known_extensions = false",
-        "SET autoload_known_extensions = false",
-        "SET threads = 2",
-        f"SET memory_limit = {_quote(memory_limit)}",
-        "SET max_temp_directory_size = '0B'",
-        "SET lock_configuration = true",
-    ):
-        con.execute(statement)
 
 
 @dataclass
@@ -226,15 +216,19 @@ class Viewer:
         time_limit: float = SQL_TIME_LIMIT,
         row_cap: int = ROW_CAP,
         memory_limit: str = "2GB",
+        result_bytes: int = RESULT_BYTES,
     ) -> None:
         import attnstore
         from attnstore.errors import AttnStoreError
         from attnstore.query import connect
+        from attnstore.sqlpolicy import lock_down
 
         if not paths:
             raise AttnStoreError("Expected at least one store to serve. Got none.")
         self.time_limit = time_limit
         self.row_cap = row_cap
+        self.result_bytes = result_bytes
+        self._sql_slots = threading.BoundedSemaphore(SQL_CONCURRENCY)
         self.sources: list[_Source] = []
         self.cache = _Cache(CACHE_BYTES)
         names = [Path(p).name or str(p) for p in paths]
@@ -259,7 +253,8 @@ class Viewer:
             (n_docs,) = con.execute(
                 "SELECT count(*) FROM docs WHERE skipped IS NULL"
             ).fetchone() or (0,)
-            _lock_down(con, Path(store.path), memory_limit)
+            # the one read-only policy (attnstore.sqlpolicy), with bounded threads and memory
+            lock_down(con, threads=2, memory_limit=memory_limit)
             name = names[i] if names.count(names[i]) == 1 else f"{names[i]} ({i})"
             self.sources.append(
                 _Source(i, name, store, con, scores, bool(n_syntax), bool(n_probe), int(n_docs))
@@ -335,8 +330,13 @@ class Viewer:
         return columns, rows[:cap] if cap is not None else rows, truncated
 
     def user_sql(self, params: dict[str, str]) -> dict[str, Any]:
-        """``/api/sql``: one read-only SELECT, time-limited, at most :attr:`row_cap` rows."""
+        """``/api/sql``: one read-only SELECT, bounded in time (conversion to JSON included), rows,
+        bytes of JSON (:data:`RESULT_BYTES`; the answer says ``truncated``) and concurrency
+        (:data:`SQL_CONCURRENCY` user queries at once, all stores together; more get a 429)."""
         import duckdb
+
+        from attnstore.errors import QueryError
+        from attnstore.sqlpolicy import SELECT_ONLY, check_statement
 
         src = self.source(params)
         sql = params.get("q", "").strip()
@@ -352,32 +352,75 @@ class Viewer:
                 bound = []
             if not isinstance(bound, list):
                 raise ApiError(400, "Expected params as a JSON array, e.g. params=[0.9, 3].")
-        with src.lock:
-            try:
-                statements = src.con.extract_statements(sql)
-            except duckdb.Error as err:
-                raise ApiError(400, f"Malformed SQL: {err}") from None
-        if len(statements) != 1:
-            raise ApiError(400, f"Expected exactly one SQL statement. Got {len(statements)}.")
-        kind = statements[0].type
-        if kind != duckdb.StatementType.SELECT:
+        if not self._sql_slots.acquire(blocking=False):
             raise ApiError(
-                403,
-                f"Only read-only SELECT queries run here. Got {kind.name} "
-                "(COPY, ATTACH, SET, PRAGMA, CREATE, EXPLAIN ANALYZE … are refused).",
+                429,
+                f"{SQL_CONCURRENCY} SQL queries are already running; try again when one finishes.",
             )
-        t0 = time.perf_counter()
-        columns, rows, truncated = self.query(
-            src, sql, bound or None, cap=self.row_cap, time_limit=self.time_limit
-        )
-        names = _unique(columns)
+        try:
+            with src.lock:
+                try:
+                    check_statement(src.con, sql, SELECT_ONLY)
+                except QueryError as err:
+                    raise ApiError(403 if str(err).startswith("Only") else 400, str(err)) from None
+            t0 = time.perf_counter()
+            deadline = t0 + self.time_limit
+            table = self._arrow(src, sql, bound or None, self.row_cap + 1, deadline)
+            truncated = table.num_rows > self.row_cap
+            table = table.slice(0, self.row_cap)
+            if table.nbytes > self.result_bytes:  # bound the conversion before it starts
+                table, truncated = _head_within(table, self.result_bytes), True
+            names = _unique(list(table.column_names))
+            rows: list[dict[str, Any]] = []
+            size = 0
+            for i, row in enumerate(table.to_pylist()):
+                if i % 64 == 0 and time.perf_counter() > deadline:
+                    raise ApiError(400, _too_long(self.time_limit))
+                record = dict(zip(names, map(_jsonable, row.values()), strict=True))
+                size += len(json.dumps(record, ensure_ascii=False, allow_nan=False)) + 1
+                if size > self.result_bytes:
+                    truncated = True
+                    break
+                rows.append(record)
+            if time.perf_counter() > deadline:
+                raise ApiError(400, _too_long(self.time_limit))
+        except duckdb.Error as err:  # pragma: no cover - _arrow maps DuckDB errors
+            raise ApiError(400, f"{type(err).__name__}: {err}") from None
+        finally:
+            self._sql_slots.release()
         return {
             "columns": names,
-            "rows": _records(names, rows),
+            "rows": rows,
             "truncated": truncated,
             "row_cap": self.row_cap,
+            "result_bytes": self.result_bytes,
             "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
         }
+
+    def _arrow(
+        self, src: _Source, sql: str, params: Sequence[Any] | None, cap: int, deadline: float
+    ) -> pa.Table:
+        """User SQL as an Arrow table of ≤ ``cap`` rows, interrupted at ``deadline``."""
+        import duckdb
+
+        with src.lock:
+            timer = threading.Timer(max(0.0, deadline - time.perf_counter()), src.con.interrupt)
+            timer.daemon = True
+            try:
+                timer.start()
+                relation = src.con.sql(sql, params=params)
+                if relation is None:
+                    raise ApiError(400, "The statement returned no rows. Expected a SELECT query.")
+                relation = relation.limit(cap)
+                fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
+                table: pa.Table = fetch()
+            except duckdb.InterruptException:
+                raise ApiError(400, _too_long(self.time_limit)) from None
+            except duckdb.Error as err:
+                raise ApiError(400, f"{type(err).__name__}: {err}") from None
+            finally:
+                timer.cancel()
+        return table
 
     # -- pages -------------------------------------------------------------------------------
     def meta(self, params: dict[str, str]) -> dict[str, Any]:
@@ -765,6 +808,25 @@ class Viewer:
                 "how": None if found is None else "text", "same_number": bool(own)}  # fmt: skip
 
 
+def _too_long(limit: float) -> str:
+    return (
+        f"The query ran longer than the time limit of {limit:g} s and was stopped. Add a WHERE "
+        "clause or a LIMIT, or aggregate before joining."
+    )
+
+
+def _head_within(table: pa.Table, max_bytes: int) -> pa.Table:
+    """The longest first rows of ``table`` whose Arrow buffers stay within ``max_bytes``."""
+    lo, hi = 0, table.num_rows
+    while lo < hi:  # the largest k with table[:k].nbytes <= max_bytes
+        mid = (lo + hi + 1) // 2
+        if table.slice(0, mid).nbytes <= max_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return table.slice(0, lo)
+
+
 def _unique(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
@@ -844,6 +906,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             name = host.rsplit(":", 1)[0]
         return name in _LOOPBACK
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors the standard library raises itself (an over-long request line or header, a
+        malformed request) as the documented JSON ``{"error": ...}``, not its HTML page."""
+        self.close_connection = True
+        short, _ = self.responses.get(code, ("Error", ""))
+        text = f"{message or short} (HTTP {code})."
+        if code in (414, 431):
+            text = f"{message or short}: the request line or a header is too long (HTTP {code})."
+        body = json.dumps({"error": text}).encode()
+        try:
+            self.send_response(code, short)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            for k, v in _SECURITY_HEADERS.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                self.wfile.write(body)
+        except OSError:  # the client went away
+            pass
+
     def do_HEAD(self) -> None:
         self.do_GET()
 
@@ -857,6 +941,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             url = urllib.parse.urlsplit(self.path)
             params = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
             if url.path.startswith("/api/"):
+                if self.headers.get(API_HEADER) != "1":  # cross-origin no-cors cannot set it
+                    raise ApiError(
+                        403,
+                        f"API requests must carry the header '{API_HEADER}: 1' (the viewer's "
+                        "page sends it; a page on another origin cannot).",
+                    )
                 self._api(url.path[5:], params)
             else:
                 self._static(url.path)

@@ -72,6 +72,7 @@ from attnstore.layout import (
     TABLES_DIR,
     WRITERS,
     Manifest,
+    check_manifest_fields,
     manifest_value,
     new_writer_id,
     parse_format_version,
@@ -81,6 +82,7 @@ from attnstore.layout import (
 from attnstore.overview import grid
 from attnstore.packing import packed_size, row_index, unpack, unpack_logits, unpack_tril
 from attnstore.rows import DocRows, RowSelection, RowsNotStoredError
+from attnstore.segments import open_segment
 from attnstore.storage import LocalStorage, Storage, is_url, open_storage
 
 if TYPE_CHECKING:
@@ -148,6 +150,16 @@ class Segment:
     annotation: dict[str, Any] = field(default_factory=dict)
 
 
+def _parquet_format() -> pads.ParquetFileFormat:
+    """Parquet as every reader reads it: page checksums verified, so a flipped bit in a page fails
+    the read instead of returning wrong values (every attnstore writer writes them)."""
+    return pads.ParquetFileFormat(
+        default_fragment_scan_options=pads.ParquetFragmentScanOptions(
+            page_checksum_verification=True
+        )
+    )
+
+
 @dataclass(frozen=True)
 class _File:
     """One Parquet file of a table snapshot, with its ``doc_id`` range when known."""
@@ -157,15 +169,23 @@ class _File:
     max_doc: int | None
 
 
-def _files_of(storage: Storage, dt: DeltaTable) -> list[_File]:
+def _files_of(storage: Storage, name: str, dt: DeltaTable) -> list[_File]:
+    from attnstore.paths import inside
+
     actions = pa.table(dt.get_add_actions(flatten=True))
-    base = storage.arrow_path(dt.table_uri)
-    paths = actions["path"].to_pylist()
+    base = table_path(name)
+    source = f"{base}/_delta_log"
+    paths = [  # every add path checked: a store's log never makes a reader leave the store
+        storage.arrow_path(
+            storage.table_uri(inside(storage, base, p, source=source, what="add path", uri=True))
+        )
+        for p in actions["path"].to_pylist()
+    ]
     if "min.doc_id" in actions.column_names:
         lows, highs = actions["min.doc_id"].to_pylist(), actions["max.doc_id"].to_pylist()
     else:
         lows = highs = [None] * len(paths)
-    return [_File(f"{base}/{p}", lo, hi) for p, lo, hi in zip(paths, lows, highs, strict=True)]
+    return [_File(p, lo, hi) for p, lo, hi in zip(paths, lows, highs, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -240,6 +260,7 @@ def read_store_manifest(storage: Storage) -> Manifest:
             f'expected "format": "{FORMAT_NAME}".'
         )
     parse_format_version(doc.get("format_version"))
+    check_manifest_fields(doc, f"{storage.root}/{MANIFEST_NAME}")
     return doc  # type: ignore[return-value]
 
 
@@ -277,7 +298,7 @@ def _write_state(storage: Storage, state: dict[str, Any]) -> None:
 def open_table(storage: Storage, name: str) -> DeltaTable | None:
     """The Delta table ``name`` of a format-2 store, or ``None`` if no writer created it yet."""
     from deltalake import DeltaTable
-    from deltalake.exceptions import TableNotFoundError
+    from deltalake.exceptions import DeltaError, TableNotFoundError
 
     try:
         return DeltaTable(
@@ -285,6 +306,26 @@ def open_table(storage: Storage, name: str) -> DeltaTable | None:
         )
     except TableNotFoundError:
         return None
+    except DeltaError as err:
+        raise _damaged_log(table_path(name), err) from None
+
+
+def _damaged_log(rel: str, err: Exception) -> Exception:
+    """One line for a Delta log delta-rs cannot read (it names Rust structures, not the problem)."""
+    from attnstore.errors import DamagedStoreError
+
+    text = " ".join(str(err).split())
+    names = re.findall(r'filename: "([^"]+)"', text)
+    if "found gap" in text and len(names) >= 2:
+        return DamagedStoreError(
+            f"{rel}/_delta_log: a log entry is missing between {names[0]} and {names[-1]} (the "
+            "log must be contiguous); the table cannot be read. `attnstore verify` lists every "
+            "damaged file."
+        )
+    return DamagedStoreError(
+        f"{rel}/_delta_log: the Delta log cannot be read ({text[:200]}). "
+        "`attnstore verify` lists every damaged file."
+    )
 
 
 def _txn_version(table: DeltaTable | None, app_id: str) -> int:
@@ -374,7 +415,16 @@ def _commit_pending(
     pending: dict[str, Any],
     cache: dict[str, DeltaTable] | None = None,
 ) -> None:
+    from attnstore.errors import UnsafeStorePathError
+    from attnstore.paths import inside
+
     tables: dict[str, list[dict[str, Any]]] = pending["tables"]
+    source = writer_path(app_id)
+    for name, adds in tables.items():  # an intent is store metadata too: checked before commit
+        if name not in index.SCHEMAS:
+            raise UnsafeStorePathError(f"{source}: unknown table {name!r} in the pending flush.")
+        for a in adds:
+            inside(storage, table_path(name), a["path"], source=source, what="add path", uri=True)
     metadata = {"attnstore": json.dumps(pending.get("record", {}), sort_keys=True)}
     order = [n for n in tables if n != "docs"] + ["docs"]
     for name in order:
@@ -455,9 +505,16 @@ class Store:
             folder = Path(self.storage.root) / COMMITS
             names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
             self._commits: list[dict[str, Any]] = [read_json(folder / n) for n in names]
+            from attnstore.paths import relative_name
+
             self._files = {
                 name: [
-                    _File(f"{self.storage.root}/{c['tables'][name]}", None, None)
+                    _File(
+                        f"{self.storage.root}/"
+                        + relative_name(c["tables"][name], source=COMMITS, what="table file"),
+                        None,
+                        None,
+                    )
                     for c in self._commits
                     if c["tables"].get(name)
                 ]
@@ -469,7 +526,7 @@ class Store:
         self._versions = {name: dt.version() for name, dt in tables.items()}
         # The snapshot as plain data: reads below never call delta-rs again, so a Store works in
         # forked DataLoader workers (delta-rs' runtime does not survive a fork).
-        self._files = {name: _files_of(self.storage, dt) for name, dt in tables.items()}
+        self._files = {name: _files_of(self.storage, name, dt) for name, dt in tables.items()}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -526,7 +583,7 @@ class Store:
         files = self._files.get(name, [])
         if not files:
             return pads.dataset(schema.empty_table())
-        fmt = pads.ParquetFileFormat()
+        fmt = _parquet_format()
         doc_id = pc.field("doc_id")
         fragments = [
             fmt.make_fragment(
@@ -615,11 +672,11 @@ class Store:
             if arr is not None:
                 self._arrays.move_to_end(key)
                 return arr
-        arr = zarr.open_array(
-            store=self.storage.zarr_store(f"{folder}/{segment}", read_only=True),
-            mode="r",
-            zarr_format=3,
-        )
+        from attnstore.paths import inside, local_files_inside
+
+        rel = inside(self.storage, folder, segment, source="tables/docs", what="segment")
+        local_files_inside(self.storage, rel, source="tables/docs", what="segment")
+        arr = open_segment(self.storage.zarr_store(rel, read_only=True), rel)
         with self._lock:
             self._arrays[key] = arr
             while len(self._arrays) > 256:
@@ -898,8 +955,14 @@ class Store:
         n_tokens = np.asarray(docs["n_tokens"].to_numpy(zero_copy_only=False), dtype=np.int64)
         stored = np.asarray(docs["skipped"].is_null().to_numpy(zero_copy_only=False))
         segments = {s for s in pc.unique(docs["segment"]).to_pylist() if s is not None}
-        seg_bytes = sum(  # the segments committed documents point at
-            size for s in segments for _, size in self.storage.walk(f"{SEGMENTS}/{s}")
+        from attnstore.paths import inside
+
+        seg_bytes = sum(  # the segments committed documents point at (names checked)
+            size
+            for s in segments
+            for _, size in self.storage.walk(
+                inside(self.storage, SEGMENTS, s, source="tables/docs", what="segment")
+            )
         )
         total_bytes = sum(size for _, size in self.storage.walk(""))
         n_lh = len(self.manifest["layers"]) * len(self.manifest["heads"])
@@ -1343,8 +1406,23 @@ class StoreWriter:
         part = self._next_name()
         adds: dict[str, list[dict[str, Any]]] = {}
         doc_ids: set[int] = set()
-        for name, column_sets in to_write.items():
-            table = self._table(name, column_sets)
+        tables = {n: self._table(n, c) for n, c in to_write.items()}
+        # The claim check (attnstore.lease): documents another writer already committed are
+        # dropped, so no document is ever stored twice.
+        new_docs = set(tables["docs"]["doc_id"].to_pylist()) if "docs" in tables else set()
+        checked: set[str] = set()  # docs parts read by the first check (immutable: not re-read)
+        taken = _committed(self.storage, self._tables, new_docs, checked)
+        if taken:
+            drop = pa.array(sorted(taken), pa.int64())
+            tables = {
+                n: t.filter(pc.invert(pc.is_in(t["doc_id"], value_set=drop)))
+                for n, t in tables.items()
+            }
+            new_docs -= taken
+            if not any(t.num_rows for t in tables.values()):  # every document was taken
+                self._last_flush = time.monotonic()
+                return
+        for name, table in tables.items():
             if table.num_rows == 0 and name != "docs":
                 continue
             doc_ids.update(table["doc_id"].to_pylist())
@@ -1376,6 +1454,13 @@ class StoreWriter:
             if docs_table is not None:
                 docs_table.update_incremental()
             seen = _txn_version(docs_table, self.app_id)
+            raced = _committed(self.storage, self._tables, new_docs, checked)
+            if raced:  # committed by another writer while this flush wrote its parts
+                raise StoreWriteError(
+                    f"doc_ids {_span(raced)} were committed by another writer of this store "
+                    f"while {self.app_id} was writing them; this flush is refused so that no "
+                    "document is stored twice"
+                )
             version = max(int(state.get("version", 0)), seen) + 1
             record = {
                 "app_id": self.app_id, "version": version, "writer": self.writer_id,
@@ -1400,6 +1485,39 @@ class StoreWriter:
             _fault("committed")
         self.flushes += 1
         self._last_flush = time.monotonic()
+
+
+def _committed(
+    storage: Storage, cache: dict[str, DeltaTable], doc_ids: set[int], checked: set[str]
+) -> set[int]:
+    """Those of ``doc_ids`` whose ``docs`` row is committed (a filtered read of the latest log),
+    reading only parts not in ``checked`` (which gets the parts read added)."""
+    if not doc_ids:
+        return set()
+    dt = cache.get("docs") or open_table(storage, "docs")
+    if dt is None:
+        return set()
+    cache["docs"] = dt
+    dt.update_incremental()
+    files = _files_of(storage, "docs", dt)
+    lo, hi = min(doc_ids), max(doc_ids)
+    paths = [
+        f.path
+        for f in files
+        if f.path not in checked
+        and (f.min_doc is None or f.max_doc is None or (f.min_doc <= hi and f.max_doc >= lo))
+    ]
+    checked.update(paths)
+    if not paths:
+        return set()
+    ds = pads.dataset(paths, format=_parquet_format(), filesystem=storage.arrow_filesystem())
+    wanted = pa.array(sorted(doc_ids), pa.int64())
+    found = ds.to_table(columns=["doc_id"], filter=pc.field("doc_id").isin(wanted))["doc_id"]
+    return set(found.to_pylist())
+
+
+def _span(ids: set[int]) -> str:
+    return f"{min(ids)}…{max(ids)} ({len(ids)})" if len(ids) > 1 else str(next(iter(ids)))
 
 
 def _write_errors() -> tuple[type[Exception], ...]:

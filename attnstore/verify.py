@@ -123,6 +123,9 @@ def verify_store(
 def _verify_v1(report: VerifyReport, root: Path, manifest: Any, codec: Any, quick: bool) -> None:
     import pyarrow.parquet as pq
 
+    from attnstore.errors import UnsafeStorePathError
+    from attnstore.paths import relative_name
+
     n_layers, n_heads = len(manifest["layers"]), len(manifest["heads"])
     manifest_sha = _sha256(root / MANIFEST_NAME)
     referenced: set[str] = set()
@@ -137,6 +140,16 @@ def _verify_v1(report: VerifyReport, root: Path, manifest: Any, codec: Any, quic
             doc_ids = [int(d) for d in record["doc_ids"]]
         except (OSError, ValueError, KeyError, TypeError) as err:
             report.error(rel_record, f"unreadable commit record: {err}")
+            continue
+        try:  # the one check readers use: a record never names a file outside the store
+            for name in [
+                *files,
+                *tables.values(),
+                *([record["segment"]] if record.get("segment") else []),
+            ]:
+                relative_name(name, source=rel_record, what="file")
+        except UnsafeStorePathError as err:
+            report.error(rel_record, str(err))
             continue
         report.commits += 1
         if record.get("manifest_sha256") != manifest_sha:
@@ -190,6 +203,8 @@ def _verify_v2(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from attnstore.errors import UnsafeStorePathError
+    from attnstore.paths import inside, local_files_inside
     from attnstore.store import Store, open_table, table_path
 
     manifest_sha = hashlib.sha256(storage.read_bytes(MANIFEST_NAME)).hexdigest()
@@ -252,7 +267,14 @@ def _verify_v2(
         for rel_file, size in zip(
             actions["path"].to_pylist(), actions["size_bytes"].to_pylist(), strict=True
         ):
-            rel = f"{base}/{rel_file}"
+            try:  # the one check readers use: an add path never leaves the store
+                rel = inside(
+                    storage, base, rel_file, source=f"{base}/_delta_log", what="add path", uri=True
+                )
+            except UnsafeStorePathError as err:
+                report.error(f"{base}/_delta_log", str(err))
+                intact = False
+                continue
             referenced.add(rel)
             report.files_checked += 1
             if rel not in sizes:
@@ -286,6 +308,12 @@ def _verify_v2(
         for d in docs:
             by_segment.setdefault(d["segment"], []).append(d)
         for segment, stored in by_segment.items():
+            try:  # the one check readers use: a segment name never leaves the store
+                seg_rel = inside(storage, SEGMENTS, segment, source="tables/docs", what="segment")
+                local_files_inside(storage, seg_rel, source="tables/docs", what="segment")
+            except UnsafeStorePathError as err:
+                report.error(f"{TABLES_DIR}/docs", str(err))
+                continue
             files = {rel for rel, _ in storage.walk(f"{SEGMENTS}/{segment}")}
             referenced.update(files)
             if f"{SEGMENTS}/{segment}/c/0/0/0" not in files:
@@ -379,6 +407,8 @@ def _check_segment(
     quick: bool,
 ) -> None:
     import zarr
+
+    import attnstore.segments  # noqa: F401 - its Blosc guard decodes every chunk read here
 
     where = f"{SEGMENTS}/{name}"
     try:

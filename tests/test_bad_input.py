@@ -56,18 +56,43 @@ def test_bad_utf8_midway_keeps_committed_batches(tmp_path: Path, llama_dir: Path
     assert attnstore.open(str(out)).sql("SELECT count(*) FROM docs").column(0)[0].as_py() == 41
 
 
-def test_ten_megabyte_line_is_truncated(tmp_path: Path, llama_dir: Path) -> None:
+#: Peak resident memory an extract of one huge line may reach (the tiny test model's process
+#: alone is about half of it). Before issue 20 a 10 MB line took 3.8 GB; 50 MB was killed.
+HUGE_LINE_PEAK_BYTES = 1536 << 20
+
+
+@pytest.mark.parametrize("megabytes", [10, 50])
+def test_huge_line_is_truncated_in_bounded_memory(
+    tmp_path: Path, llama_dir: Path, megabytes: int
+) -> None:
+    """Tokenization reads only what --max-length can use; the child's peak memory is bounded."""
+    import os
+    import subprocess
+
+    from tests.helpers import extract_command
+
     corpus = tmp_path / "c.txt"
-    corpus.write_text("word " * 2_000_000 + "\nsmall\n")
-    report = run(tmp_path / "s.attn", llama_dir, corpus, max_length=32)
-    assert report.docs_truncated == 1
+    with corpus.open("w") as fh:
+        for _ in range(megabytes):
+            fh.write("word " * 209_715)
+        fh.write("\nsmall\n")
+    out = tmp_path / "s.attn"
+    proc = subprocess.Popen(
+        extract_command(out, llama_dir, corpus, "--max-length", "32"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read() if proc.stderr else ""
+    assert usage.ru_maxrss * 1024 < HUGE_LINE_PEAK_BYTES, f"peak RSS {usage.ru_maxrss} KiB"
     row = (
-        attnstore.open(str(tmp_path / "s.attn"))
-        .sql("SELECT n_tokens, n_tokens_input, truncated FROM docs WHERE doc_id = 0")
+        attnstore.open(str(out))
+        .sql("SELECT n_tokens, n_tokens_input, n_chars, truncated FROM docs WHERE doc_id = 0")
         .to_pylist()[0]
     )
     assert row["n_tokens"] == 32
-    assert row["n_tokens_input"] > 1_000_000
+    assert row["n_tokens_input"] > 32
+    assert row["n_chars"] >= megabytes * 1_000_000
     assert row["truncated"]
 
 
@@ -175,3 +200,28 @@ def test_fallback_to_eager_gives_the_same_store(
         json.loads((tmp_path / "b.attn" / "attnstore.json").read_text())["settings"]["attention"]
         == "eager"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "word " * 50_000,
+        "The cat sat on the mat. " * 5_000,
+        "x" * 200_000,  # one long word across every cut
+        "naïve café 東京 " * 20_000,
+    ],
+    ids=["words", "sentences", "one_word", "unicode"],
+)
+def test_prefix_tokenization_keeps_the_first_tokens(tokenizer_dir: Path, text: str) -> None:
+    from transformers import AutoTokenizer
+
+    from attnstore.capture import tokenize_prefix
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    whole = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+    for max_length in (8, 128, 512):
+        ids, offsets = tokenize_prefix(tok, text, max_length)
+        assert ids[:max_length] == whole.input_ids[:max_length]
+        assert offsets is not None
+        assert offsets[:max_length] == [tuple(o) for o in whole.offset_mapping[:max_length]]
+        assert max_length < len(ids) < len(whole.input_ids)

@@ -122,7 +122,8 @@ def api(server: Any, name: str, **params: Any) -> Any:
     import urllib.request
 
     url = f"{server.url}api/{name}?{urllib.parse.urlencode(params)}"
-    with urllib.request.urlopen(url, timeout=30) as res:
+    req = urllib.request.Request(url, headers={"X-Attnstore": "1"})
+    with urllib.request.urlopen(req, timeout=30) as res:
         return json.load(res)
 
 

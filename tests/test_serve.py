@@ -38,7 +38,8 @@ def server(viewer_store: Path) -> Iterator[Any]:
 def get(server: Any, path: str, **params: Any) -> tuple[int, Any, dict[str, str]]:
     url = server.url.rstrip("/") + path + ("?" + urllib.parse.urlencode(params) if params else "")
     try:
-        with urllib.request.urlopen(url, timeout=30) as res:
+        req = urllib.request.Request(url, headers={"X-Attnstore": "1"})
+        with urllib.request.urlopen(req, timeout=30) as res:
             body, status, headers = res.read(), res.status, dict(res.headers)
     except urllib.error.HTTPError as err:
         body, status, headers = err.read(), err.code, dict(err.headers)
@@ -247,10 +248,13 @@ def test_lockdown_holds_beneath_the_statement_check(viewer_store: Path) -> None:
         ]:
             with pytest.raises(ApiError, match=message):
                 viewer.query(src, sql, time_limit=1.0)
-        # the store itself stays readable, through the views and directly
-        inside = next(viewer_store.rglob("*.parquet"))
-        _, rows, _ = viewer.query(src, f"SELECT count(*) FROM read_parquet('{inside}')")
+        # the store stays readable through its views; DuckDB itself has no file system at all,
+        # not even the store's own files (they are read by pyarrow, with path and checksum checks)
+        _, rows, _ = viewer.query(src, "SELECT count(*) FROM docs")
         assert rows[0][0] > 0
+        inside = next(viewer_store.rglob("*.parquet"))
+        with pytest.raises(ApiError, match="disabled by configuration"):
+            viewer.query(src, f"SELECT count(*) FROM read_parquet('{inside}')")
     finally:
         viewer.close()
     assert not Path("/tmp/attnstore-lock.csv").exists()
@@ -288,7 +292,9 @@ def test_bad_requests_get_a_message(
 
 def test_other_host_names_are_refused(server: Any) -> None:
     """DNS rebinding: a page on another origin that resolves to 127.0.0.1 gets nothing."""
-    req = urllib.request.Request(server.url + "api/meta", headers={"Host": "attacker.example"})
+    req = urllib.request.Request(
+        server.url + "api/meta", headers={"Host": "attacker.example", "X-Attnstore": "1"}
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 403
@@ -329,7 +335,8 @@ def test_cli_serve_prints_its_url(viewer_store: Path) -> None:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line)
         assert url, line + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
-        with urllib.request.urlopen(url.group(0) + "api/meta", timeout=30) as res:
+        req = urllib.request.Request(url.group(0) + "api/meta", headers={"X-Attnstore": "1"})
+        with urllib.request.urlopen(req, timeout=30) as res:
             assert json.load(res)["stores"][0]["docs"] == N_SHORT + 1
     finally:
         proc.terminate()

@@ -27,16 +27,20 @@ class ApiError extends Error {}
 
 function mount(...children) { $app.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false)); }
 
+// Every API request carries this header: a page on another origin cannot send it without CORS,
+// so it cannot make the viewer spend time on its behalf (schemas/serve.md).
+const API_HEADERS = { "X-Attnstore": "1" };
+
 async function api(path, params = {}) {
   const qs = new URLSearchParams(Object.entries(params).filter(([, v]) => v !== undefined && v !== null));
-  const res = await fetch(`/api/${path}?${qs}`);
+  const res = await fetch(`/api/${path}?${qs}`, { headers: API_HEADERS });
   const body = await res.json().catch(() => ({ error: `HTTP ${res.status}` }));
   if (!res.ok) throw new ApiError(body.error || `HTTP ${res.status}`);
   return body;
 }
 
 async function tile(params) {
-  const res = await fetch(`/api/tile?${new URLSearchParams(params)}`);
+  const res = await fetch(`/api/tile?${new URLSearchParams(params)}`, { headers: API_HEADERS });
   if (!res.ok) {
     const body = await res.json().catch(() => ({ error: `HTTP ${res.status}` }));
     throw new ApiError(body.error);
