@@ -420,8 +420,9 @@ def _commit_pending(
 
     tables: dict[str, list[dict[str, Any]]] = pending["tables"]
     source = writer_path(app_id)
+    known = set(index.SCHEMAS) | set(tables) & set(plugin_tables.registered(storage))
     for name, adds in tables.items():  # an intent is store metadata too: checked before commit
-        if name not in index.SCHEMAS:
+        if name not in known:  # a built-in table, or an analysis table registered in the store
             raise UnsafeStorePathError(f"{source}: unknown table {name!r} in the pending flush.")
         for a in adds:
             inside(storage, table_path(name), a["path"], source=source, what="add path", uri=True)
