@@ -29,7 +29,6 @@ Growth laws (B documents of T tokens, H heads, d head dimension; no ``[T, T]`` t
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -258,8 +257,8 @@ class LayerScores:
         probs = probs[..., :q1]  # causal: keys past the block's last row are 0
         rows = torch.arange(c, device=probs.device)
         q = rows + q0
-        # -Σ p ln p; clamping keeps 0·ln 0 = 0 and is ~2× faster than special.entr
-        plogp = (probs * torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny))).sum(-1)
+        # -Σ p ln p; clamping keeps 0·ln 0 = 0 and is ~2× faster than special.entr (one temporary)
+        plogp = probs.clamp_min(torch.finfo(torch.float32).tiny).log_().mul_(probs).sum(-1)
         self.add_rows(
             q0,
             {
@@ -296,12 +295,6 @@ def score_layer(probs: torch.Tensor, masks: BatchMasks) -> dict[str, np.ndarray]
     return acc.result()
 
 
-def _rows_per_block(q0: int, t: int, elements: int) -> int:
-    """Largest C with C·(q0 + C) ≤ elements (at least 1, at most t - q0)."""
-    c = int((-q0 + math.sqrt(q0 * q0 + 4.0 * elements)) / 2)
-    return max(1, min(t - q0, c))
-
-
 def online_layer_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -311,20 +304,26 @@ def online_layer_scores(
     *,
     scaling: float,
     softcap: float | None = None,
-    block_bytes: int = 1 << 25,
+    block_bytes: int = 1 << 22,
+    q_block: int = 256,
 ) -> dict[str, np.ndarray]:
     """Every score from the layer's queries and keys, without materialising its attention.
 
-    Rows are taken in blocks of C rows that see keys ``0 … q0 + C - 1`` only (the upper triangle
-    is never computed), each block's softmax statistics exactly: the logits ``s``, their row max
-    ``m``, ``z = s − m``, ``e = exp(z)`` and ``l = Σ e``. Then ``max_weight = 1 / l``, entropy
-    ``ln l − Σ e·z / l`` (from the log-sum-exp, no second pass, no ``log`` of probabilities),
-    ``mean_distance = q − Σ e·k / l`` (one matrix product with ``[1, k]``), ``prev_token``,
-    ``self``, ``sink`` and the duplicate/induction sums are gathers of ``e / l`` at their keys.
+    Tiles of ``q_block`` query rows × a key block (``block_bytes`` of float32 logits for the
+    batch's heads) are visited for keys ``0 … q1 - 1`` only (tiles above the diagonal are never
+    computed; the diagonal tile's upper triangle is position arithmetic). Per row it keeps the
+    online-softmax state of the flash-attention recurrence: running max ``m``, ``l = Σ e^(s−m)``,
+    ``a = Σ e^(s−m)·(s−m)``, ``Σ e^(s−m)·k`` and ``Σ e^(s−m)`` over the duplicate and induction key
+    sets, rescaled by ``e^(m−m')`` when the max grows. Then ``max_weight = 1 / l``, entropy
+    ``ln l − a / l`` (from the log-sum-exp: no second pass and no ``log`` of probabilities),
+    ``mean_distance = q − Σ e·k / l``; ``prev_token``, ``self`` and ``sink`` are
+    ``e^(s−m) / l`` of the logits kept at keys q−1, q and 0.
 
-    Memory: one block of at most ``block_bytes`` of float32 logits (and its ``exp``), whatever T
-    is; time O(B·H·T²·(d + c)/2). Exact against the materialised rows (``score_layer``) within
-    float32 rounding; the reference for a fused kernel.
+    Memory: one tile (≤ ``block_bytes``, times ~3 for its ``exp`` and temporaries) plus O(B·H·C)
+    row state, whatever T is; time O(B·H·T²·(d + c)/2): one ``q·k`` product, one ``exp`` and a
+    few reductions per visible (query, key) element, the order of the fused attention kernel.
+    Exact against the materialised rows (:func:`score_layer`) within float32 rounding; the
+    reference for a fused kernel.
 
     Parameters
     ----------
@@ -345,42 +344,87 @@ def online_layer_scores(
     acc = LayerScores(masks, h)
     if t == 0:
         return acc.result()
-    q_f = query.float()
-    k_t = key.float().transpose(-1, -2)
-    ones_pos = torch.stack([torch.ones(t, device=dev), torch.arange(t, device=dev).float()], -1)
-    elements = max(1, block_bytes // (4 * b * h))
+    q_f = query.float() * scaling
+    k_f = key.float()  # sliced per tile and multiplied as k.mT (no transposed copy)
+    kpos = torch.arange(t, device=dev)
+    ones_pos = torch.stack([torch.ones(t, device=dev), kpos.float()], -1)  # [k, 2]: 1, k
+    k_block = max(16, block_bytes // (4 * b * h * max(1, min(q_block, t))))
     masked = -1e30  # finite, so that e·z is 0 (not NaN) on masked keys
-    q0 = 0
-    while q0 < t:
-        c = _rows_per_block(q0, t, elements)
-        q1 = q0 + c
-        s = torch.matmul(q_f[:, :, q0:q1], k_t[..., :q1]).mul_(scaling)
-        if softcap:
-            s = softcap * torch.tanh(s / softcap)
-        upper = torch.ones(c, c, dtype=torch.bool, device=dev).triu_(1)
-        s[..., q0:q1].masked_fill_(upper, masked)
-        if allowed is not None:
-            s.masked_fill_(~allowed[..., q0:q1, :q1], masked)
-        s.sub_(s.amax(-1, keepdim=True))  # z = s − m, max 0
-        e = torch.exp(s)
-        sums = e @ ones_pos[:q1]  # [doc, head, C, 2]: Σ e, Σ e·k
-        l = sums[..., 0].clamp_min(torch.finfo(torch.float32).tiny)
-        ez = torch.linalg.vecdot(e, s)  # Σ e·z
+    floor = -1e29  # a tile's max never goes below this: a fully masked row gives e = 0
+    for q0 in range(0, t, q_block):
+        q1 = min(q0 + q_block, t)
+        c = q1 - q0
         rows = torch.arange(c, device=dev)
-        q = rows + q0
+        qpos = rows + q0
+        state = torch.zeros((6, b, h, c), device=dev)  # l, a, Σe·k, dup, ind, (unused)
+        m = torch.full((b, h, c), floor, device=dev)
+        fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
+        picked = {name: torch.full((b, h, c), masked, device=dev) for name in fixed}
+        pairs = {}
+        for kind in ("dup", "ind"):
+            found = list(key_pairs(masks, kind, q0, q1, max_pairs=1 << 62))
+            if found:
+                doc, q, k = found[0]
+                order = torch.argsort(k, stable=True)
+                pairs[kind] = (doc[order], q[order] - q0, k[order])
+        for k0 in range(0, q1, k_block):
+            k1 = min(k0 + k_block, q1)
+            s = torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT)  # [doc, head, C, kw]
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
+            if k1 - 1 > q0:  # the tile reaches above the diagonal
+                s.masked_fill_(kpos[None, k0:k1] > qpos[:, None], masked)
+            if allowed is not None:
+                s.masked_fill_(~allowed[..., q0:q1, k0:k1], masked)
+            for name, at in fixed.items():
+                inside = (at >= k0) & (at < k1)
+                if bool(inside.any()):
+                    idx = (at.clamp(k0, k1 - 1) - k0).expand(b, h, c)[..., None]
+                    picked[name] = torch.where(inside, s.gather(-1, idx)[..., 0], picked[name])
+            m_t = s.amax(-1).clamp_min_(floor)
+            s.sub_(m_t[..., None])  # z = s − m_t ≤ 0
+            e = torch.exp(s)
+            tile = torch.empty_like(state)
+            sums = e @ ones_pos[k0:k1]  # [doc, head, C, 2]
+            tile[0], tile[2] = sums[..., 0], sums[..., 1]
+            kw = k1 - k0
+            tile[1] = (e.reshape(-1, 1, kw) @ s.reshape(-1, kw, 1)).view(b, h, c)  # Σ e·z
+            tile[5] = 0.0
+            for slot, kind in ((3, "dup"), (4, "ind")):
+                tile[slot] = 0.0
+                if kind in pairs:
+                    doc, row, key_at = pairs[kind]
+                    lo = int(torch.searchsorted(key_at, k0))
+                    hi = int(torch.searchsorted(key_at, k1))
+                    if hi > lo:
+                        sel = slice(lo, hi)
+                        part = torch.zeros((b, c, h), device=dev)
+                        part.index_put_(
+                            (doc[sel], row[sel]),
+                            e[doc[sel], :, row[sel], key_at[sel] - k0],
+                            accumulate=True,
+                        )
+                        tile[slot] = part.transpose(1, 2)
+            del s, e
+            m_new = torch.maximum(m, m_t)
+            alpha, beta = torch.exp(m - m_new), torch.exp(m_t - m_new)
+            # a is relative to the max: Σ e^(s−m')(s−m') = α(a + (m−m')l) + β(a_t + (m_t−m')l_t)
+            tile[1] += (m_t - m_new) * tile[0]
+            state[1] += (m - m_new) * state[0]
+            state.mul_(alpha).add_(tile * beta)
+            m = m_new
+        l = state[0].clamp_min(torch.finfo(torch.float32).tiny)
         acc.add_rows(
             q0,
             {
-                "prev_token": e[:, :, rows, (q - 1).clamp_min(0)] / l,
-                "sink": e[..., 0] / l,
-                "self": e[:, :, rows, q] / l,
-                "duplicate": _pair_rows(e, masks, "dup", q0, q1) / l,
-                "induction": _pair_rows(e, masks, "ind", q0, q1) / l,
-                "entropy": (torch.log(l) - ez / l) / masks.log_norm[q0:q1],
+                "prev_token": torch.exp(picked["prev"] - m) / l,
+                "sink": torch.exp(picked["sink"] - m) / l,
+                "self": torch.exp(picked["self"] - m) / l,
+                "duplicate": state[3] / l,
+                "induction": state[4] / l,
+                "entropy": (torch.log(l) - state[1] / l) / masks.log_norm[q0:q1],
                 "max_weight": 1.0 / l,
-                "mean_distance": q.to(torch.float32) - sums[..., 1] / l,
+                "mean_distance": qpos.to(torch.float32) - state[2] / l,
             },
         )
-        del s, e
-        q0 = q1
     return acc.result()

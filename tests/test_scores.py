@@ -149,9 +149,12 @@ def test_property_matches_reference_and_ranges(n: int, vocab: int, seed: int, sh
 
 
 @pytest.mark.parametrize(
-    ("block_bytes", "softcap"), [(1, None), (4 * 12 * 40, 30.0), (1 << 20, None)]
+    ("block_bytes", "q_block", "softcap"),
+    [(1, 256, None), (1, 3, None), (4 * 12 * 40, 5, 30.0), (1 << 20, 256, None)],
 )
-def test_online_scores_equal_materialised(block_bytes: int, softcap: float | None) -> None:
+def test_online_scores_equal_materialised(
+    block_bytes: int, q_block: int, softcap: float | None
+) -> None:
     from attnstore.scores import online_layer_scores
 
     torch.manual_seed(0)
@@ -170,7 +173,15 @@ def test_online_scores_equal_materialised(block_bytes: int, softcap: float | Non
     masks = batch_masks(ids, lengths)
     want = score_layer(probs, masks)
     got = online_layer_scores(
-        q, k, allowed, masks, ids, scaling=0.3, softcap=softcap, block_bytes=block_bytes
+        q,
+        k,
+        allowed,
+        masks,
+        ids,
+        scaling=0.3,
+        softcap=softcap,
+        block_bytes=block_bytes,
+        q_block=q_block,
     )
     for name in SCORE_COLUMNS:
         np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=1e-5, err_msg=name)
