@@ -217,7 +217,8 @@ def _attention(
             logits[..., q0:q1].masked_fill_(upper, float("-inf"))
             if keys is not None:
                 logits.masked_fill_(~keys[..., :q1], float("-inf"))
-            part = torch.softmax(logits, dim=-1)
+            part = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # softmax in place
+            part.div_(part.sum(-1, keepdim=True))
             if mode == "eager":
                 out[:, :, q0:q1] = torch.matmul(part.to(value.dtype), value[:, :, :q1])
             if cap is None:
