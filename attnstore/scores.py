@@ -304,7 +304,7 @@ def online_layer_scores(
     *,
     scaling: float,
     softcap: float | None = None,
-    block_bytes: int = 1 << 22,
+    block_bytes: int = 1 << 21,
     q_block: int = 256,
 ) -> dict[str, np.ndarray]:
     """Every score from the layer's queries and keys, without materialising its attention.
