@@ -1,7 +1,8 @@
 """CPU time and peak memory of a scores-only census against the bare forward pass, against T.
 
     python scripts/bench_census.py [--lengths 1024,2048,4096,8192,16384,32768] [--default-model]
-                                   [--attention eager,sdpa] [--threads N]
+                                   [--default-sizes 512x8,8192x1] [--attention eager,sdpa]
+                                   [--threads N] [--skip-tiny]
 
 (a) A 2-layer random-init Llama with SmolLM2-135M's attention shape (hidden 576, 9 heads, 3 kv
     heads, head_dim 64, intermediate 1536, vocab 49152): one document of T tokens (seeded random
@@ -143,6 +144,9 @@ def main() -> None:
     parser.add_argument("--attention", default="eager,sdpa", help="census modes to measure")
     parser.add_argument("--default-model", action="store_true", help="also (b), the default model")
     parser.add_argument("--skip-tiny", action="store_true", help="only (b)")
+    parser.add_argument(
+        "--default-sizes", default="512x8,8192x1", help="(b): TOKENSxDOCS, comma-separated"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     modes = [m for m in args.attention.split(",") if m]
@@ -156,7 +160,8 @@ def main() -> None:
         report["tiny_smollm2_shape_2_layers"] = tiny
     if args.default_model or args.skip_tiny:
         default = []
-        for t, b in ((512, 8), (8192, 1)):
+        for size in args.default_sizes.split(","):
+            t, b = (int(x) for x in size.split("x"))
             rows = [_child(w, "default", t, b, args.threads) for w in ("bare", *modes)]
             default.append(_compare(rows, modes))
             print(json.dumps(default[-1]), file=sys.stderr)
