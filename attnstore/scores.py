@@ -29,6 +29,7 @@ Growth laws (B documents of T tokens, H heads, d head dimension; no ``[T, T]`` t
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -309,7 +310,7 @@ def online_layer_scores(
 ) -> dict[str, np.ndarray]:
     """Every score from the layer's queries and keys, without materialising its attention.
 
-    Tiles of ``q_block`` query rows × a key block (``block_bytes`` of float32 logits for the
+    Square-ish tiles (at most ``q_block`` query rows; ``block_bytes`` of float32 logits for the
     batch's heads) are visited for keys ``0 … q1 - 1`` only (tiles above the diagonal are never
     computed; the diagonal tile's upper triangle is position arithmetic). Per row it keeps the
     online-softmax state of the flash-attention recurrence: running max ``m``, ``l = Σ e^(s−m)``,
@@ -348,7 +349,11 @@ def online_layer_scores(
     k_f = key.float()  # sliced per tile and multiplied as k.mT (no transposed copy)
     kpos = torch.arange(t, device=dev)
     ones_pos = torch.stack([torch.ones(t, device=dev), kpos.float()], -1)  # [k, 2]: 1, k
-    k_block = max(16, block_bytes // (4 * b * h * max(1, min(q_block, t))))
+    # square-ish tiles of ≤ block_bytes (thin ones waste the matmul; wide diagonal ones compute
+    # more of the upper triangle)
+    per_head = max(1, block_bytes // (4 * b * h))
+    q_block = max(1, min(q_block, t, max(16, math.isqrt(per_head))))
+    k_block = max(16, per_head // q_block)
     masked = -1e30  # finite, so that e·z is 0 (not NaN) on masked keys
     floor = -1e29  # a tile's max never goes below this: a fully masked row gives e = 0
     for q0 in range(0, t, q_block):
