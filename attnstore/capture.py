@@ -119,6 +119,7 @@ class _Capture:
         self.done = done
         #: scores-only in sdpa mode: ``online(layer, query, key, allowed, scaling, softcap)`` gets
         #: the layer's queries and keys and computes scores without materialising attention
+        #: (``allowed`` None: plain causal attention over a right-padded batch)
         self.online = online
         self.mode = mode
         self.chunk_bytes = chunk_bytes
@@ -135,6 +136,12 @@ class _Capture:
 _ACTIVE: _Capture | None = None
 
 
+def _right_padded(mask: torch.Tensor) -> bool:
+    """A key mask ``[doc, 1, 1, k_pos]`` that keeps a prefix of every document (right padding)."""
+    keys = mask.reshape(mask.shape[0], -1)
+    return bool(keys[:, 0].all()) and bool((keys[:, 1:] <= keys[:, :-1]).all())
+
+
 def _attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # [doc, head, q_pos, d]
@@ -146,6 +153,16 @@ def _attention(
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
+    """The layer's attention, its probabilities handed to the active capture a block of rows at a
+    time.
+
+    With plain causal attention over a right-padded batch (``attention_mask`` None or the key
+    padding mask ``[doc, 1, 1, k_pos]`` of :func:`_mask`) no ``[T, T]`` mask exists: causality is
+    position arithmetic (a block of rows ``q0 … q1`` computes keys ``0 … q1`` only, the upper
+    triangle of its own diagonal square is filled with −inf) and sdpa runs with ``is_causal``.
+    Memory beyond the model's own tensors: one block of ``chunk_bytes``; time O(B·H·T²·d/2). Any
+    other mask (sliding window, custom) is combined with causality as a dense mask, as before.
+    """
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:  # GQA / MQA: each kv head serves n_rep consecutive query heads
         key = key.repeat_interleave(n_rep, dim=1)
@@ -156,35 +173,50 @@ def _attention(
     t_k = key.shape[2]
     # transformers' own sdpa path reads ``module.is_causal`` the same way: False for encoder
     # self-attention (BERT family), whose rows see every real key of the document
-    causal = getattr(module, "is_causal", True) is not False
-    allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device)
-    if causal:
-        allowed = allowed.tril(t_k - t_q)
-    allowed = allowed[None, None]
+    module_causal = getattr(module, "is_causal", True) is not False
     additive = None
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            allowed = allowed & attention_mask[..., :t_k]
-        else:
-            additive = attention_mask[..., :t_k].float()
-    # A row with no allowed key would be NaN and poison every later layer through 0·NaN; with right
-    # padding and causal masks it cannot happen, but a custom mask might do it.
-    empty_rows = additive is None and bool((~allowed.any(-1)).any())
-    cap = _ACTIVE
-    mode = cap.mode if cap is not None else "eager"
+    keys = None  # key padding mask [doc, 1, 1, k_pos] of the plain causal case; None: no padding
+    allowed = None  # dense mask of any other case
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        additive = attention_mask[..., :t_k].float()
+    elif attention_mask is not None and attention_mask.shape[-2] == 1:
+        keys = attention_mask[..., :t_k]
     # learned sink logits (GPT-OSS ``sinks``, passed as ``s_aux``): one extra logit per head that
     # joins every row's softmax and is dropped after it, so rows sum to 1 − its mass
     sinks = kwargs.get("s_aux")
+    cap = _ACTIVE
+    # the fast causal path: plain causal attention, no sink logit, no raw scores to keep
+    causal = (
+        module_causal
+        and t_q == t_k
+        and sinks is None
+        and not (cap is not None and cap.want_logits)
+        and (attention_mask is None or (keys is not None and _right_padded(keys)))
+    )
+    if keys is not None and bool(keys.all()):
+        keys = None
+    if not causal:
+        allowed = torch.ones(t_q, t_k, dtype=torch.bool, device=query.device)
+        if module_causal:
+            allowed = allowed.tril(t_k - t_q)
+        allowed = allowed[None, None]
+        if attention_mask is not None and additive is None:
+            allowed = allowed & attention_mask[..., :t_k]
+    # A row with no allowed key would be NaN and poison every later layer through 0·NaN; with right
+    # padding and causal masks it cannot happen, but a custom mask might do it.
+    empty_rows = allowed is not None and additive is None and bool((~allowed.any(-1)).any())
+    mode = cap.mode if cap is not None else "eager"
     if softcap or additive is not None or sinks is not None:
         mode = "eager"  # sdpa has no soft-capping or sinks; float masks keep the reference path
     layer = getattr(module, "layer_idx", None)
     layer = (cap.calls if cap is not None else 0) if layer is None else int(layer)
-    if cap is not None and not causal:
+    if cap is not None and not module_causal:
         cap.bidirectional.add(layer)
     out = None
     if mode == "sdpa":
+        # is_causal: rows past a document's end see its padding, which no real row ever reads
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=allowed, scale=scaling
+            query, key, value, attn_mask=allowed, is_causal=causal, scale=scaling
         )
         if empty_rows:
             out = torch.nan_to_num(out, nan=0.0)
@@ -202,30 +234,49 @@ def _attention(
         chunk = max(1, min(t_q, cap.chunk_bytes // max(1, 4 * b * h * t_k)))
     for q0 in range(0, t_q, chunk):
         q1 = min(q0 + chunk, t_q)
-        logits = torch.matmul(q_f[:, :, q0:q1], k_f) * scaling
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        if additive is not None:
-            logits = logits + additive[..., q0:q1, :]
-        logits = logits.masked_fill(~allowed[..., q0:q1, :], float("-inf"))
-        sink = None
         extra: dict[str, torch.Tensor] = {}
-        if sinks is not None:
-            column = sinks.float().reshape(1, -1, 1, 1).expand(b, h, q1 - q0, 1)
-            both = torch.cat([logits, column], dim=-1)
-            if cap is not None and cap.want_logits:
-                extra["lse"] = torch.logsumexp(both, dim=-1)
-            both = torch.softmax(both, dim=-1)
-            probs, sink = both[..., :-1], both[..., -1]
-            extra["sink"] = sink  # the sink's mass per row [doc, head, C]: rows sum to 1 − sink
+        if causal:  # keys 0 … q1 only; the diagonal square's upper triangle by arithmetic
+            logits = torch.matmul(q_f[:, :, q0:q1], k_f[..., :q1]) * scaling
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            upper = torch.ones(q1 - q0, q1 - q0, dtype=torch.bool, device=query.device).triu_(1)
+            logits[..., q0:q1].masked_fill_(upper, float("-inf"))
+            if keys is not None:
+                logits.masked_fill_(~keys[..., :q1], float("-inf"))
+            part = logits.sub_(logits.amax(-1, keepdim=True)).exp_()  # softmax in place
+            part.div_(part.sum(-1, keepdim=True))
+            if mode == "eager":
+                out[:, :, q0:q1] = torch.matmul(part.to(value.dtype), value[:, :, :q1])
+            if cap is None:
+                continue
+            probs = part if q1 == t_k else part.new_zeros((b, h, q1 - q0, t_k))
+            if q1 != t_k:
+                probs[..., :q1] = part
         else:
-            if cap is not None and cap.want_logits:
-                extra["lse"] = torch.logsumexp(logits, dim=-1)
-            probs = torch.softmax(logits, dim=-1)
-        if empty_rows:
-            probs = torch.nan_to_num(probs, nan=0.0)
-        if mode == "eager":
-            out[:, :, q0:q1] = torch.matmul(probs.to(value.dtype), value)
+            logits = torch.matmul(q_f[:, :, q0:q1], k_f) * scaling
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            if additive is not None:
+                logits = logits + additive[..., q0:q1, :]
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed[..., q0:q1, :], float("-inf"))
+            sink = None
+            if sinks is not None:
+                column = sinks.float().reshape(1, -1, 1, 1).expand(b, h, q1 - q0, 1)
+                both = torch.cat([logits, column], dim=-1)
+                if cap is not None and cap.want_logits:
+                    extra["lse"] = torch.logsumexp(both, dim=-1)
+                both = torch.softmax(both, dim=-1)
+                probs, sink = both[..., :-1], both[..., -1]
+                extra["sink"] = sink  # the sink's mass per row [doc, head, C]: rows sum to 1 − sink
+            else:
+                if cap is not None and cap.want_logits:
+                    extra["lse"] = torch.logsumexp(logits, dim=-1)
+                probs = torch.softmax(logits, dim=-1)
+            if empty_rows:
+                probs = torch.nan_to_num(probs, nan=0.0)
+            if mode == "eager":
+                out[:, :, q0:q1] = torch.matmul(probs.to(value.dtype), value)
         if cap is not None:
             if cap.want_logits:
                 extra["logits"] = logits
@@ -384,8 +435,32 @@ def _chunk_index(q0: int, hi: int, width: int, device: torch.device) -> torch.Te
 
 
 def _mask(*args: Any, **kwargs: Any) -> Any:
-    from transformers.masking_utils import sdpa_mask
+    """transformers' boolean sdpa mask, except for plain causal attention during a capture through
+    :func:`_attention`: then only the key padding mask ``[doc, 1, 1, k_pos]`` (O(B·T) instead of
+    the ``[doc, 1, T, T]`` square), causality being the attention function's position arithmetic.
+    """
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+    if (
+        _ACTIVE is not None
+        and not args
+        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and not kwargs.get("q_offset")
+        and not kwargs.get("kv_offset")
+        and kwargs.get("local_size") is None
+        and kwargs.get("q_length") is not None
+        and kwargs.get("q_length") == kwargs.get("kv_length")
+    ):
+        b, t = int(kwargs["batch_size"]), int(kwargs["kv_length"])
+        padding = kwargs.get("attention_mask")
+        if padding is None:
+            keys = torch.ones((b, t), dtype=torch.bool, device=kwargs.get("device", "cpu"))
+        elif padding.ndim == 2 and padding.shape[-1] >= t:
+            keys = padding[:, :t].bool()
+        else:
+            keys = None
+        if keys is not None:
+            return keys[:, None, None, :]
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
@@ -396,6 +471,27 @@ def _register() -> None:
 
     AttentionInterface.register(_IMPL, _attention)
     AttentionMaskInterface.register(_IMPL, _mask)
+
+
+def _body(model: Any) -> Any:
+    """The model without its output head: transformers' ``base_model`` (``model.model``,
+    ``transformer``, …) when it is a separate module that takes ``input_ids``, ``attention_mask``
+    and ``use_cache``; else the model itself. Capturing attention needs no vocabulary logits
+    (``[doc, T, vocab]`` float32: 3.2 GB at 16k tokens for a 49k vocabulary)."""
+    import inspect
+
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, torch.nn.Module) or base is model:
+        return model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return model
+    takes = {"input_ids", "attention_mask", "use_cache"}
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if takes <= params.keys() or (open_kwargs and "input_ids" in params):
+        return base
+    return model
 
 
 class _Undelivered(Exception):
@@ -904,6 +1000,10 @@ class Extractor:
         Analyses (``schemas/analyses.md``) run beside the default ones
         (:data:`attnstore.analyses.registry.DEFAULT`) over every block of exact rows; their tables
         ride in :attr:`Segment.extra <attnstore.store.Segment.extra>`.
+    defaults
+        The built-in analyses run by default (names; ``None``: the registry's ``DEFAULT``). A
+        census without row analyses, e.g. ``("patterns",)``, lets ``--attention sdpa`` score
+        without materialising rows (online softmax).
     rows
         ``--rows``: store only these query rows of each document (:mod:`attnstore.rows`).
     overview
@@ -931,6 +1031,7 @@ class Extractor:
         analyses: Sequence[Analysis] = (),
         rows: str | RowSelection | None = None,
         overview: int | None = None,
+        defaults: Sequence[str] | None = None,
     ) -> None:
         self.loaded = loaded
         self.rows = RowSelection.parse(rows)
@@ -941,9 +1042,9 @@ class Extractor:
         self.stream: Any = None
         self.stream_bytes = stream_bytes()
         given = {builtin_key(a) for a in analyses}
-        defaults = [load(name) for name in DEFAULT if name not in given]
+        builtins = [load(n) for n in (DEFAULT if defaults is None else defaults) if n not in given]
         #: every analysis of this run: the defaults, then the caller's (checked once, here)
-        self.runner = AnalysisRunner([*defaults, *analyses])
+        self.runner = AnalysisRunner([*builtins, *analyses])
         for analysis in self.runner.analyses:  # optional: hooks on the model (value_norm)
             bind = getattr(analysis, "bind", None)
             if callable(bind):
@@ -1150,13 +1251,14 @@ class Extractor:
         """One forward pass delivering every stored layer through ``path``, or ``_Undelivered``."""
         global _ACTIVE
         model = self.loaded.model
+        body = _body(model)  # no vocabulary logits on the paths that do not compare them
         n_layers = self.loaded.info["n_layers"]
         if path == "function":
             cap = _Capture(consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes, online=online)
             cap.want_logits = self.values == "logits"
             _ACTIVE = cap
             try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                body(input_ids=ids, attention_mask=mask, use_cache=False)
             finally:
                 _ACTIVE = None
             if not cap.layer_calls:
@@ -1204,7 +1306,7 @@ class Extractor:
                 if _recipe(m) is not None
             ]
             try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                body(input_ids=ids, attention_mask=mask, use_cache=False)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -1383,8 +1485,8 @@ class Extractor:
                     score_arrays[name][:, li, :] = values
 
             def online(
-                layer: int, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor,
-                scaling: float, softcap: float | None,
+                layer: int, query: torch.Tensor, key: torch.Tensor,
+                allowed: torch.Tensor | None, scaling: float, softcap: float | None,
             ) -> None:  # fmt: skip
                 li = layer_pos.get(layer)
                 if li is None:
@@ -1392,19 +1494,20 @@ class Extractor:
                 if not all_heads:
                     query, key = query.index_select(1, head_index), key.index_select(1, head_index)
                     allowed = (
-                        allowed if allowed.shape[1] == 1 else allowed.index_select(1, head_index)
+                        allowed
+                        if allowed is None or allowed.shape[1] == 1
+                        else allowed.index_select(1, head_index)
                     )
-                # several float32 temporaries of one block are alive at once: keep each small
-                key_block = max(16, self.chunk_bytes // (16 * max(1, 4 * b * n_h * t_max)))
+                # tiles of ~2 MB stay in cache (larger ones cost up to 2× on a CPU); a tile's
+                # logits and their exp are alive at once (plus small temporaries)
                 values = scores.online_layer_scores(
                     query,
                     key,
                     allowed,
                     masks,
-                    ids,
                     scaling=scaling,
                     softcap=softcap,
-                    key_block=key_block,
+                    block_bytes=min(self.chunk_bytes // 8, 1 << 21),
                 )
                 for name, v in values.items():
                     score_arrays[name][:, li, :] = v

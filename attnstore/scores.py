@@ -1,19 +1,36 @@
 """Pattern scores per (document, layer, head), as defined in ``schemas/scores.md``.
 
 Every score is a mean over query positions of a per-row quantity, so it can be accumulated over
-*query chunks*: extraction computes one layer's probabilities a block of rows at a time and never
-holds a whole ``[T, T]`` square per head (:class:`LayerScores`). The arithmetic runs in torch, on the
-device of the attention, in float32, before any codec touches the values; sums are float64.
+*blocks of query rows*: extraction computes one layer's probabilities a block of rows at a time and
+never holds a whole ``[T, T]`` square per head (:class:`LayerScores`). The arithmetic runs in torch,
+on the device of the attention, in float32, before any codec touches the values; sums are float64.
 
 Axis vocabulary: ``doc head q_pos k_pos``. Documents are right-padded, so row ``q < n_tokens[doc]``
 only ever sees real keys (causal masking) and padded rows are left out of every mean.
 
 NULL rule: a score whose query set is empty is NaN in the arrays returned here and NULL in Parquet
 (``attnstore.index`` converts). NaN never stands for anything else.
+
+Growth laws (B documents of T tokens, H heads, d head dimension; no ``[T, T]`` tensor anywhere):
+
+- :func:`batch_masks`: O(B·T) memory, O(B·T log T) time (one sort per document). The duplicate and
+  induction key sets are not stored: a query's previous occurrences are a contiguous run of the
+  document's positions sorted by (token, position), enumerated block by block (:func:`key_pairs`).
+- :class:`LayerScores` (fed exact probability rows): O(B·H) state; per block of C rows it touches
+  only keys ``0 … q0+C`` (the upper triangle is skipped), so a layer costs O(B·H·T²/2) time.
+  The duplicate/induction sums cost O(H) per (query, key) pair of the key sets, i.e.
+  O(H·Σ_q |D(q)|): linear in T for ordinary text, T²/2 only for a document of one repeated token.
+- :func:`online_layer_scores` (queries and keys only, no attention rows): memory one block of
+  ``block_bytes`` plus O(B·H·T) for the queries and keys themselves; time O(B·H·T²·(d + c)/2)
+  — one ``q·k`` product, one ``exp`` and a few reductions per visible (query, key) element, the
+  same order as the fused attention kernel of the forward pass.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -28,6 +45,8 @@ __all__ = [
     "BatchMasks",
     "LayerScores",
     "batch_masks",
+    "key_pairs",
+    "online_layer_scores",
     "score_layer",
 ]
 
@@ -50,33 +69,36 @@ WEIGHT_COLUMN: Final[dict[str, str]] = {
     for name in SCORE_COLUMNS
 }
 
+#: Largest number of (doc, query, key) pairs of a key set enumerated at once.
+PAIR_CHUNK: Final = 1 << 22
+
 
 @dataclass(frozen=True)
 class BatchMasks:
-    """Per-batch query sets shared by every layer and head (built once per batch).
+    """Per-batch query sets shared by every layer and head (built once per batch), O(B·T).
 
-    The duplicate and induction key sets are sparse (a token repeats a handful of times), so they
-    are kept as index pairs, sorted by query position, rather than as ``[doc, q, k]`` masks.
+    Occurrence lists: ``order[doc]`` is the document's positions sorted by (token id, position),
+    so the earlier occurrences of ``x_q`` are ``order[doc, start[doc, q] : start[doc, q] +
+    rank[doc, q]]`` (ascending). The duplicate key set is D(q) = those positions; the induction key
+    set is I(q) = {j + 1 : j ∈ D(q), j ≠ q − 1} (the token right after each earlier copy, k = q
+    excluded). :func:`key_pairs` enumerates them for a block of rows.
     """
 
     valid_q: torch.Tensor  # [doc, q_pos] bool: 1 <= q < n_tokens
     dup_rows: torch.Tensor  # [doc, q_pos] bool: q ∈ Q_dup
     ind_rows: torch.Tensor  # [doc, q_pos] bool: q ∈ Q_ind
-    dup_pairs: torch.Tensor  # [nnz, 3] int64 (doc, q, k), k < q, x_k == x_q; sorted by q
-    ind_pairs: torch.Tensor  # [nnz, 3] int64 (doc, q, k), 1 <= k < q, x_{k-1} == x_q; sorted by q
     n_queries: torch.Tensor  # [doc] int64: |Q1|
     n_duplicate: torch.Tensor  # [doc] int64: |Q_dup|
     n_induction: torch.Tensor  # [doc] int64: |Q_ind|
     log_norm: torch.Tensor  # [q_pos] float32: ln(q + 1), 1 at q = 0 (excluded anyway)
-
-
-def _sorted_pairs(mask: torch.Tensor) -> torch.Tensor:
-    pairs = mask.nonzero()
-    return pairs[pairs[:, 1].argsort(stable=True)]
+    order: torch.Tensor  # [doc, T] int64: positions sorted by (token id, position)
+    start: torch.Tensor  # [doc, q_pos] int64: index in ``order`` of x_q's first occurrence
+    rank: torch.Tensor  # [doc, q_pos] int64: |D(q)|, earlier occurrences of x_q (0 on padding)
+    n_ind_keys: torch.Tensor  # [doc, q_pos] int64: |I(q)| (0 on padding)
 
 
 def batch_masks(token_ids: torch.Tensor, n_tokens: torch.Tensor) -> BatchMasks:
-    """Build the query sets of the spec for a right-padded batch.
+    """Build the query sets of the spec for a right-padded batch: O(B·T) memory.
 
     Parameters
     ----------
@@ -87,36 +109,111 @@ def batch_masks(token_ids: torch.Tensor, n_tokens: torch.Tensor) -> BatchMasks:
     """
     import torch
 
-    _, t = token_ids.shape
+    b, t = token_ids.shape
     device = token_ids.device
     pos = torch.arange(t, device=device)
-    in_doc = pos[None, :] < n_tokens[:, None]  # [doc, pos]
+    in_doc = pos[None, :] < n_tokens[:, None].to(device)  # [doc, pos]
     valid_q = in_doc & (pos[None, :] >= 1)
-    before = pos[None, :] < pos[:, None]  # [q, k]: k < q
-    same = token_ids[:, :, None] == token_ids[:, None, :]  # [doc, q, k]: x_q == x_k
-    dup = same & before[None] & valid_q[:, :, None]
-    # x_{k-1} == x_q  <=>  same[q, k-1]; shift along k by one, k = 0 never qualifies.
-    prev_same = torch.zeros_like(same)
-    prev_same[:, :, 1:] = same[:, :, :-1]
-    ind = prev_same & before[None] & valid_q[:, :, None]
+    # padding gets token id -1 (after shifting real ids up by one) so it never joins a real group
+    tok = torch.where(in_doc, token_ids.long() + 1, torch.zeros_like(token_ids, dtype=torch.long))
+    sorted_key, order = torch.sort(tok * t + pos[None, :], dim=1)
+    tok_sorted = sorted_key // t if t else sorted_key
+    idx = pos[None, :].expand(b, t)
+    first = torch.ones((b, t), dtype=torch.bool, device=device)
+    first[:, 1:] = tok_sorted[:, 1:] != tok_sorted[:, :-1]
+    group_start = torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), dim=1).values
+    start = torch.empty_like(order).scatter_(1, order, group_start)
+    rank = torch.empty_like(order).scatter_(1, order, idx - group_start)
+    rank = torch.where(in_doc, rank, torch.zeros_like(rank))
+    # I(q) = {j + 1 : j ∈ D(q), j ≠ q - 1}: one fewer key when x_{q-1} == x_q
+    repeat_prev = torch.zeros_like(in_doc)
+    repeat_prev[:, 1:] = token_ids[:, 1:] == token_ids[:, :-1]
+    n_ind_keys = torch.where(in_doc, rank - repeat_prev.long(), torch.zeros_like(rank))
     log_norm = torch.log(pos.to(torch.float32) + 1.0)
-    log_norm[0] = 1.0
-    dup_rows, ind_rows = dup.any(-1), ind.any(-1)
+    if t:
+        log_norm[0] = 1.0
+    dup_rows = valid_q & (rank > 0)
+    ind_rows = valid_q & (n_ind_keys > 0)
     return BatchMasks(
         valid_q=valid_q,
         dup_rows=dup_rows,
         ind_rows=ind_rows,
-        dup_pairs=_sorted_pairs(dup),
-        ind_pairs=_sorted_pairs(ind),
         n_queries=valid_q.sum(-1),
         n_duplicate=dup_rows.sum(-1),
         n_induction=ind_rows.sum(-1),
         log_norm=log_norm,
+        order=order,
+        start=start,
+        rank=rank,
+        n_ind_keys=n_ind_keys,
     )
 
 
+def key_pairs(
+    masks: BatchMasks, kind: str, q0: int, q1: int, *, max_pairs: int = PAIR_CHUNK
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (doc, q, k) pairs of the duplicate (``kind="dup"``) or induction (``"ind"``) key sets
+    for the valid query rows ``q0 … q1 - 1``, in chunks of at most ``max_pairs`` pairs (a single
+    row with more keys than that is one chunk). Pairs come grouped by (doc, q), keys ascending.
+
+    Memory is O(pairs of one chunk); no ``[q, k]`` mask is built.
+    """
+    import torch
+
+    if kind not in ("dup", "ind"):
+        raise ValueError(f"Expected kind 'dup' or 'ind'. Got {kind!r}.")
+    valid = masks.valid_q[:, q0:q1]
+    rank = masks.rank[:, q0:q1]
+    n_keys = rank if kind == "dup" else masks.n_ind_keys[:, q0:q1]
+    counts = torch.where(valid, rank, torch.zeros_like(rank)).flatten()
+    if n_keys.numel() == 0 or not bool((torch.where(valid, n_keys, 0) > 0).any()):
+        return
+    c = q1 - q0
+    cum = torch.cumsum(counts, 0)
+    # chunk boundaries over flattened (doc, row) entries, each chunk ≤ max_pairs where possible
+    bounds = [0]
+    while bounds[-1] < len(counts):
+        base = int(cum[bounds[-1] - 1]) if bounds[-1] else 0
+        nxt = int(torch.searchsorted(cum, base + max_pairs, right=True))
+        bounds.append(max(nxt, bounds[-1] + 1))
+    for lo, hi in itertools.pairwise(bounds):
+        cnt = counts[lo:hi]
+        n = int(cnt.sum())
+        if n == 0:
+            continue
+        flat = torch.repeat_interleave(torch.arange(lo, hi, device=cnt.device), cnt)
+        first = torch.cumsum(cnt, 0) - cnt
+        offset = torch.arange(n, device=cnt.device) - torch.repeat_interleave(first, cnt)
+        doc, row = flat // c, flat % c
+        q = row + q0
+        j = masks.order[doc, masks.start[doc, q] + offset]  # earlier occurrences of x_q
+        if kind == "dup":
+            yield doc, q, j
+        else:
+            keep = j != q - 1
+            yield doc[keep], q[keep], j[keep] + 1
+
+
+def _pair_rows(
+    values: torch.Tensor, masks: BatchMasks, kind: str, q0: int, q1: int
+) -> torch.Tensor:
+    """Σ_{k ∈ key set of q} values[doc, :, q - q0, k] for rows q0 … q1 - 1 → ``[doc, head, C]``."""
+    import torch
+
+    b, h, c, _ = values.shape
+    out = torch.zeros((b, c, h), dtype=values.dtype, device=values.device)
+    for doc, q, k in key_pairs(masks, kind, q0, q1):
+        if len(doc):
+            row = q - q0
+            out.index_put_((doc, row), values[doc, :, row, k], accumulate=True)
+    return out.transpose(1, 2)
+
+
 class LayerScores:
-    """Accumulates every score of one layer over query chunks of its probabilities.
+    """Accumulates every score of one layer over blocks of query rows of its probabilities.
+
+    State is O(B·H) sums (plus the batch's O(B·T) :class:`BatchMasks`); each block may come in any
+    size and order, but every valid row must come exactly once.
 
     >>> acc = LayerScores(masks, n_heads)  # doctest: +SKIP
     >>> for q0 in range(0, T, chunk):  # doctest: +SKIP
@@ -135,53 +232,48 @@ class LayerScores:
             for name in SCORE_COLUMNS
         }
         self._pos = torch.arange(t, device=dev, dtype=torch.float32)
+        self._row_masks = {"duplicate": masks.dup_rows, "induction": masks.ind_rows}
 
     def _add(self, name: str, rows: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add Σ over the chunk's rows in ``mask`` of ``rows[doc, head, row]``."""
+        """Add Σ over the block's rows in ``mask`` of ``rows[doc, head, row]``."""
         import torch
 
         self._sums[name] += (rows.to(torch.float64) * mask[:, None, :].to(torch.float64)).sum(-1)
 
-    def _sparse_rows(self, probs: torch.Tensor, pairs: torch.Tensor, q0: int) -> torch.Tensor:
-        """Σ_k A[q, k] over the (doc, q, k) pairs whose q lies in this chunk → [doc, head, row]."""
-        import torch
-
-        b, h, c, _ = probs.shape
-        lo = int(torch.searchsorted(pairs[:, 1].contiguous(), q0))
-        hi = int(torch.searchsorted(pairs[:, 1].contiguous(), q0 + c))
-        sel = pairs[lo:hi]
-        out = torch.zeros((b, c, h), dtype=probs.dtype, device=probs.device)
-        if len(sel):
-            doc, row, key = sel[:, 0], sel[:, 1] - q0, sel[:, 2]
-            values = probs[doc, :, row, key]  # [nnz, head]
-            out.index_put_((doc, row), values, accumulate=True)
-        return out.transpose(1, 2)
+    def add_rows(self, q0: int, values: dict[str, torch.Tensor]) -> None:
+        """Per-row values ``[doc, head, C]`` of rows ``q0 … q0 + C`` for any of the scores."""
+        for name, rows in values.items():
+            c = rows.shape[-1]
+            mask = self._row_masks.get(name, self.masks.valid_q)[:, q0 : q0 + c]
+            self._add(name, rows, mask)
 
     def add(self, probs: torch.Tensor, q0: int) -> None:
-        """Rows ``q0 … q0 + C`` of one layer: ``probs`` is ``[doc, head, C, k_pos]`` float32."""
+        """Rows ``q0 … q0 + C`` of one layer: ``probs`` is ``[doc, head, C, K]`` float32 with
+        ``K ≥ q0 + C`` and zeros above the diagonal (only keys ``0 … q0 + C - 1`` are read)."""
         import torch
 
         m = self.masks
         c = probs.shape[2]
-        valid = m.valid_q[:, q0 : q0 + c]
+        q1 = q0 + c
+        probs = probs[..., :q1]  # causal: keys past the block's last row are 0
         rows = torch.arange(c, device=probs.device)
         q = rows + q0
-        prev = probs[:, :, rows, (q - 1).clamp_min(0)]  # A[q, q-1]; q = 0 is not a valid row
-        self._add("prev_token", prev, valid)
-        self._add("sink", probs[..., 0], valid)
-        self._add("self", probs[:, :, rows, q], valid)
-        self._add(
-            "duplicate", self._sparse_rows(probs, m.dup_pairs, q0), m.dup_rows[:, q0 : q0 + c]
+        # -Σ p ln p; clamping keeps 0·ln 0 = 0 and is ~2× faster than special.entr (one temporary)
+        plogp = probs.clamp_min(torch.finfo(torch.float32).tiny).log_().mul_(probs).sum(-1)
+        self.add_rows(
+            q0,
+            {
+                "prev_token": probs[:, :, rows, (q - 1).clamp_min(0)],  # q = 0 is not valid
+                "sink": probs[..., 0],
+                "self": probs[:, :, rows, q],
+                "duplicate": _pair_rows(probs, m, "dup", q0, q1),
+                "induction": _pair_rows(probs, m, "ind", q0, q1),
+                "entropy": -plogp / m.log_norm[q0:q1],
+                "max_weight": probs.amax(-1),
+                # Σ_k A[q,k] (q − k) = q Σ_k A[q,k] − Σ_k k A[q,k]
+                "mean_distance": q.to(torch.float32) * probs.sum(-1) - probs @ self._pos[:q1],
+            },
         )
-        self._add(
-            "induction", self._sparse_rows(probs, m.ind_pairs, q0), m.ind_rows[:, q0 : q0 + c]
-        )
-        # -Σ p ln p; clamping keeps 0·ln 0 = 0 and is ~2× faster than special.entr
-        plogp = (probs * torch.log(probs.clamp_min(torch.finfo(torch.float32).tiny))).sum(-1)
-        self._add("entropy", -plogp / m.log_norm[q0 : q0 + c], valid)
-        self._add("max_weight", probs.amax(-1), valid)
-        # Σ_k A[q,k] (q − k) = q Σ_k A[q,k] − Σ_k k A[q,k]
-        self._add("mean_distance", q.to(torch.float32) * probs.sum(-1) - probs @ self._pos, valid)
 
     def result(self) -> dict[str, np.ndarray]:
         """Score name → float64 ``[doc, head]``; NaN where the query set is empty."""
@@ -207,94 +299,137 @@ def score_layer(probs: torch.Tensor, masks: BatchMasks) -> dict[str, np.ndarray]
 def online_layer_scores(
     query: torch.Tensor,
     key: torch.Tensor,
-    allowed: torch.Tensor,
+    allowed: torch.Tensor | None,
     masks: BatchMasks,
-    token_ids: torch.Tensor,
+    token_ids: torch.Tensor | None = None,
     *,
     scaling: float,
     softcap: float | None = None,
-    key_block: int = 256,
+    block_bytes: int = 1 << 21,
+    q_block: int = 256,
 ) -> dict[str, np.ndarray]:
-    """Every score without materialising the attention rows: one online-softmax pass over key blocks.
+    """Every score from the layer's queries and keys, without materialising its attention.
 
-    The reference (exact, any device) for a fused kernel beside the sdpa forward. Per row it keeps
-    the running max ``m`` and normaliser ``l = Σ e^(s−m)``, and rescales running sums of
-    ``e^(s−m)·s`` (entropy), ``e^(s−m)·(q−k)`` (distance) and ``e^(s−m)`` over the duplicate and
-    induction key sets; ``prev_token``/``self``/``sink`` come from the logits at k = q−1, q, 0 and
-    ``max_weight`` is ``1 / l``. Peak memory is one ``[doc, head, q_pos, key_block]`` block.
+    Square-ish tiles (at most ``q_block`` query rows; ``block_bytes`` of float32 logits for the
+    batch's heads) are visited for keys ``0 … q1 - 1`` only (tiles above the diagonal are never
+    computed; the diagonal tile's upper triangle is position arithmetic). Per row it keeps the
+    online-softmax state of the flash-attention recurrence: running max ``m``, ``l = Σ e^(s−m)``,
+    ``a = Σ e^(s−m)·(s−m)``, ``Σ e^(s−m)·k`` and ``Σ e^(s−m)`` over the duplicate and induction key
+    sets, rescaled by ``e^(m−m')`` when the max grows. Then ``max_weight = 1 / l``, entropy
+    ``ln l − a / l`` (from the log-sum-exp: no second pass and no ``log`` of probabilities),
+    ``mean_distance = q − Σ e·k / l``; ``prev_token``, ``self`` and ``sink`` are
+    ``e^(s−m) / l`` of the logits kept at keys q−1, q and 0.
+
+    Memory: one tile (≤ ``block_bytes``, times ~3 for its ``exp`` and temporaries) plus O(B·H·C)
+    row state, whatever T is; time O(B·H·T²·(d + c)/2): one ``q·k`` product, one ``exp`` and a
+    few reductions per visible (query, key) element, the order of the fused attention kernel.
+    Exact against the materialised rows (:func:`score_layer`) within float32 rounding; the
+    reference for a fused kernel.
 
     Parameters
     ----------
     query, key
         ``[doc, head, q_pos, d]`` after rotary embedding, key/value heads already repeated.
     allowed
-        Boolean mask broadcastable to ``[doc, head, q_pos, k_pos]`` (causal and padding).
+        ``None`` for plain causal attention over a right-padded batch (what the scores need: a
+        valid row never sees padding), or a boolean mask broadcastable to
+        ``[doc, head, q_pos, k_pos]``, combined with causality.
     token_ids
-        ``[doc, q_pos]`` int64, for the duplicate and induction sets.
+        Unused (the key sets come from ``masks``); kept for callers of the old signature.
     """
     import torch
 
+    del token_ids
     b, h, t, _ = query.shape
-    q_f = query.float()
     dev = query.device
-    neg = float("-inf")
-    m = torch.full((b, h, t), neg, device=dev)
-    sums = {k: torch.zeros((b, h, t), device=dev) for k in ("l", "ent", "dist", "dup", "ind")}
-    pos = torch.arange(t, device=dev)
-    at = {"prev": (pos - 1).clamp_min(0), "self": pos, "sink": torch.zeros_like(pos)}
-    picked = {name: torch.full((b, h, t), neg, device=dev) for name in at}
-    for k0 in range(0, t, key_block):
-        k1 = min(k0 + key_block, t)
-        s = torch.matmul(q_f, key[:, :, k0:k1].float().transpose(-1, -2)) * scaling
-        if softcap:
-            s = softcap * torch.tanh(s / softcap)
-        ok = allowed[..., :, k0:k1].expand(b, h, t, k1 - k0)
-        s = s.masked_fill(~ok, neg)
-        for name, k_of_q in at.items():  # logits at the fixed keys that fall in this block
-            inside = (k_of_q >= k0) & (k_of_q < k1)
-            if inside.any():
-                vals = s.gather(-1, (k_of_q.clamp(k0, k1 - 1) - k0).expand(b, h, t)[..., None])[
-                    ..., 0
-                ]
-                picked[name] = torch.where(inside, vals, picked[name])
-        m_new = torch.maximum(m, s.amax(-1))
-        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        scale = torch.exp(m - safe)  # rescales the running sums to the new max (0 when m = −inf)
-        e = torch.exp(s - safe[..., None])
-        keys = torch.arange(k0, k1, device=dev)
-        same = token_ids[:, :, None] == token_ids[:, None, k0:k1]  # [doc, q, k]: x_q == x_k
-        prev_same = token_ids[:, :, None] == token_ids[:, None, max(k0 - 1, 0) : k1 - 1]
-        if k0 == 0:  # k = 0 has no previous token
-            prev_same = torch.cat([torch.zeros_like(same[..., :1]), prev_same], dim=-1)
-        before = keys[None, :] < pos[:, None]
-        ind_ok = (prev_same & before & (keys[None, :] >= 1)).to(e.dtype)
-        dup_ok = (same & before).to(e.dtype)
-        sums["l"] = sums["l"] * scale + e.sum(-1)
-        sums["ent"] = sums["ent"] * scale + torch.where(ok, e * s, torch.zeros_like(s)).sum(-1)
-        sums["dist"] = sums["dist"] * scale + (e * (pos[:, None] - keys[None, :]).to(e.dtype)).sum(
-            -1
-        )
-        sums["dup"] = sums["dup"] * scale + torch.einsum("bhqk,bqk->bhq", e, dup_ok)
-        sums["ind"] = sums["ind"] * scale + torch.einsum("bhqk,bqk->bhq", e, ind_ok)
-        m = m_new
-    l = sums["l"].clamp_min(torch.finfo(torch.float32).tiny)
-    safe_m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-
-    def prob(logit: torch.Tensor) -> torch.Tensor:
-        return torch.exp(logit - safe_m) / l
-
-    rows = {
-        "prev_token": prob(picked["prev"]),
-        "sink": prob(picked["sink"]),
-        "self": prob(picked["self"]),
-        "duplicate": sums["dup"] / l,
-        "induction": sums["ind"] / l,
-        "entropy": (safe_m + torch.log(l) - sums["ent"] / l) / masks.log_norm,
-        "max_weight": 1.0 / l,
-        "mean_distance": sums["dist"] / l,
-    }
     acc = LayerScores(masks, h)
-    row_masks = {"duplicate": masks.dup_rows, "induction": masks.ind_rows}
-    for name, values in rows.items():
-        acc._add(name, values, row_masks.get(name, masks.valid_q))
+    if t == 0:
+        return acc.result()
+    q_f = query.float() * scaling
+    k_f = key.float()  # sliced per tile and multiplied as k.mT (no transposed copy)
+    kpos = torch.arange(t, device=dev)
+    kpos_f = kpos.float()
+    # square-ish tiles of ≤ block_bytes (thin ones waste the matmul; wide diagonal ones compute
+    # more of the upper triangle)
+    per_head = max(1, block_bytes // (4 * b * h))
+    q_block = max(1, min(q_block, t, max(16, math.isqrt(per_head))))
+    k_block = max(16, per_head // q_block)
+    masked = -1e30  # finite, so that e·z is 0 (not NaN) on masked keys
+    floor = -1e29  # a tile's max never goes below this: a fully masked row gives e = 0
+    for q0 in range(0, t, q_block):
+        q1 = min(q0 + q_block, t)
+        c = q1 - q0
+        rows = torch.arange(c, device=dev)
+        qpos = rows + q0
+        state = torch.zeros((6, b, h, c), device=dev)  # l, a, Σe·k, dup, ind, (unused)
+        m = torch.full((b, h, c), floor, device=dev)
+        fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
+        picked = {name: torch.full((b, h, c), masked, device=dev) for name in fixed}
+        pairs = {}
+        for kind in ("dup", "ind"):
+            found = list(key_pairs(masks, kind, q0, q1, max_pairs=1 << 62))
+            if found:
+                doc, q, k = found[0]
+                order = torch.argsort(k, stable=True)
+                pairs[kind] = (doc[order], q[order] - q0, k[order])
+        for k0 in range(0, q1, k_block):
+            k1 = min(k0 + k_block, q1)
+            s = torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT)  # [doc, head, C, kw]
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
+            if k1 - 1 > q0:  # the tile reaches above the diagonal
+                s.masked_fill_(kpos[None, k0:k1] > qpos[:, None], masked)
+            if allowed is not None:
+                s.masked_fill_(~allowed[..., q0:q1, k0:k1], masked)
+            for name, at in fixed.items():
+                inside = (at >= k0) & (at < k1)
+                if bool(inside.any()):
+                    idx = (at.clamp(k0, k1 - 1) - k0).expand(b, h, c)[..., None]
+                    picked[name] = torch.where(inside, s.gather(-1, idx)[..., 0], picked[name])
+            m_t = s.amax(-1).clamp_min_(floor)
+            s.sub_(m_t[..., None])  # z = s − m_t ≤ 0
+            e = torch.exp(s)
+            tile = torch.empty_like(state)
+            tile[0] = e.sum(-1)
+            tile[2] = e @ kpos_f[k0:k1]  # Σ e·k (a matrix-vector product: faster than [1, k])
+            kw = k1 - k0
+            tile[1] = (e.reshape(-1, 1, kw) @ s.reshape(-1, kw, 1)).view(b, h, c)  # Σ e·z
+            tile[5] = 0.0
+            for slot, kind in ((3, "dup"), (4, "ind")):
+                tile[slot] = 0.0
+                if kind in pairs:
+                    doc, row, key_at = pairs[kind]
+                    lo = int(torch.searchsorted(key_at, k0))
+                    hi = int(torch.searchsorted(key_at, k1))
+                    if hi > lo:
+                        sel = slice(lo, hi)
+                        part = torch.zeros((b, c, h), device=dev)
+                        part.index_put_(
+                            (doc[sel], row[sel]),
+                            e[doc[sel], :, row[sel], key_at[sel] - k0],
+                            accumulate=True,
+                        )
+                        tile[slot] = part.transpose(1, 2)
+            del s, e
+            m_new = torch.maximum(m, m_t)
+            alpha, beta = torch.exp(m - m_new), torch.exp(m_t - m_new)
+            # a is relative to the max: Σ e^(s−m')(s−m') = α(a + (m−m')l) + β(a_t + (m_t−m')l_t)
+            tile[1] += (m_t - m_new) * tile[0]
+            state[1] += (m - m_new) * state[0]
+            state.mul_(alpha).add_(tile * beta)
+            m = m_new
+        l = state[0].clamp_min(torch.finfo(torch.float32).tiny)
+        acc.add_rows(
+            q0,
+            {
+                "prev_token": torch.exp(picked["prev"] - m) / l,
+                "sink": torch.exp(picked["sink"] - m) / l,
+                "self": torch.exp(picked["self"] - m) / l,
+                "duplicate": state[3] / l,
+                "induction": state[4] / l,
+                "entropy": (torch.log(l) - state[1] / l) / masks.log_norm[q0:q1],
+                "max_weight": 1.0 / l,
+                "mean_distance": qpos.to(torch.float32) - state[2] / l,
+            },
+        )
     return acc.result()

@@ -148,8 +148,13 @@ def test_property_matches_reference_and_ranges(n: int, vocab: int, seed: int, sh
         assert 0 <= got["mean_distance"][0, h] <= n - 1 + 1e-5
 
 
-@pytest.mark.parametrize(("key_block", "softcap"), [(3, None), (7, 30.0), (64, None)])
-def test_online_scores_equal_materialised(key_block: int, softcap: float | None) -> None:
+@pytest.mark.parametrize(
+    ("block_bytes", "q_block", "softcap"),
+    [(1, 256, None), (1, 3, None), (4 * 12 * 40, 5, 30.0), (1 << 20, 256, None)],
+)
+def test_online_scores_equal_materialised(
+    block_bytes: int, q_block: int, softcap: float | None
+) -> None:
     from attnstore.scores import online_layer_scores
 
     torch.manual_seed(0)
@@ -168,7 +173,127 @@ def test_online_scores_equal_materialised(key_block: int, softcap: float | None)
     masks = batch_masks(ids, lengths)
     want = score_layer(probs, masks)
     got = online_layer_scores(
-        q, k, allowed, masks, ids, scaling=0.3, softcap=softcap, key_block=key_block
+        q,
+        k,
+        allowed,
+        masks,
+        ids,
+        scaling=0.3,
+        softcap=softcap,
+        block_bytes=block_bytes,
+        q_block=q_block,
     )
     for name in SCORE_COLUMNS:
         np.testing.assert_allclose(got[name], want[name], atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+def dense_key_sets(x: list[int], n: int) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+    """The spec's duplicate and induction key sets from a dense [T, T] reading (valid rows only)."""
+    dup = {(q, k) for q in range(1, n) for k in range(q) if x[k] == x[q]}
+    ind = {(q, k) for q in range(1, n) for k in range(1, q) if x[k - 1] == x[q]}
+    return dup, ind
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 30), min_size=1, max_size=4),
+    vocab=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
+    q_split=st.integers(1, 30),
+    max_pairs=st.integers(1, 50),
+)
+def test_property_key_sets_match_dense_reference(
+    lengths: list[int], vocab: int, seed: int, q_split: int, max_pairs: int
+) -> None:
+    from attnstore.scores import key_pairs
+
+    rng = np.random.default_rng(seed)
+    t = max(lengths)
+    ids = torch.from_numpy(rng.integers(0, vocab, size=(len(lengths), t))).long()  # junk padding
+    masks = batch_masks(ids, torch.tensor(lengths))
+    for kind, column, rows in (
+        ("dup", "n_duplicate", masks.dup_rows),
+        ("ind", "n_induction", masks.ind_rows),
+    ):
+        got: set[tuple[int, int, int]] = set()
+        n_got = 0
+        for q0 in range(0, max(t, 1), q_split):  # blocks of rows, pairs in chunks
+            for doc, q, k in key_pairs(masks, kind, q0, min(q0 + q_split, t), max_pairs=max_pairs):
+                got |= set(zip(doc.tolist(), q.tolist(), k.tolist(), strict=True))
+                n_got += len(doc)
+        assert n_got == len(got)  # every pair exactly once
+        want = set()
+        for i, n in enumerate(lengths):
+            x = ids[i].tolist()
+            pairs = dense_key_sets(x, n)[0 if kind == "dup" else 1]
+            want |= {(i, q, k) for q, k in pairs}
+            assert int(getattr(masks, column)[i]) == len({q for q, _ in pairs})
+            assert set(rows[i].nonzero()[:, 0].tolist()) == {q for q, _ in pairs}
+        assert got == want, kind
+
+
+def test_online_causal_without_mask_equals_masked() -> None:
+    """allowed=None (plain causal, right padding) gives the same scores as the explicit mask."""
+    from attnstore.scores import online_layer_scores
+
+    torch.manual_seed(1)
+    b, h, t, d = 2, 3, 33, 8
+    lengths = torch.tensor([33, 20])
+    ids = torch.randint(0, 5, (b, t))
+    q, k = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    pos = torch.arange(t)
+    allowed = (pos[None, :] <= pos[:, None])[None, None] & (pos[None, :] < lengths[:, None])[
+        :, None, None, :
+    ]
+    masks = batch_masks(ids, lengths)
+    want = online_layer_scores(q, k, allowed, masks, scaling=0.5, block_bytes=4 * b * h * 50)
+    got = online_layer_scores(q, k, None, masks, scaling=0.5, block_bytes=4 * b * h * 50)
+    for name in SCORE_COLUMNS:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+
+
+def test_long_document_scores_equal_short_document_scores() -> None:
+    """A long document scored in many small blocks (online and from probability rows) equals its
+    dense reading, and its prefixes (short documents: the same rows, by causality) batched beside
+    it equal the same short documents scored alone in one dense block."""
+    from attnstore.scores import LayerScores, online_layer_scores
+
+    torch.manual_seed(2)
+    h, t, d = 2, 1024, 16
+    prefixes = [1, 2, 97, 600]
+    x = torch.randint(0, 40, (t,))
+    x[700:760] = x[100:160]  # a copied span: induction keys far back
+    q, k = torch.randn(1, h, t, d) * 1.5, torch.randn(1, h, t, d) * 1.5
+    lengths = [t, *prefixes]
+    b = len(lengths)
+    ids = x.repeat(b, 1)
+    qb, kb = q.repeat(b, 1, 1, 1), k.repeat(b, 1, 1, 1)
+    masks = batch_masks(ids, torch.tensor(lengths))
+    got = online_layer_scores(qb, kb, None, masks, scaling=0.25, block_bytes=4 * b * h * 5000)
+
+    def dense(n: int) -> dict[str, np.ndarray]:
+        logits = q[:, :, :n] @ k[:, :, :n].transpose(-1, -2) * 0.25
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+        return score_layer(probs, batch_masks(x[None, :n], torch.tensor([n])))
+
+    # rows fed in uneven blocks to the probability-row accumulator
+    logits = qb @ kb.transpose(-1, -2) * 0.25
+    pos = torch.arange(t)
+    allowed = (pos[None, :] <= pos[:, None])[None, None] & (
+        pos[None, :] < torch.tensor(lengths)[:, None]
+    )[:, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+    acc = LayerScores(masks, h)
+    q0 = 0
+    for c in [1, 5, 64, 300, 1000]:
+        acc.add(probs[:, :, q0 : q0 + c], q0)
+        q0 = min(q0 + c, t)
+    blocked = acc.result()
+    for i, n in enumerate(lengths):
+        want = dense(n)
+        for name in SCORE_COLUMNS:
+            for res in (got, blocked):
+                np.testing.assert_allclose(
+                    res[name][i], want[name][0], rtol=1e-5, atol=2e-5, err_msg=f"{name} T={n}"
+                )
