@@ -303,6 +303,15 @@ def _probe_corpora() -> list[str]:
     "over the exact attention; its rows land in a table of its name. Repeatable.",
 )
 @click.option(
+    "--skip-analysis",
+    "skip_analyses",
+    multiple=True,
+    metavar="NAME",
+    help="Do not run this default analysis (sparsity): with --scores-only --attention sdpa and no "
+    "row analysis left, the scores come from an online softmax without materialised rows. "
+    "Repeatable.",
+)
+@click.option(
     "--attention",
     type=click.Choice(["auto", "eager", "sdpa"]),
     default="auto",
@@ -354,6 +363,7 @@ def extract(
     parse: str | None,
     scores_only: bool,
     analyses: tuple[str, ...],
+    skip_analyses: tuple[str, ...],
     attention: str,
     values: str,
     rows: tuple[str, ...],
@@ -393,6 +403,7 @@ def extract(
         progress=not quiet,
         values=values,
         analyses=analyses,
+        skip_analyses=skip_analyses,
         rows=",".join(rows) if rows else None,
         overview=overview,
     )

@@ -103,6 +103,7 @@ def extract(
     storage_options: dict[str, str] | None = None,
     values: str = "probs",
     analyses: Sequence[str | Analysis] = (),
+    skip_analyses: Sequence[str] = (),
     rows: str | None = None,
     overview: int | None = None,
 ) -> ExtractReport:
@@ -134,6 +135,8 @@ def extract(
     (:func:`attnstore.storage.open_storage`) and that storage is used by every read and write of
     the run. The settings become one :class:`~attnstore.extraction.ExtractConfig` and the run an
     :class:`~attnstore.extraction.ExtractionRun`, as in every other driver.
+    ``skip_analyses`` names default analyses not to run (``("sparsity",)``: a census whose
+    ``--attention sdpa`` scores need no materialised rows).
     ``analyses`` (instances, or names registered under the ``attnstore.analyses`` entry point
     group) run beside the default ones over the exact attention of every batch; each one's rows
     land in a table of its name, committed with the batch (``schemas/analyses.md``). One that
@@ -172,7 +175,7 @@ def extract(
         batch_size=batch_size, device=device, dtype=dtype, codec=codec, limit=limit,
         layers=layers, heads=heads, allow_different=allow_different, shard=shard_ix, parse=parse,
         scores_only=scores_only, attention=attention, values=values, analyses=chosen,
-        rows=rows, overview=overview,
+        rows=rows, overview=overview, skip_analyses=tuple(skip_analyses),
     )  # fmt: skip
     the_codec = get_codec(config.codec)
     storage = open_storage(out, storage_options)  # the one opened store of this run

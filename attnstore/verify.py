@@ -426,9 +426,8 @@ def _check_segment(
     full = packing == "full-rowmajor"  # an encoder's squares (2.1); --rows is refused with them
 
     def stored_size(n: int) -> int:
-        if full:
-            return packed_size(n, packing)
-        return DocRows.of(selection, n).length + (n if logits else 0)
+        size = packed_size(n, packing) if full else DocRows.of(selection, n).length
+        return size + (n if logits else 0)
 
     end = max(d["offset"] + stored_size(d["n_tokens"]) for d in stored)
     if tuple(arr.shape[:2]) != expected_shape or arr.shape[2] < end:

@@ -103,3 +103,21 @@ def test_new_subpackages_are_in_no_import_cycle() -> None:
     for m in graph:
         if m.startswith(("attnstore.analyses", "attnstore.extraction", "attnstore.abc")):
             assert not reaches(m, m), m
+
+
+def test_skip_analysis_drops_a_default_and_refuses_the_rest(
+    tmp_path: Path, llama_dir: Path, corpus_txt: Path
+) -> None:
+    kw = {"model": str(llama_dir), "corpus": str(corpus_txt), "max_length": 16, "limit": 3,
+          "scores_only": True, "progress": False}  # fmt: skip
+    with_sparsity, without = tmp_path / "a.attn", tmp_path / "b.attn"
+    attnstore.extract(str(with_sparsity), **kw)  # type: ignore[arg-type]
+    attnstore.extract(str(without), skip_analyses=["sparsity"], **kw)  # type: ignore[arg-type]
+    count = "SELECT count(*) FROM sparsity"
+    assert attnstore.open(str(with_sparsity)).sql(count).column(0)[0].as_py() > 0
+    assert attnstore.open(str(without)).sql(count).column(0)[0].as_py() == 0
+    q = "SELECT * FROM heads ORDER BY doc_id, layer, head"
+    assert attnstore.open(str(with_sparsity)).sql(q) == attnstore.open(str(without)).sql(q)
+    for bad in ("patterns", "nonesuch"):
+        with pytest.raises(AttnStoreError, match="--skip-analysis takes a default analysis"):
+            attnstore.extract(str(tmp_path / "c.attn"), skip_analyses=[bad], **kw)  # type: ignore[arg-type]

@@ -545,7 +545,9 @@ def test_cli_lists_retrieval_and_sparsity_heads(sparse_store: Path, llama_store:
     assert out.exit_code == 1
     assert "no needle documents" in out.output
     assert "probe:needle" in out.output
-    out = runner.invoke(cli, ["heads", str(llama_store), "--sparsity"])
+    # sparsity runs by default now: a 2.0 store, written before it, has no sparsity rows
+    older = Path(__file__).parent / "golden" / "v2.0.attn"
+    out = runner.invoke(cli, ["heads", str(older), "--sparsity"])
     assert out.exit_code == 1
     assert "no sparsity rows" in out.output
     assert "Traceback" not in out.output

@@ -64,6 +64,7 @@ class AnalysisRunner:
         self.plugin_specs: list[TableSpec] = []
         #: the built-in tables among ``tables`` (owned by a built-in analysis)
         self.builtin: set[str] = set()
+        self._causal = True
         for a in analyses:
             who = label(a)
             if getattr(a, "inline", False):  # computed by extraction itself (pattern scores)
@@ -112,6 +113,8 @@ class AnalysisRunner:
         skipped = [int(d.doc_id) for d, _ in batch.skipped]
         self._doc_ids = pa.array([*batch.doc_ids, *skipped], pa.int64())
         self._lengths = batch.lengths
+        #: encoders (``info["bidirectional"]``): rows weigh keys on both sides of the diagonal
+        self._causal = not batch.info.get("bidirectional")
         for a in self._active:
             self._call(a, "begin", batch)
 
@@ -120,7 +123,8 @@ class AnalysisRunner:
         return bool(self._active)
 
     def rows(self, layer: int, q0: int, probs: torch.Tensor) -> None:
-        """Query rows ``q0 …`` of ``layer``; entries past a length or above the diagonal are 0."""
+        """Query rows ``q0 …`` of ``layer``; entries past a length (and, in a causal model, above
+        the diagonal) are 0."""
         if not self._active:
             return
         import torch
@@ -130,10 +134,11 @@ class AnalysisRunner:
         rows = torch.arange(q0, q0 + q, device=dev)
         keys = torch.arange(k, device=dev)
         lengths = self._lengths.to(dev)
-        valid = (keys[None, :] <= rows[:, None])[None] & (
-            rows[None, :, None] < lengths[:, None, None]
+        valid = (rows[None, :, None] < lengths[:, None, None]) & (
+            keys[None, None, :] < lengths[:, None, None]
         )
-        valid = valid & (keys[None, None, :] < lengths[:, None, None])
+        if self._causal:
+            valid = valid & (keys[None, :] <= rows[:, None])[None]
         block = probs.float() * valid[:, None]
         for a in self._active:
             self._call(a, "rows", layer, q0, block)

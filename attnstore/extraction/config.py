@@ -62,6 +62,8 @@ class ExtractConfig:
     #: ``--overview N``: N × N pooled views of every head; None: none
     overview: int | None = None
     analyses: tuple[str | Analysis, ...] = ()
+    #: default analyses (``attnstore.analyses.registry.DEFAULT``) not to run; ``patterns`` stays
+    skip_analyses: tuple[str, ...] = ()
     #: further ``settings`` recorded in the manifest (e.g. where a materialized store came from)
     settings: Mapping[str, Any] = field(default_factory=dict)
 
@@ -70,6 +72,15 @@ class ExtractConfig:
             raise AttnStoreError(f"--batch-size must be ≥ 1. Got {self.batch_size}.")
         if self.overview is not None and self.overview < 1:
             raise AttnStoreError(f"--overview N needs N ≥ 1. Got {self.overview}.")
+        from attnstore.analyses.registry import DEFAULT
+
+        bad = [n for n in self.skip_analyses if n not in DEFAULT or n == "patterns"]
+        if bad:
+            skippable = ", ".join(n for n in DEFAULT if n != "patterns")
+            raise AttnStoreError(
+                f"--skip-analysis takes a default analysis other than patterns ({skippable}). "
+                f"Got {', '.join(bad)}."
+            )
         if self.limit is not None and self.limit < 0:
             raise AttnStoreError(f"--limit must be ≥ 0. Got {self.limit}.")
         for name in ("layers", "heads"):

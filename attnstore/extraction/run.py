@@ -167,7 +167,7 @@ class ExtractionRun:
         commit_seconds: float | None = None,
         created_at: str | None = None,
     ) -> None:
-        from attnstore.analyses.registry import resolve
+        from attnstore.analyses.registry import DEFAULT, resolve
         from attnstore.capture import Extractor
         from attnstore.codecs import get_codec
         from attnstore.rows import RowSelection
@@ -182,6 +182,7 @@ class ExtractionRun:
             loaded, get_codec(config.codec), max_length, config.layers, config.heads,
             parser=config.parse, store_matrices=not config.scores_only, mode=config.attention,
             values=config.values, analyses=resolve(config.analyses),
+            defaults=[n for n in DEFAULT if n not in config.skip_analyses],
             rows=RowSelection.parse(config.rows), overview=config.overview,
         )  # fmt: skip
         manifest = build_manifest(

@@ -51,7 +51,7 @@ async function tile(params) {
 
 // A head's stored --overview (max): [M, M] float32 cells of b × b tokens (X-Block).
 async function overviewImage(params) {
-  const res = await fetch(`/api/overview?${new URLSearchParams(params)}`);
+  const res = await fetch(`/api/overview?${new URLSearchParams(params)}`, { headers: API_HEADERS });
   if (!res.ok) return null;
   const [rows, cols] = res.headers.get("X-Shape").split(",").map(Number);
   return { rows, cols, block: Number(res.headers.get("X-Block")), data: new Float32Array(await res.arrayBuffer()) };

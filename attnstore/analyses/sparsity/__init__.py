@@ -169,6 +169,11 @@ class Sparsity:
         self._work: dict[str, Any] = {}  # float64 work buffers (see _buffer)
 
     # -- protocol --------------------------------------------------------------------------------
+    def applies(self, batch: Batch) -> bool:
+        """Causal models only: every statistic of ``schemas/sparsity.md`` reads rows that end at
+        the diagonal (an encoder's rows weigh keys on both sides)."""
+        return bool(batch.doc_ids) and not batch.info.get("bidirectional")
+
     def begin(self, batch: Batch) -> None:
         import torch
 
