@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from attnstore.errors import ShardBusyError
 from attnstore.layout import WRITERS
+from attnstore.storage import lock_is_stale, parse_lock
 
 if TYPE_CHECKING:
     from attnstore.storage import Storage
@@ -93,7 +94,7 @@ def _hold_local(storage: Any, app_id: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _busy(storage, app_id, _parse(os.pread(fd, 4096, 0))) from None
+            raise _busy(storage, app_id, parse_lock(os.pread(fd, 4096, 0))) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_who()).encode(), 0)
         try:
@@ -105,26 +106,10 @@ def _hold_local(storage: Any, app_id: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _parse(data: bytes) -> dict[str, Any] | None:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def _stale(holder: dict[str, Any] | None) -> bool:
-    if holder is None or float(holder.get("expires", 0)) < time.time():
-        return True
-    if holder.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(holder.get("pid", 0)), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+    """An unreadable holder, an expired one, or a dead process of this host (the object-store
+    lock's rule, :func:`attnstore.storage.lock_is_stale`)."""
+    return holder is None or lock_is_stale(holder)
 
 
 @contextmanager
@@ -144,7 +129,7 @@ def _hold_object(storage: Any, app_id: str) -> Iterator[None]:
         etag = obstore.put(store, key, mine(), mode="create")["e_tag"]
     except AlreadyExistsError:
         held = obstore.get(store, key)
-        holder = _parse(bytes(held.bytes()))
+        holder = parse_lock(bytes(held.bytes()))
         if not _stale(holder):
             raise _busy(storage, app_id, holder) from None
         try:  # the holder is gone: take over, one waiter wins
@@ -167,5 +152,5 @@ def _hold_object(storage: Any, app_id: str) -> Iterator[None]:
         stop.set()
         beat.join()
         with contextlib.suppress(Exception):
-            if (_parse(bytes(obstore.get(store, key).bytes())) or {}).get("token") == token:
+            if (parse_lock(bytes(obstore.get(store, key).bytes())) or {}).get("token") == token:
                 obstore.delete(store, key)

@@ -581,10 +581,10 @@ class ObjectStorage:
                 pass
             try:
                 held = obstore.get(store, key)
-                holder = _parse_lock(bytes(held.bytes()))
+                holder = parse_lock(bytes(held.bytes()))
             except FileNotFoundError:
                 continue  # released between the two requests
-            if holder is None or _lock_is_stale(holder):
+            if holder is None or lock_is_stale(holder):
                 try:
                     obstore.put(store, key, mine, mode={"e_tag": held.meta["e_tag"]})
                     break
@@ -596,7 +596,7 @@ class ObjectStorage:
             yield
         finally:
             with contextlib.suppress(FileNotFoundError):
-                if (_parse_lock(bytes(obstore.get(store, key).bytes())) or {}).get("token") == token:
+                if (parse_lock(bytes(obstore.get(store, key).bytes())) or {}).get("token") == token:
                     obstore.delete(store, key)
 
 
@@ -693,7 +693,7 @@ def _arrow_store_class() -> Any:
     return ArrowReadStore
 
 
-def _parse_lock(data: bytes) -> dict[str, Any] | None:
+def parse_lock(data: bytes) -> dict[str, Any] | None:
     try:
         doc = json.loads(data)
     except ValueError:
@@ -701,7 +701,7 @@ def _parse_lock(data: bytes) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _lock_is_stale(holder: dict[str, Any]) -> bool:
+def lock_is_stale(holder: dict[str, Any]) -> bool:
     if float(holder.get("expires", 0)) < time.time():
         return True
     if holder.get("host") != socket.gethostname():

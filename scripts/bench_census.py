@@ -90,7 +90,10 @@ if what == "bare":
         with torch.inference_mode():
             body(input_ids=torch.tensor(docs), use_cache=False)
 else:
-    ex = Extractor(loaded, get_codec("default"), max(t, 8), store_matrices=False, mode=what)
+    # "<mode>-online": --skip-analysis sparsity (no row analysis: sdpa scores by online softmax)
+    mode, _, online = what.partition("-")
+    ex = Extractor(loaded, get_codec("default"), max(t, 8), store_matrices=False, mode=mode,
+                   defaults=("patterns",) if online else None)
     ex._token_strings = lambda ids: ["t"] * len(ids)
     def run(docs):
         ex.run([Tokenized(Document(i, ""), d, len(d)) for i, d in enumerate(docs)])
@@ -141,7 +144,10 @@ def _compare(rows: list[dict[str, object]], modes: list[str]) -> dict[str, objec
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
-    parser.add_argument("--attention", default="eager,sdpa", help="census modes to measure")
+    parser.add_argument(
+        "--attention", default="eager,sdpa,sdpa-online",
+        help="census modes to measure (sdpa-online: --skip-analysis sparsity)",
+    )
     parser.add_argument("--default-model", action="store_true", help="also (b), the default model")
     parser.add_argument("--skip-tiny", action="store_true", help="only (b)")
     parser.add_argument(

@@ -398,6 +398,9 @@ def test_sql_console_refuses_writes_files_and_runaways(
         "attach": "ATTACH '/tmp/attnstore-browser.duckdb' AS x",
         "read_text": "SELECT * FROM read_text('/etc/passwd')",
         "cross_join": "SELECT count(*) FROM range(1000000000) a, range(1000000000) b",
+        # last: CPU without memory (the cross join may end in DuckDB's memory limit first, as it
+        # cannot spill: the SQL policy gives it no temporary folder)
+        "runaway": "SELECT sum(hash(range)) FROM range(1000000000000)",
     }
     for name, sql in refused.items():
         open_view(page, server, "#/sql?q=" + urllib.parse.quote(sql))
