@@ -303,3 +303,20 @@ def test_reversed_layer_range_is_named(tmp_path: Path) -> None:
     assert "low ≤ high" in done.stderr
     assert "'2-0'" in done.stderr
     assert not (tmp_path / "s.attn").exists()
+
+
+@pytest.mark.parametrize(
+    ("file", "name"),
+    [("evil.json", "../../outside"), ("heads.json", "heads"), ("x.json", "y"), ("z.json", None)],
+)
+def test_analysis_table_registration_cannot_name_a_path_or_a_builtin(
+    clean: Path, tmp_path: Path, file: str, name: str | None
+) -> None:
+    """``analyses/<table>.json`` is store metadata: its name becomes a folder and a SQL view."""
+    store = _copy(clean, tmp_path)
+    (store / "analyses").mkdir(exist_ok=True)
+    doc = {"table": name, "analysis": "x", "sorted_by": ["doc_id"],
+           "columns": [{"name": "doc_id", "type": "int64", "nullable": False}]}  # fmt: skip
+    (store / "analyses" / file).write_text("{" if name is None else json.dumps(doc))
+    with pytest.raises(DamagedStoreError, match=r"analyses/"):
+        attnstore.open(str(store))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import pyarrow as pa
 
 from attnstore import index
-from attnstore.errors import AnalysisError
+from attnstore.errors import AnalysisError, DamagedStoreError
 from attnstore.layout import FORMAT_VERSION
 
 if TYPE_CHECKING:
@@ -138,7 +138,22 @@ def registered(storage: Storage) -> dict[str, TableSpec]:
     out: dict[str, TableSpec] = {}
     for file in storage.list(ANALYSES_DIR):
         if file.endswith(".json") and not file.startswith("."):
-            spec = TableSpec.from_json(json.loads(storage.read_bytes(f"{ANALYSES_DIR}/{file}")))
+            rel = f"{ANALYSES_DIR}/{file}"
+            try:  # store metadata is untrusted: a name becomes a folder and a SQL view
+                spec = TableSpec.from_json(json.loads(storage.read_bytes(rel)))
+                ok = (
+                    _NAME.match(spec.name) is not None
+                    and spec.name == file.removesuffix(".json")
+                    and spec.name not in index.SCHEMAS
+                    and set(spec.sorted_by) <= set(spec.schema.names)
+                )
+            except (ValueError, KeyError, TypeError) as err:
+                raise DamagedStoreError(f"{rel}: not a table registration ({err}).") from None
+            if not ok:
+                raise DamagedStoreError(
+                    f"{rel}: table name {spec.name!r} is not [a-z][a-z0-9_]* named like its file, "
+                    "or is a built-in table's; refused."
+                )
             out[spec.name] = spec
     return out
 
