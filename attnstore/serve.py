@@ -34,6 +34,7 @@ over-long request line or header: JSON, not its HTML page).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as _dt
 import decimal
 import http.server
@@ -55,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import duckdb
     import pyarrow as pa
@@ -302,30 +303,12 @@ class Viewer:
         Queries on one store run one at a time: its tables are lazy Arrow datasets registered in
         the connection itself (other cursors cannot see them), and a local viewer needs no more.
         """
-        import duckdb
-
-        with src.lock:
-            timer = threading.Timer(time_limit, src.con.interrupt)
-            timer.daemon = True
-            try:
-                timer.start()
-                relation = src.con.sql(sql, params=params)
-                if relation is None:
-                    raise ApiError(400, "The statement returned no rows. Expected a SELECT query.")
-                if cap is not None:
-                    relation = relation.limit(cap + 1)
-                columns = list(relation.columns)
-                rows = relation.fetchall()
-            except duckdb.InterruptException:
-                raise ApiError(
-                    400,
-                    f"The query ran longer than the time limit of {time_limit:g} s and was "
-                    "stopped. Add a WHERE clause or a LIMIT, or aggregate before joining.",
-                ) from None
-            except duckdb.Error as err:
-                raise ApiError(400, f"{type(err).__name__}: {err}") from None
-            finally:
-                timer.cancel()
+        with _bounded(src, time_limit, time_limit):
+            relation = _relation(src, sql, params)
+            if cap is not None:
+                relation = relation.limit(cap + 1)
+            columns = list(relation.columns)
+            rows = relation.fetchall()
         truncated = cap is not None and len(rows) > cap
         return columns, rows[:cap] if cap is not None else rows, truncated
 
@@ -401,25 +384,10 @@ class Viewer:
         self, src: _Source, sql: str, params: Sequence[Any] | None, cap: int, deadline: float
     ) -> pa.Table:
         """User SQL as an Arrow table of ≤ ``cap`` rows, interrupted at ``deadline``."""
-        import duckdb
-
-        with src.lock:
-            timer = threading.Timer(max(0.0, deadline - time.perf_counter()), src.con.interrupt)
-            timer.daemon = True
-            try:
-                timer.start()
-                relation = src.con.sql(sql, params=params)
-                if relation is None:
-                    raise ApiError(400, "The statement returned no rows. Expected a SELECT query.")
-                relation = relation.limit(cap)
-                fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
-                table: pa.Table = fetch()
-            except duckdb.InterruptException:
-                raise ApiError(400, _too_long(self.time_limit)) from None
-            except duckdb.Error as err:
-                raise ApiError(400, f"{type(err).__name__}: {err}") from None
-            finally:
-                timer.cancel()
+        with _bounded(src, deadline - time.perf_counter(), self.time_limit):
+            relation = _relation(src, sql, params).limit(cap)
+            fetch = getattr(relation, "to_arrow_table", None) or relation.arrow
+            table: pa.Table = fetch()
         return table
 
     # -- pages -------------------------------------------------------------------------------
@@ -806,6 +774,33 @@ class Viewer:
         found = int(match[0][0]) if match and match[0][0] is not None else None
         return {"store": src.index, "from": ref.index, "doc": doc, "doc_id": found,
                 "how": None if found is None else "text", "same_number": bool(own)}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _bounded(src: _Source, seconds: float, limit: float) -> Iterator[None]:
+    """One query at a time on ``src``'s connection, interrupted after ``seconds``; DuckDB's errors
+    as one-line API errors (an interruption names the time ``limit``)."""
+    import duckdb
+
+    with src.lock:
+        timer = threading.Timer(max(0.0, seconds), src.con.interrupt)
+        timer.daemon = True
+        try:
+            timer.start()
+            yield
+        except duckdb.InterruptException:
+            raise ApiError(400, _too_long(limit)) from None
+        except duckdb.Error as err:
+            raise ApiError(400, f"{type(err).__name__}: {err}") from None
+        finally:
+            timer.cancel()
+
+
+def _relation(src: _Source, sql: str, params: Sequence[Any] | None) -> Any:
+    relation = src.con.sql(sql, params=params)
+    if relation is None:
+        raise ApiError(400, "The statement returned no rows. Expected a SELECT query.")
+    return relation
 
 
 def _too_long(limit: float) -> str:
