@@ -64,7 +64,7 @@ from attnstore.overview import OverviewPool
 from attnstore.packing import packed_length
 from attnstore.rows import DocRows, RowSelection
 from attnstore.store import Segment
-from attnstore.streaming import stream_bytes
+from attnstore.store.streaming import stream_bytes
 from attnstore.syntax import Alignment
 
 if TYPE_CHECKING:
@@ -1011,8 +1011,8 @@ class Extractor:
         (:mod:`attnstore.overview`), with or without matrices.
 
     Set :attr:`stream` (``StoreWriter.stream``) to write documents bigger than
-    :func:`attnstore.streaming.stream_bytes` to their own segment as their rows come
-    (:mod:`attnstore.streaming`) instead of holding their codes in memory.
+    :func:`attnstore.store.streaming.stream_bytes` to their own segment as their rows come
+    (:mod:`attnstore.store.streaming`) instead of holding their codes in memory.
     """
 
     def __init__(

@@ -2,7 +2,7 @@
 
 For every Delta table of a format-2 store:
 
-1. finish flushes interrupted by a crash (:func:`attnstore.store.roll_forward_all`);
+1. finish flushes interrupted by a crash (:func:`attnstore.store.transactions.roll_forward_all`);
 2. rewrite its parts into files of up to ``target_size`` bytes, sorted by ``doc_id``
    (Delta ``OPTIMIZE ZORDER BY (doc_id)``), with row groups of :data:`attnstore.index.ROW_GROUP_ROWS`;
 3. ``VACUUM``: delete the files no snapshot of the last ``retention_hours`` references;
@@ -31,7 +31,9 @@ from attnstore.storage import open_storage
 
 if TYPE_CHECKING:
     from attnstore.storage import Storage
-from attnstore.store import delta_tables, read_store_manifest, roll_forward_all
+from attnstore.store.delta import delta_tables
+from attnstore.store.manifest import read_store_manifest
+from attnstore.store.transactions import roll_forward_all
 
 __all__ = ["DEFAULT_RETENTION_HOURS", "DEFAULT_TARGET_SIZE", "compact", "maybe_compact"]
 

@@ -17,7 +17,9 @@ import numpy as np
 from attnstore.errors import IncompatibleStoreError, StoreExistsError
 from attnstore.layout import FORMAT_VERSION, SEGMENTS, Manifest
 from attnstore.storage import open_storage
-from attnstore.store import Segment, Store, StoreWriter
+from attnstore.store.batch import Segment
+from attnstore.store.reader import Store
+from attnstore.store.writer import StoreWriter
 
 __all__ = ["migrate"]
 

@@ -27,13 +27,8 @@ from attnstore.extraction import (
     parse_shard,
 )
 from attnstore.storage import open_storage
-from attnstore.store import (
-    DEFAULT_APP_ID,
-    Store,
-    StoreWriter,
-    app_id_for_shard,
-    commit_cadence,
-)
+from attnstore.store.reader import Store
+from attnstore.store.writer import DEFAULT_APP_ID, StoreWriter, app_id_for_shard, commit_cadence
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -127,7 +122,7 @@ def extract(
     document, comma-separated; :mod:`attnstore.rows`); ``overview=N`` writes N × N max and mean
     overviews of every head (:mod:`attnstore.overview`), also with ``scores_only``. Documents too
     big to hold in memory are streamed to their own segment as their rows come
-    (:mod:`attnstore.streaming`).
+    (:mod:`attnstore.store.streaming`).
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
     ``out`` may be a URL (``s3://bucket/prefix/name.attn``, ``gs://``, ``az://``); credentials and

@@ -84,9 +84,13 @@ class VerifyReport:
 
 
 def _sha256(path: Path) -> str:
-    from attnstore.store import _sha256 as digest
+    import hashlib
 
-    return digest(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def verify_store(
@@ -98,7 +102,7 @@ def verify_store(
     """Check a store (a folder or a URL); see the module docstring for what is checked."""
     from attnstore.codecs import get_codec
     from attnstore.storage import is_url, open_storage
-    from attnstore.store import read_store_manifest
+    from attnstore.store.manifest import read_store_manifest
 
     storage = open_storage(path, storage_options)
     root = Path(path) if not is_url(path) else Path(storage.root)  # format 1: local folders only
@@ -205,7 +209,9 @@ def _verify_v2(
 
     from attnstore.errors import UnsafeStorePathError
     from attnstore.paths import inside, local_files_inside
-    from attnstore.store import Store, open_table, table_path
+    from attnstore.store.delta import open_table
+    from attnstore.store.deltalog import table_path
+    from attnstore.store.reader import Store
 
     manifest_sha = hashlib.sha256(storage.read_bytes(MANIFEST_NAME)).hexdigest()
     # 2. writer files
@@ -408,7 +414,7 @@ def _check_segment(
 ) -> None:
     import zarr
 
-    import attnstore.segments  # noqa: F401 - its Blosc guard decodes every chunk read here
+    import attnstore.store.segments  # noqa: F401 - its Blosc guard decodes every chunk read here
 
     where = f"{SEGMENTS}/{name}"
     try:

@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnstore
-from attnstore import store as store_mod
 from attnstore.cli import cli
 from attnstore.codecs import get_codec
 from attnstore.compact import compact
@@ -26,7 +25,7 @@ from attnstore.errors import StoreWriteError
 from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, Manifest
 from attnstore.packing import pack_tril
 from attnstore.scores import SCORE_COLUMNS
-from attnstore.store import Segment, StoreWriter
+from attnstore.store import Segment, StoreWriter, faults, transactions
 from attnstore.verify import verify_store
 
 L, H = 2, 3
@@ -134,7 +133,7 @@ def interrupt_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
         if where == point:
             raise Interrupted(where)
 
-    monkeypatch.setattr(store_mod, "_fault", fault)
+    monkeypatch.setattr(faults, "fault", fault)
 
 
 @pytest.mark.parametrize("point", ["intent", "commit:tokens", "commit:heads"])
@@ -182,9 +181,9 @@ def test_roll_forward_is_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.undo()
     state = json.loads((out / "writers" / "shard-0-of-1.json").read_text())
     storage = writer.storage
-    store_mod._commit_pending(storage, "shard-0-of-1", state["pending"])
-    assert store_mod.roll_forward(storage, "shard-0-of-1")  # commits nothing new
-    assert not store_mod.roll_forward(storage, "shard-0-of-1")
+    transactions.commit_pending(storage, "shard-0-of-1", state["pending"])
+    assert transactions.roll_forward(storage, "shard-0-of-1")  # commits nothing new
+    assert not transactions.roll_forward(storage, "shard-0-of-1")
     store = attnstore.open(str(out))
     assert counts(store) == (2, sum(3 + d % 7 for d in (0, 1)), 2 * L * H)
     assert len(store.files("tokens")) == 1

@@ -125,7 +125,7 @@ def test_claim_check_drops_documents_already_committed(
 def test_claim_check_refuses_a_flush_that_raced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import attnstore.store as store_module
+    import attnstore.store.writer as store_module
     from tests.synthetic import write_synthetic_store
 
     batch = _synthetic_batch(tmp_path, monkeypatch)

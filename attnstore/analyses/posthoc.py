@@ -24,7 +24,8 @@ from attnstore.abc.analysis import Batch
 from attnstore.analyses.registry import resolve
 from attnstore.analyses.runner import AnalysisRunner
 from attnstore.errors import AnalysisError, AttnStoreError
-from attnstore.store import Segment, StoreWriter
+from attnstore.store.batch import Segment
+from attnstore.store.writer import StoreWriter
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from attnstore.extraction.config import DEFAULT_MAX_LENGTH, ExtractConfig
 from attnstore.layout import FORMAT_NAME, FORMAT_VERSION, PACKING, PACKING_FULL, Manifest
-from attnstore.store import DEFAULT_APP_ID, Store, StoreWriter
+from attnstore.store.reader import Store
+from attnstore.store.writer import DEFAULT_APP_ID, StoreWriter
 from attnstore.version import __version__
 
 if TYPE_CHECKING:

@@ -1,4 +1,11 @@
-"""Opening a segment (a Zarr v3 array) safely: bounded decoding and one-line errors.
+"""Segments (Zarr v3 arrays of codes, and the overview arrays): written once, opened safely.
+
+A segment is one Zarr v3 array ``[layer, head, packed]`` holding the packed lower triangles of its
+documents back to back (see :mod:`attnstore.packing`), compressed with Blosc (zstd + byte shuffle)
+and written as a single shard: one object, written once by one process (:func:`write_segment`).
+An overview array ``[layer, head, 2, cells]`` holds the ``--overview N`` pictures of a flush's
+documents the same way (:func:`write_overviews`). A long document's segment is written as its rows
+come (:mod:`attnstore.store.streaming`).
 
 A segment's bytes come from the store, which may come from elsewhere. Two guards apply to every
 read (``Store.matrix`` and friends, ``attnstore verify``, the viewer):
@@ -15,16 +22,24 @@ read (``Store.matrix`` and friends, ``attnstore verify``, the viewer):
 from __future__ import annotations
 
 import struct
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.registry import fully_qualified_name, register_codec
 
 from attnstore.errors import DamagedStoreError
 
-__all__ = ["GuardedBloscCodec", "open_segment"]
+if TYPE_CHECKING:
+    from attnstore.codecs import Codec
+    from attnstore.storage import Storage
+
+__all__ = ["CHUNK", "GuardedBloscCodec", "open_segment", "write_overviews", "write_segment"]
+
+#: Inner chunk length along the packed axis: 64 Ki values (128 KiB as uint16). One T=512 matrix
+#: (131,328 values) spans 3 chunks, so one read decompresses at most ~400 KiB.
+CHUNK: Final = 1 << 16
 
 #: Size of the Blosc 1 frame header; ``nbytes`` (uint32, little-endian) sits at offset 4.
 _HEADER: Final = 16
@@ -69,3 +84,42 @@ def open_segment(zarr_store: Any, rel: str) -> Any:
         raise DamagedStoreError(
             f"{rel}/zarr.json: not a readable Zarr v3 array ({type(err).__name__}: {text})."
         ) from None
+
+
+def write_segment(storage: Storage, rel: str, data: np.ndarray, codec: Codec, packing: str) -> None:
+    """The segment ``rel``: codes ``[layer, head, packed]`` as one shard, durable."""
+    n_layers, n_heads, total = data.shape
+    shard = -(-total // CHUNK) * CHUNK
+    arr = zarr.create_array(
+        store=storage.zarr_store(rel, read_only=False),
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(1, 1, min(CHUNK, shard)),
+        shards=(n_layers, n_heads, shard),
+        # crc32c per chunk: a flipped bit fails the read instead of returning wrong values
+        compressors=[BloscCodec(**codec.compressor), Crc32cCodec()],
+        fill_value=0,
+        zarr_format=3,
+        attributes={"attnstore": {"packing": packing, "codec": codec.get_config()}},
+    )
+    arr[...] = data
+    storage.sync(rel)
+
+
+def write_overviews(storage: Storage, rel: str, data: np.ndarray, codec: Codec, size: int) -> None:
+    """The overview array ``rel``: float32 ``[layer, head, 2 (max, mean), cells]``, durable."""
+    n_layers, n_heads, n_kinds, total = data.shape
+    chunk = min(CHUNK, total)
+    arr = zarr.create_array(
+        store=storage.zarr_store(rel, read_only=False),
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(1, 1, n_kinds, chunk),
+        shards=(n_layers, n_heads, n_kinds, -(-total // chunk) * chunk),
+        compressors=[BloscCodec(**codec.compressor), Crc32cCodec()],
+        fill_value=0,
+        zarr_format=3,
+        attributes={"attnstore": {"overview": size, "kinds": ["max", "mean"]}},
+    )
+    arr[...] = data
+    storage.sync(rel)

@@ -10,7 +10,7 @@ The document's segment is a Zarr v3 array ``[layer, head, stored]`` (``stored`` 
 of its stored rows, :class:`attnstore.rows.DocRows`) with inner chunks of :data:`CHUNK` values along
 the packed axis and shards of ``(1, heads, SHARD_VALUES)``: a block of rows is a few chunks, and a
 read of rows ``a … b`` of one head decodes only the chunks those rows touch. The segment becomes
-visible only when the ``docs`` row naming it commits (the flush protocol of :mod:`attnstore.store`);
+visible only when the ``docs`` row naming it commits (the flush protocol of :mod:`attnstore.store.writer`);
 a process killed while streaming leaves an unreferenced array that readers ignore, and a rerun
 extracts that one document again.
 """
@@ -25,14 +25,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from attnstore.store.segments import CHUNK
+
 if TYPE_CHECKING:
     from attnstore.codecs import Codec
     from attnstore.storage import Storage
 
 __all__ = ["CHUNK", "SHARD_VALUES", "STREAM_BYTES", "DocStream", "Streamed", "stream_bytes"]
 
-#: Inner chunk along the packed axis (as in every segment): 64 Ki values.
-CHUNK: Final = 1 << 16
 #: Values per head in one shard of a streamed segment (16 chunks).
 SHARD_VALUES: Final = 16 * CHUNK
 #: Documents whose codes (all stored layers and heads) exceed this many bytes are streamed.
