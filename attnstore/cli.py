@@ -660,7 +660,7 @@ def heads(
 
     st = Store(store)
     if retrieval or sparse:
-        from attnstore.analyses.sparsity import best_retrieval_heads, sparsity_heads
+        from attnstore.analyses.sparsity.listings import best_retrieval_heads, sparsity_heads
 
         table = (
             best_retrieval_heads(st, top=top or 10) if retrieval else sparsity_heads(st, top=top)

@@ -15,21 +15,30 @@ bound by DuckDB (``?`` or ``$name``), never formatted into the SQL.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import duckdb
 
 from attnstore.analyses.sparsity.views import summary_sql
 from attnstore.errors import QueryError
+from attnstore.sqlpolicy import READ_ONLY, check_statement, lock_down
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     import pyarrow as pa
 
-    from attnstore.store import Store
+__all__ = ["Tables", "connect", "run", "session"]
 
-__all__ = ["connect", "run"]
+
+class Tables(Protocol):
+    """What SQL reads from a store (a :class:`~attnstore.store.Store` is one): its tables' names
+    and schemas, and each table as a lazy Arrow dataset of its snapshot."""
+
+    @property
+    def schemas(self) -> Mapping[str, pa.Schema]: ...
+
+    def dataset(self, name: str) -> Any: ...
 
 
 def _head_summary_sql() -> str:
@@ -130,7 +139,7 @@ ORDER BY acc.relation, acc.direction, acc.layer, acc.head
 """
 
 
-def connect(store: Store) -> duckdb.DuckDBPyConnection:
+def connect(store: Tables) -> duckdb.DuckDBPyConnection:
     """A new in-memory connection with the store's tables and summary views defined.
 
     Each table is the store's lazy pyarrow Dataset of its current snapshot
@@ -149,15 +158,27 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def run(store: Store, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
+def session(
+    store: Tables, *, threads: int | None = None, memory_limit: str | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A new in-memory connection over ``store``'s tables and views, locked down
+    (:func:`attnstore.sqlpolicy.lock_down`)."""
+    con = connect(store)
+    try:
+        lock_down(con, threads=threads, memory_limit=memory_limit)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def run(store: Tables, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> pa.Table:
     """Run one read-only statement; the result as a pyarrow Table.
 
     The statement sees the store and nothing else (:mod:`attnstore.sqlpolicy`): file access, the
     temporary folder, extensions and configuration are switched off once the views exist, so even
     ``EXPLAIN ANALYZE COPY …`` or ``read_text(…)`` cannot reach the file system.
     """
-    from attnstore.sqlpolicy import READ_ONLY, check_statement, session
-
     con = session(store)  # the one read-only policy (attnstore.sqlpolicy), shared with the viewer
     try:
         check_statement(con, sql, READ_ONLY)

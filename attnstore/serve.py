@@ -219,10 +219,10 @@ class Viewer:
         memory_limit: str = "2GB",
         result_bytes: int = RESULT_BYTES,
     ) -> None:
-        import attnstore
         from attnstore.errors import AttnStoreError
         from attnstore.query import connect
         from attnstore.sqlpolicy import lock_down
+        from attnstore.store import Store
 
         if not paths:
             raise AttnStoreError("Expected at least one store to serve. Got none.")
@@ -234,7 +234,7 @@ class Viewer:
         self.cache = _Cache(CACHE_BYTES)
         names = [Path(p).name or str(p) for p in paths]
         for i, path in enumerate(paths):
-            store = attnstore.open(str(path))
+            store = Store(str(path))
             con = connect(store)
             described = con.execute("DESCRIBE head_summary").fetchall()
             numeric = ("DOUBLE", "FLOAT", "REAL", "BIGINT", "INTEGER", "HUGEINT", "SMALLINT")

@@ -1,8 +1,8 @@
 """The one read-only SQL session policy: how every DuckDB connection over a store is locked down.
 
 ``Store.sql``, ``attnstore query`` and the viewer (``attnstore serve``) all get their connection
-from :func:`session` and check statements with :func:`check_statement`, so the policy is written
-once:
+from :func:`attnstore.query.session`, which applies :func:`lock_down`, and check statements with
+:func:`check_statement`, so the policy is written once:
 
 - the store's tables are lazy Arrow datasets registered in the connection (read by pyarrow, with
   the store's own path checks and Parquet page checksums), and the summary views are bound while
@@ -27,9 +27,7 @@ from attnstore.errors import QueryError
 if TYPE_CHECKING:
     from collections.abc import Collection
 
-    from attnstore.store import Store
-
-__all__ = ["READ_ONLY", "SELECT_ONLY", "check_statement", "lock_down", "session"]
+__all__ = ["READ_ONLY", "SELECT_ONLY", "check_statement", "lock_down"]
 
 #: What ``Store.sql`` and ``attnstore query`` run (``WITH``/``DESCRIBE``/``SUMMARIZE`` are SELECTs).
 READ_ONLY: Final = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
@@ -65,21 +63,6 @@ def lock_down(
     settings.append("SET lock_configuration = true")
     for statement in settings:
         con.execute(statement)
-
-
-def session(
-    store: Store, *, threads: int | None = None, memory_limit: str | None = None
-) -> duckdb.DuckDBPyConnection:
-    """A new in-memory connection over ``store``'s tables and views, locked down."""
-    from attnstore.query import connect
-
-    con = connect(store)
-    try:
-        lock_down(con, threads=threads, memory_limit=memory_limit)
-    except BaseException:
-        con.close()
-        raise
-    return con
 
 
 def check_statement(

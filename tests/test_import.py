@@ -46,3 +46,82 @@ def test_reading_a_matrix_loads_no_delta_rs_pandas_or_torch(tmp_path: Path) -> N
     compact(store)  # a checkpoint, and parts replaced: the log reader replays both
     assert _modules_after_one_matrix(store) == []
 
+
+def _import_graph() -> dict[str, set[str]]:
+    """attnstore's modules and the attnstore modules each imports: at module level, inside
+    functions and under ``TYPE_CHECKING`` alike, plus the packages an import enters (importing
+    ``a.b.c`` runs ``a/b/__init__.py``) other than the importer's own."""
+    import attnstore
+
+    root = Path(attnstore.__file__).parent
+    modules: dict[str, Path] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets: set[str | None] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(known(a.name) for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative (banned by ruff, but counted if present)
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                targets.update(known(f"{base}.{a.name}") for a in node.names)
+        own = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
+        entered = {
+            ".".join(t.split(".")[:i]) for t in targets if t for i in range(1, t.count(".") + 1)
+        }
+        graph[module] = {t for t in targets | entered if t and t in modules and t not in own}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle() -> None:
+    """No two attnstore modules import each other, directly or around a circle, counting imports
+    inside functions and under TYPE_CHECKING."""
+    graph = _import_graph()
+    assert len(graph) > 50  # the walk saw the package
+    assert "attnstore.store.reader" in graph["attnstore.store"]
+    assert _cycles(graph) == []
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]

@@ -48,8 +48,6 @@ __all__ = [
     "STREAMING_MIN",
     "Sparsity",
     "align_needle",
-    "best_retrieval_heads",
-    "sparsity_heads",
     "summary_sql",
     "top_count",
 ]
@@ -393,11 +391,10 @@ def _table(schema: pa.Schema, columns: dict[str, list[Any]]) -> pa.Table:
 
 
 # ------------------------------------------------------------------------------------------------
-# corpus level: the sparsity_summary view and the CLI listings
+# corpus level: the sparsity_summary view (the CLI listings: attnstore.analyses.sparsity.listings)
 # ------------------------------------------------------------------------------------------------
 
 
-from attnstore.analyses.sparsity.listings import best_retrieval_heads, sparsity_heads
 from attnstore.analyses.sparsity.views import (
     LONG_QUERIES,
     RETRIEVAL_MIN,
