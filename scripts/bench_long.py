@@ -302,17 +302,14 @@ def _naive_loop(loaded: Any, docs: list[Any], path: Path, batch_size: int) -> No
     import h5py
     import torch
 
+    from attnstore.testing import pad_batch
+
     model = loaded.model
     model.set_attn_implementation("eager")
     with h5py.File(path, "w") as f, torch.inference_mode():
         for first in range(0, len(docs), batch_size):
             batch = docs[first : first + batch_size]
-            t = max(len(d.ids) for d in batch)
-            ids = torch.full((len(batch), t), loaded.tokenizer.pad_token_id)
-            mask = torch.zeros((len(batch), t), dtype=torch.long)
-            for i, d in enumerate(batch):
-                ids[i, : len(d.ids)] = torch.tensor(d.ids)
-                mask[i, : len(d.ids)] = 1
+            ids, mask = pad_batch([d.ids for d in batch], loaded.tokenizer.pad_token_id)
             out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
             att = torch.stack(out.attentions, 1)  # [doc, layer, head, T, T]
             for i, d in enumerate(batch):
