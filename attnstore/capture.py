@@ -117,9 +117,10 @@ class _Capture:
     ) -> None:
         self.consume = consume
         self.done = done
-        #: scores-only in sdpa mode: ``online(layer, query, key, allowed, scaling, softcap)`` gets
-        #: the layer's queries and keys and computes scores without materialising attention
-        #: (``allowed`` None: plain causal attention over a right-padded batch)
+        #: scores-only in sdpa mode: ``online(layer, query, key, allowed, scaling, softcap, lse)``
+        #: gets the layer's queries and keys and computes scores without materialising attention
+        #: (``allowed`` None: plain causal attention over a right-padded batch; ``lse`` the rows'
+        #: log-sum-exp from the fused kernel, or None)
         self.online = online
         self.mode = mode
         self.chunk_bytes = chunk_bytes
@@ -140,6 +141,22 @@ def _right_padded(mask: torch.Tensor) -> bool:
     """A key mask ``[doc, 1, 1, k_pos]`` that keeps a prefix of every document (right padding)."""
     keys = mask.reshape(mask.shape[0], -1)
     return bool(keys[:, 0].all()) and bool((keys[:, 1:] <= keys[:, :-1]).all())
+
+
+def _flash_cpu(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Causal attention through PyTorch's CPU flash kernel (what ``scaled_dot_product_attention``
+    runs on CPU for a causal call without a mask), with each row's log-sum-exp ``[doc, head, q]``;
+    ``(None, None)`` where this torch has no such kernel or it refuses the inputs."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or value.shape[-1] != query.shape[-1]:
+        return None, None
+    try:
+        out, lse = op(query, key, value, 0.0, True, scale=scaling)
+    except (RuntimeError, NotImplementedError):
+        return None, None
+    return out, lse.float()
 
 
 def _attention(
@@ -213,19 +230,26 @@ def _attention(
     if cap is not None and not module_causal:
         cap.bidirectional.add(layer)
     out = None
-    if mode == "sdpa":
+    lse = None  # each row's log-sum-exp, when the fused kernel gives it (scores-only, CPU)
+    online = cap is not None and cap.online is not None and mode == "sdpa" and causal
+    if online and query.device.type == "cpu":
+        # the kernel sdpa itself dispatches to on CPU, asked for its log-sum-exp too
+        out, lse = _flash_cpu(query, key, value, scaling)
+    if mode == "sdpa" and out is None:
         # is_causal: rows past a document's end see its padding, which no real row ever reads
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=allowed, is_causal=causal, scale=scaling
         )
         if empty_rows:
             out = torch.nan_to_num(out, nan=0.0)
-    else:  # the value head size may differ from the query's (DeepSeek-V3's MLA)
+    elif out is None:  # the value head size may differ from the query's (DeepSeek-V3's MLA)
         out = query.new_empty((b, h, t_q, value.shape[-1]))
     if cap is not None:
         cap.layer_calls[layer] = cap.layer_calls.get(layer, 0) + 1
-    if cap is not None and cap.online is not None and mode == "sdpa" and causal:
-        cap.online(layer, query, key, allowed, scaling, softcap)
+    if online:
+        assert cap is not None
+        assert out is not None
+        cap.online(layer, query, key, allowed, scaling, softcap, lse)
         cap.calls += 1
         return out.transpose(1, 2).contiguous(), None
     q_f, k_f = query.float(), key.float().transpose(-1, -2)
@@ -1254,7 +1278,9 @@ class Extractor:
         body = _body(model)  # no vocabulary logits on the paths that do not compare them
         n_layers = self.loaded.info["n_layers"]
         if path == "function":
-            cap = _Capture(consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes, online=online)
+            cap = _Capture(
+                consume, done, mode=self.mode, chunk_bytes=self.chunk_bytes, online=online
+            )
             cap.want_logits = self.values == "logits"
             _ACTIVE = cap
             try:
@@ -1318,9 +1344,7 @@ class Extractor:
             except (ValueError, NotImplementedError, TypeError) as err:
                 raise _Undelivered(f"output_attentions=True failed: {err}") from None
             attentions = list(getattr(out, "attentions", None) or ())
-            missing = [
-                i for i in range(n_layers) if i >= len(attentions) or attentions[i] is None
-            ]
+            missing = [i for i in range(n_layers) if i >= len(attentions) or attentions[i] is None]
             if missing or len(attentions) != n_layers:
                 raise _Undelivered(
                     f"no attention weights returned (layers {missing} of 0…{n_layers - 1})"
@@ -1487,12 +1511,14 @@ class Extractor:
             def online(
                 layer: int, query: torch.Tensor, key: torch.Tensor,
                 allowed: torch.Tensor | None, scaling: float, softcap: float | None,
+                lse: torch.Tensor | None = None,
             ) -> None:  # fmt: skip
                 li = layer_pos.get(layer)
                 if li is None:
                     return
                 if not all_heads:
                     query, key = query.index_select(1, head_index), key.index_select(1, head_index)
+                    lse = None if lse is None else lse.index_select(1, head_index)
                     allowed = (
                         allowed
                         if allowed is None or allowed.shape[1] == 1
@@ -1508,6 +1534,12 @@ class Extractor:
                     scaling=scaling,
                     softcap=softcap,
                     block_bytes=min(self.chunk_bytes // 8, 1 << 21),
+                    lse=lse,
+                    tile=(
+                        None
+                        if runner is None or not runner.active
+                        else lambda q0, k0, p: runner.tile(layer, q0, k0, p)
+                    ),
                 )
                 for name, v in values.items():
                     score_arrays[name][:, li, :] = v
@@ -1516,12 +1548,10 @@ class Extractor:
             use_online = (
                 not self.store_matrices
                 and self.mode == "sdpa"
-                and not (runner is not None and runner.active)
+                and not (runner is not None and runner.active and not runner.tiled)
                 and not self.overview
             )
-            self._forward(
-                path, ids, mask, consume, done, online if use_online else None, check
-            )
+            self._forward(path, ids, mask, consume, done, online if use_online else None, check)
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()
@@ -1563,8 +1593,11 @@ class Extractor:
             layers=tuple(self.layers),
             heads=tuple(self.heads),
             documents=tuple(batch),
-            info={"model": info["id"], "codec": self.codec.get_config(),
-                  "bidirectional": self.loaded.bidirectional},
+            info={
+                "model": info["id"],
+                "codec": self.codec.get_config(),
+                "bidirectional": self.loaded.bidirectional,
+            },
             skipped=tuple(skipped),
         )
 

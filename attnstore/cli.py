@@ -485,7 +485,8 @@ def _quantization_text(value: str | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(store: str, quick: bool, as_json: bool) -> None:
     """Check STORE: checksums of every file, table consistency, decodable matrices whose rows sum
-    to 1. Exits 1 if anything is wrong; each problem is printed with its location."""
+    to 1, overviews (--overview N) equal to the pooled matrices. Exits 1 if anything is wrong; each
+    problem is printed with its location."""
     from attnstore.verify import verify_store
 
     report = verify_store(store, quick=quick)
@@ -497,7 +498,9 @@ def verify(store: str, quick: bool, as_json: bool) -> None:
         status = "OK" if report.ok else "DAMAGED"
         click.echo(
             f"{status}: {report.commits} commits, {report.files_checked} files, "
-            f"{report.matrices_checked} matrices checked, "
+            f"{report.matrices_checked} matrices "
+            + (f"and {report.overviews_checked} overviews " if report.overviews_checked else "")
+            + "checked, "
             f"{sum(p.severity == 'error' for p in report.problems)} errors"
         )
     if not report.ok:

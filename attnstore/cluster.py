@@ -14,24 +14,35 @@ Nothing here imports torch or ray at module import time.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from attnstore.errors import AttnStoreError, CorpusError
 from attnstore.extraction import ExtractConfig, ExtractionRun, ExtractReport
 
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-
-__all__ = ["AutoShard", "extract_ray", "local_rank_device", "shard_from_environment"]
+__all__ = [
+    "RAY_DECIDES",
+    "AutoShard",
+    "extract_ray",
+    "local_rank_device",
+    "ray_config",
+    "shard_from_environment",
+]
 
 #: Documents per ``map_batches`` call in :func:`extract_ray`; each actor commits after every call.
 RAY_BATCH_ROWS: Final = 64
+
+#: The :class:`~attnstore.extraction.ExtractConfig` fields :func:`extract_ray` sets itself, and why.
+RAY_DECIDES: Final = {
+    "corpus": "it is the data argument",
+    "shard": "Ray spreads the documents over the actors",
+    "device": "Ray gives each actor its device (num_gpus)",
+}
 
 
 @dataclass(frozen=True)
@@ -223,25 +234,35 @@ class _ExtractActor:
         }
 
 
+def ray_config(corpus: str, settings: Mapping[str, Any]) -> ExtractConfig:
+    """The one :class:`~attnstore.extraction.ExtractConfig` every actor of :func:`extract_ray`
+    runs with: ``settings`` are its fields, as :func:`attnstore.extract` takes them, and each one
+    reaches the actors; those in :data:`RAY_DECIDES` are refused, an unknown one too.
+
+    >>> ray_config("c.txt", {"rows": "-64:", "overview": 16}).overview
+    16
+    """
+    for name, why in RAY_DECIDES.items():
+        if name in settings:
+            raise AttnStoreError(f"extract_ray sets {name} itself: {why}. Do not pass {name}=.")
+    known = {f.name for f in dataclasses.fields(ExtractConfig)} - set(RAY_DECIDES)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise AttnStoreError(
+            f"extract_ray takes no setting {', '.join(unknown)}. Settings: {', '.join(sorted(known))}."
+        )
+    return ExtractConfig.of(corpus=corpus, **settings)
+
+
 def extract_ray(
     out: str | os.PathLike[str],
     data: Any,
     *,
     model: str | None = None,
-    text_field: str = "text",
     num_actors: int = 1,
     num_gpus: float | None = None,
     batch_rows: int = RAY_BATCH_ROWS,
-    batch_size: int = 4,
-    max_length: int | None = None,
-    dtype: str = "auto",
-    codec: str = "default",
-    layers: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-    scores_only: bool = False,
-    attention: str = "auto",
-    allow_different: bool = False,
-    analyses: Sequence[str] = (),
+    **settings: Any,
 ) -> ExtractReport:
     """Extract attention with a pool of Ray actors into one store at ``out``.
 
@@ -251,9 +272,15 @@ def extract_ray(
     GPU each when ``num_gpus`` is 1; the default is 1 when the cluster has GPUs, else 0), take
     ``batch_rows`` documents per call, run them ``batch_size`` per forward pass, commit them
     through their own :class:`~attnstore.store.StoreWriter` and return one small row per document
-    (never a matrix). ``analyses`` (registered names, ``schemas/analyses.md``) run in every actor
-    beside the default ones. ``out`` must be a path every actor can reach. Calling it again resumes:
+    (never a matrix). ``out`` must be a path every actor can reach. Calling it again resumes:
     committed documents are skipped. Ray must be initialised (``ray.init()``) by the caller.
+
+    ``settings`` are those of :func:`attnstore.extract` (the fields of
+    :class:`~attnstore.extraction.ExtractConfig`: ``text_field``, ``batch_size``, ``max_length``,
+    ``codec``, ``layers``, ``heads``, ``rows``, ``overview``, ``values``, ``scores_only``,
+    ``attention``, ``parse``, ``analyses``, ``skip_analyses``, ``limit``, …), built into one
+    config (:func:`ray_config`) that every actor runs with, so the store is the one ``extract``
+    writes with the same settings; ``corpus``, ``shard`` and ``device`` are Ray's to decide.
 
     Examples
     --------
@@ -268,23 +295,25 @@ def extract_ray(
         import ray.data
     except ImportError:
         raise AttnStoreError("extract_ray needs Ray: pip install 'attnstore[ray]'.") from None
+    import itertools
     import time
 
     from attnstore.codecs import get_codec
 
     started = time.perf_counter()
-    for name, value in (("num_actors", num_actors), ("batch_rows", batch_rows),
-                        ("batch_size", batch_size)):  # fmt: skip
+    for name, value in (("num_actors", num_actors), ("batch_rows", batch_rows)):
         if value < 1:
             raise AttnStoreError(f"{name} must be ≥ 1. Got {value}.")
-    get_codec(codec)  # an unknown codec fails here, not in every actor
+    # the settings are checked here, once, not in every actor
+    config = ray_config(data if isinstance(data, str) else "ray dataset", settings)
+    get_codec(config.codec)
     from attnstore.analyses.registry import resolve
     from attnstore.analyses.runner import AnalysisRunner
 
-    AnalysisRunner(resolve(analyses))  # so does an unknown or clashing analysis
+    AnalysisRunner(resolve(config.analyses))  # an unknown or clashing analysis
+    text_field = config.text_field
     if not ray.is_initialized():
         raise AttnStoreError("Ray is not initialised: call ray.init() (or ray.init(address=...)).")
-    corpus = "ray dataset"
     if isinstance(data, str):
         from attnstore.corpus import read_corpus
 
@@ -292,14 +321,15 @@ def extract_ray(
             raise CorpusError(
                 "extract_ray takes text corpora; run the induction probe with extract."
             )
-        corpus = data
         rows = [
             {"doc_id": d.doc_id, text_field: d.text}
-            for d in read_corpus(data, text_field=text_field)
+            for d in itertools.islice(read_corpus(data, text_field=text_field), config.limit)
         ]
         if not rows:
             raise CorpusError(f"Corpus {data!r} holds no documents; nothing was written.")
         data = ray.data.from_items(rows)
+    elif config.limit is not None:  # a corpus spec is cut as it is read
+        data = data.limit(config.limit)
     names = data.schema().names
     for column in ("doc_id", text_field):
         if column not in names:
@@ -309,11 +339,6 @@ def extract_ray(
             )
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    config = ExtractConfig.of(
-        corpus=corpus, text_field=text_field, batch_size=batch_size, dtype=dtype, codec=codec,
-        max_length=max_length, layers=layers, heads=heads, scores_only=scores_only,
-        attention=attention, allow_different=allow_different, analyses=analyses,
-    )  # fmt: skip
     created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     rows_out = data.select_columns(["doc_id", text_field]).map_batches(
         _ExtractActor,

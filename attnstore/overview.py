@@ -31,7 +31,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["KINDS", "OverviewPool", "grid", "pool_matrix"]
+__all__ = ["KINDS", "OverviewPool", "grid", "pool_matrix", "pool_packed"]
 
 #: Overview kinds, in the order of the stored array's third axis.
 KINDS: Final = ("max", "mean")
@@ -57,6 +57,54 @@ def pool_matrix(matrix: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     mx = blocks.max(axis=(-3, -1)).astype(np.float32)
     mean = (blocks.sum(axis=(-3, -1)) / counts[:, None]).astype(np.float32)
     return mx, mean
+
+
+def pool_packed(
+    packed: np.ndarray,
+    rows: np.ndarray,
+    starts: np.ndarray,
+    widths: np.ndarray,
+    size: int,
+    n_tokens: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`pool_matrix` of stored rows without unpacking them (``attnstore verify``).
+
+    ``packed [..., S]`` holds query row ``rows[k]`` at ``starts[k] … starts[k] + widths[k]`` (its
+    keys ``0 … widths[k] − 1``), the rows one after the other (any packing of
+    :mod:`attnstore.packing`, with or without ``--rows``). Returns ``(max, mean, complete)``:
+    the pooled ``[..., M, M]`` pictures and, per row of cells, whether every query row of the
+    block is among ``rows`` (only those rows of cells equal the overview of the whole matrix).
+
+    >>> a = np.tril(np.ones((5, 5))); a /= a.sum(1, keepdims=True)
+    >>> n = np.arange(5); starts = np.concatenate([[0], np.cumsum(n + 1)])
+    >>> mx, mean, complete = pool_packed(a[np.tril_indices(5)], n, starts[:-1], n + 1, 2, 5)
+    >>> bool(np.allclose(mean, pool_matrix(a, 2)[1])), complete.tolist()
+    (True, [True, True])
+    """
+    b, m = grid(n_tokens, size)
+    lead = packed.shape[:-1]
+    per_row = -(-widths // b)  # key blocks each stored row spans: one contiguous run each
+    row_of_run = np.repeat(np.arange(len(rows)), per_row)
+    key_block = np.arange(int(per_row.sum())) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    cell = (rows[row_of_run] // b) * m + key_block
+    mx = np.zeros((m * m, *lead), dtype=np.float64)
+    total = np.zeros_like(mx)
+    if len(cell):  # the runs tile the stored rows: reduceat pools each, .at adds them to cells
+        run_start = starts[row_of_run] + key_block * b
+        values = packed[..., : int(starts[-1] + widths[-1])]  # a view: no float64 copy
+        run_max = np.maximum.reduceat(values, run_start, -1).astype(np.float64)
+        np.maximum.at(mx, cell, np.moveaxis(run_max, -1, 0))
+        run_sum = np.add.reduceat(values, run_start, -1, dtype=np.float64)
+        np.add.at(total, cell, np.moveaxis(run_sum, -1, 0))
+    counts = np.full(m, b, dtype=np.float64)
+    counts[-1] = n_tokens - (m - 1) * b
+    complete = np.bincount(rows // b, minlength=m)[:m] == counts
+    mean = total.reshape(m, m, *lead) / counts[:, None].reshape(m, 1, *([1] * len(lead)))
+    return (
+        np.moveaxis(mx.reshape(m, m, *lead), (0, 1), (-2, -1)),
+        np.moveaxis(mean, (0, 1), (-2, -1)),
+        complete,
+    )
 
 
 class OverviewPool:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -95,6 +95,13 @@ class BatchMasks:
     start: torch.Tensor  # [doc, q_pos] int64: index in ``order`` of x_q's first occurrence
     rank: torch.Tensor  # [doc, q_pos] int64: |D(q)|, earlier occurrences of x_q (0 on padding)
     n_ind_keys: torch.Tensor  # [doc, q_pos] int64: |I(q)| (0 on padding)
+
+
+#: ``exp`` arguments are clamped to this floor before the exponential. Below it ``e^z`` is a float32
+#: denormal (under 2⁻¹²⁶ ≈ 1.2e-38) or 0, and torch's vectorised ``exp`` falls back to a path 20–40×
+#: slower for those lanes (masked keys at −inf or −1e30, sink-dominated rows of real models): the
+#: clamp changes each such weight by under 1.7e-38, below any float32 row sum's rounding.
+EXP_FLOOR: Final = -87.0
 
 
 def batch_masks(token_ids: torch.Tensor, n_tokens: torch.Tensor) -> BatchMasks:
@@ -307,24 +314,33 @@ def online_layer_scores(
     softcap: float | None = None,
     block_bytes: int = 1 << 21,
     q_block: int = 256,
+    lse: torch.Tensor | None = None,
+    tile: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every score from the layer's queries and keys, without materialising its attention.
 
     Square-ish tiles (at most ``q_block`` query rows; ``block_bytes`` of float32 logits for the
     batch's heads) are visited for keys ``0 … q1 - 1`` only (tiles above the diagonal are never
-    computed; the diagonal tile's upper triangle is position arithmetic). Per row it keeps the
-    online-softmax state of the flash-attention recurrence: running max ``m``, ``l = Σ e^(s−m)``,
-    ``a = Σ e^(s−m)·(s−m)``, ``Σ e^(s−m)·k`` and ``Σ e^(s−m)`` over the duplicate and induction key
-    sets, rescaled by ``e^(m−m')`` when the max grows. Then ``max_weight = 1 / l``, entropy
-    ``ln l − a / l`` (from the log-sum-exp: no second pass and no ``log`` of probabilities),
-    ``mean_distance = q − Σ e·k / l``; ``prev_token``, ``self`` and ``sink`` are
-    ``e^(s−m) / l`` of the logits kept at keys q−1, q and 0.
+    computed; the diagonal tile's upper triangle is position arithmetic), from the diagonal down
+    to key 0. Each tile's weights are ``p = e^(s − lse)`` with ``lse`` the rows' log-sum-exp:
+    given by the forward's own fused kernel (``lse``, free on CPU), else computed by a first pass
+    (:func:`row_lse`). The subtraction rides in the ``q·k`` product (queries carry ``−lse`` in an
+    extra column, keys a 1). Per row it keeps ``l = Σ p``, ``a = Σ p·ln p``, ``Σ p·k``, the largest
+    logit and ``Σ p`` over the duplicate and induction key sets; then, normalising by ``l`` (1 up
+    to the kernel's rounding), ``max_weight = e^(max z) / l``, entropy ``ln l − a / l``,
+    ``mean_distance = q − Σ p·k / l``; ``prev_token``, ``self`` and ``sink`` are the weights at
+    keys q−1, q and 0 over ``l``.
+
+    ``tile(q0, k0, p)``, when given, receives every tile's weights ``p`` (``[doc, head, C, K]``
+    float32, rows ``q0 …``, keys ``k0 …``; 0 above the diagonal, outside ``allowed`` and on rows
+    past a document's length), the tiles of a block of rows from the diagonal down to ``k0 = 0``:
+    what the analyses' tile protocol reads (``schemas/analyses.md``).
 
     Memory: one tile (≤ ``block_bytes``, times ~3 for its ``exp`` and temporaries) plus O(B·H·C)
-    row state, whatever T is; time O(B·H·T²·(d + c)/2): one ``q·k`` product, one ``exp`` and a
-    few reductions per visible (query, key) element, the order of the fused attention kernel.
-    Exact against the materialised rows (:func:`score_layer`) within float32 rounding; the
-    reference for a fused kernel.
+    row state and the queries/keys with one extra column, whatever T is; time O(B·H·T²·(d + c)/2):
+    one ``q·k`` product, one ``exp`` and a few reductions per visible (query, key) element, the
+    order of the fused attention kernel. Exact against the materialised rows (:func:`score_layer`)
+    within float32 rounding.
 
     Parameters
     ----------
@@ -336,6 +352,9 @@ def online_layer_scores(
         ``[doc, head, q_pos, k_pos]``, combined with causality.
     token_ids
         Unused (the key sets come from ``masks``); kept for callers of the old signature.
+    lse
+        ``[doc, head, q_pos]`` float32, the log-sum-exp of each row's (soft-capped, masked)
+        logits; None: computed here.
     """
     import torch
 
@@ -345,26 +364,32 @@ def online_layer_scores(
     acc = LayerScores(masks, h)
     if t == 0:
         return acc.result()
-    q_f = query.float() * scaling
-    k_f = key.float()  # sliced per tile and multiplied as k.mT (no transposed copy)
+    if lse is None:
+        lse = row_lse(
+            query, key, allowed, scaling=scaling, softcap=softcap, block_bytes=block_bytes
+        )
+    lse = lse.float()
+    if softcap:  # the cap applies to the logits before lse: no extra column
+        q_f, k_f = query.float() * scaling, key.float()
+    else:
+        q_f = torch.cat([query.float() * scaling, -lse[..., None]], dim=-1)
+        k_f = torch.cat([key.float(), key.new_ones((*key.shape[:-1], 1), dtype=torch.float32)], -1)
     kpos = torch.arange(t, device=dev)
-    kpos_f = kpos.float()
-    # square-ish tiles of ≤ block_bytes (thin ones waste the matmul; wide diagonal ones compute
-    # more of the upper triangle)
+    weights = torch.stack([torch.ones(t, device=dev), kpos.float()], dim=-1)  # [T, 2]: Σp, Σp·k
     per_head = max(1, block_bytes // (4 * b * h))
     q_block = max(1, min(q_block, t, max(16, math.isqrt(per_head))))
     k_block = max(16, per_head // q_block)
-    masked = -1e30  # finite, so that e·z is 0 (not NaN) on masked keys
-    floor = -1e29  # a tile's max never goes below this: a fully masked row gives e = 0
+    lengths = (masks.n_queries + 1).tolist()  # a document's length (|Q1| = n − 1)
+    short = [(i, int(n)) for i, n in enumerate(lengths) if n < t] if tile else []
+    buffers: dict[str, torch.Tensor] = {}
     for q0 in range(0, t, q_block):
         q1 = min(q0 + q_block, t)
         c = q1 - q0
-        rows = torch.arange(c, device=dev)
-        qpos = rows + q0
-        state = torch.zeros((6, b, h, c), device=dev)  # l, a, Σe·k, dup, ind, (unused)
-        m = torch.full((b, h, c), floor, device=dev)
+        qpos = torch.arange(q0, q1, device=dev)
+        state = torch.zeros((5, b, h, c), device=dev)  # l, a = Σp·z, Σp·k, dup, ind
+        zmax = torch.full((b, h, c), -math.inf, device=dev)
         fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
-        picked = {name: torch.full((b, h, c), masked, device=dev) for name in fixed}
+        picked = {name: torch.zeros((b, h, c), device=dev) for name in fixed}
         pairs = {}
         for kind in ("dup", "ind"):
             found = list(key_pairs(masks, kind, q0, q1, max_pairs=1 << 62))
@@ -372,31 +397,35 @@ def online_layer_scores(
                 doc, q, k = found[0]
                 order = torch.argsort(k, stable=True)
                 pairs[kind] = (doc[order], q[order] - q0, k[order])
-        for k0 in range(0, q1, k_block):
+        for k0 in reversed(range(0, q1, k_block)):
             k1 = min(k0 + k_block, q1)
-            s = torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT)  # [doc, head, C, kw]
+            qt, kt = q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT
+            z = _tile_buffer(buffers, "z", (b, h, c, k1 - k0), dev)
+            torch.matmul(qt, kt, out=z)  # s − lse, [doc, head, C, kw]
             if softcap:
-                s = softcap * torch.tanh(s / softcap)
-            if k1 - 1 > q0:  # the tile reaches above the diagonal
-                s.masked_fill_(kpos[None, k0:k1] > qpos[:, None], masked)
+                z = softcap * torch.tanh(z / softcap) - lse[:, :, q0:q1, None]
+            hidden = kpos[None, k0:k1] > qpos[:, None] if k1 - 1 > q0 else None
+            if hidden is not None:  # the tile reaches above the diagonal
+                z.masked_fill_(hidden, -math.inf)
             if allowed is not None:
-                s.masked_fill_(~allowed[..., q0:q1, k0:k1], masked)
+                z.masked_fill_(~allowed[..., q0:q1, k0:k1], -math.inf)
+            zmax = torch.maximum(zmax, z.amax(-1))
+            p = torch.exp(z.clamp_min_(EXP_FLOOR), out=_tile_buffer(buffers, "p", z.shape, dev))
+            if hidden is not None:
+                p.masked_fill_(hidden, 0.0)
+            if allowed is not None:
+                p.masked_fill_(~allowed[..., q0:q1, k0:k1], 0.0)
             for name, at in fixed.items():
                 inside = (at >= k0) & (at < k1)
                 if bool(inside.any()):
                     idx = (at.clamp(k0, k1 - 1) - k0).expand(b, h, c)[..., None]
-                    picked[name] = torch.where(inside, s.gather(-1, idx)[..., 0], picked[name])
-            m_t = s.amax(-1).clamp_min_(floor)
-            s.sub_(m_t[..., None])  # z = s − m_t ≤ 0
-            e = torch.exp(s)
-            tile = torch.empty_like(state)
-            tile[0] = e.sum(-1)
-            tile[2] = e @ kpos_f[k0:k1]  # Σ e·k (a matrix-vector product: faster than [1, k])
+                    picked[name] += torch.where(inside, p.gather(-1, idx)[..., 0], 0.0)
             kw = k1 - k0
-            tile[1] = (e.reshape(-1, 1, kw) @ s.reshape(-1, kw, 1)).view(b, h, c)  # Σ e·z
-            tile[5] = 0.0
+            sums = p @ weights[k0:k1]  # [doc, head, C, 2]
+            state[0] += sums[..., 0]
+            state[2] += sums[..., 1]
+            state[1] += (p.reshape(-1, 1, kw) @ z.reshape(-1, kw, 1)).view(b, h, c)
             for slot, kind in ((3, "dup"), (4, "ind")):
-                tile[slot] = 0.0
                 if kind in pairs:
                     doc, row, key_at = pairs[kind]
                     lo = int(torch.searchsorted(key_at, k0))
@@ -406,30 +435,94 @@ def online_layer_scores(
                         part = torch.zeros((b, c, h), device=dev)
                         part.index_put_(
                             (doc[sel], row[sel]),
-                            e[doc[sel], :, row[sel], key_at[sel] - k0],
+                            p[doc[sel], :, row[sel], key_at[sel] - k0],
                             accumulate=True,
                         )
-                        tile[slot] = part.transpose(1, 2)
-            del s, e
-            m_new = torch.maximum(m, m_t)
-            alpha, beta = torch.exp(m - m_new), torch.exp(m_t - m_new)
-            # a is relative to the max: Σ e^(s−m')(s−m') = α(a + (m−m')l) + β(a_t + (m_t−m')l_t)
-            tile[1] += (m_t - m_new) * tile[0]
-            state[1] += (m - m_new) * state[0]
-            state.mul_(alpha).add_(tile * beta)
-            m = m_new
+                        state[slot] += part.transpose(1, 2)
+            if tile is not None:
+                for i, n in short:  # rows past a document's length carry no weight
+                    if n < q1:
+                        p[i, :, max(n - q0, 0) :] = 0.0
+                tile(q0, k0, p)
+            del z, p
         l = state[0].clamp_min(torch.finfo(torch.float32).tiny)
         acc.add_rows(
             q0,
             {
-                "prev_token": torch.exp(picked["prev"] - m) / l,
-                "sink": torch.exp(picked["sink"] - m) / l,
-                "self": torch.exp(picked["self"] - m) / l,
+                "prev_token": picked["prev"] / l,
+                "sink": picked["sink"] / l,
+                "self": picked["self"] / l,
                 "duplicate": state[3] / l,
                 "induction": state[4] / l,
                 "entropy": (torch.log(l) - state[1] / l) / masks.log_norm[q0:q1],
-                "max_weight": 1.0 / l,
+                "max_weight": torch.exp(zmax.clamp_min(EXP_FLOOR)) / l,
                 "mean_distance": qpos.to(torch.float32) - state[2] / l,
             },
         )
     return acc.result()
+
+
+def _tile_buffer(
+    buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], device: torch.device
+) -> torch.Tensor:
+    """A reused float32 buffer of ``shape``: a fresh multi-megabyte allocation per tile is returned
+    to the system when freed and faulted in again page by page, which costs more than the ``exp``
+    that fills it."""
+    import torch
+
+    n = math.prod(shape)
+    buf = buffers.get(name)
+    if buf is None or buf.numel() < n:
+        buf = buffers[name] = torch.empty(n, dtype=torch.float32, device=device)
+    return buf[:n].view(shape)
+
+
+def row_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    allowed: torch.Tensor | None,
+    *,
+    scaling: float,
+    softcap: float | None = None,
+    block_bytes: int = 1 << 21,
+) -> torch.Tensor:
+    """The log-sum-exp ``[doc, head, q_pos]`` of each causal row's logits (masked by ``allowed``),
+    by the online recurrence over tiles of ≤ ``block_bytes``: one ``q·k`` product and one ``exp``
+    per visible element, memory one tile. Rows with no visible key get −inf. What
+    :func:`online_layer_scores` computes when the forward's kernel gives no ``lse``."""
+    import torch
+
+    b, h, t, _ = query.shape
+    dev = query.device
+    q_f, k_f = query.float() * scaling, key.float()
+    per_head = max(1, block_bytes // (4 * b * h))
+    q_block = max(1, min(256, t, max(16, math.isqrt(per_head))))
+    k_block = max(16, per_head // q_block)
+    kpos = torch.arange(t, device=dev)
+    out = torch.empty((b, h, t), device=dev)
+    for q0 in range(0, t, q_block):
+        q1 = min(q0 + q_block, t)
+        m = torch.full((b, h, q1 - q0), -math.inf, device=dev)
+        l = torch.zeros_like(m)
+        for k0 in range(0, q1, k_block):
+            k1 = min(k0 + k_block, q1)
+            s = torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT)
+            if softcap:
+                s = softcap * torch.tanh(s / softcap)
+            if k1 - 1 > q0:
+                s.masked_fill_(kpos[None, k0:k1] > kpos[q0:q1, None], -math.inf)
+            if allowed is not None:
+                s.masked_fill_(~allowed[..., q0:q1, k0:k1], -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            base = torch.where(torch.isfinite(m_new), m_new, 0.0)
+            l = l * torch.exp((m - base).clamp_min(EXP_FLOOR)).masked_fill_(m == -math.inf, 0.0)
+            l += (
+                torch.exp((s - base[..., None]).clamp_min_(EXP_FLOOR))
+                .masked_fill_(s == -math.inf, 0.0)
+                .sum(-1)
+            )
+            m = m_new
+        out[:, :, q0:q1] = torch.where(
+            l > 0, torch.log(l) + torch.where(torch.isfinite(m), m, 0.0), -math.inf
+        )
+    return out

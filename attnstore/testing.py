@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    import torch
+
 __all__ = [
     "ARCHITECTURES",
     "EXACT",
@@ -27,6 +29,7 @@ __all__ = [
     "capability_table",
     "check_architecture",
     "matrix_results",
+    "pad_batch",
     "reference_attention",
     "save_tiny_gpt2",
     "save_tiny_llama",
@@ -225,6 +228,27 @@ def tiny_tokenizer(vocab_size: int = 400, extra_texts: Sequence[str] = ()) -> An
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
     )
+
+
+def pad_batch(
+    docs: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[doc, T_max]`` of token id lists, right-padded: what a
+    plain Hugging Face loop feeds the model (the baselines of the benchmarks in ``scripts/``).
+
+    >>> ids, mask = pad_batch([[5, 6, 7], [8]], pad_token_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [8, 0, 0]], [[1, 1, 1], [1, 0, 0]])
+    """
+    import torch
+
+    t = max((len(d) for d in docs), default=0)
+    ids = torch.full((len(docs), t), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(docs), t), dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.tensor(list(d), dtype=torch.long)
+        mask[i, : len(d)] = 1
+    return ids, mask
 
 
 def tiny_model(name: str, *, seed: int = 0, attn_implementation: str | None = None) -> Any:

@@ -13,7 +13,10 @@ Format 2 (Delta tables), in order:
    ``n_tokens`` token rows and one ``heads`` row per stored (layer, head), skipped ones none;
 5. each segment the ``docs`` table points at has its shard file, the manifest's shape and dtype, and
    (unless ``quick``) every stored matrix decodes (each chunk carries a crc32c) to finite
-   probabilities in [0, 1] whose rows sum to 1 within the codec's bound.
+   probabilities in [0, 1] whose rows sum to 1 within the codec's bound;
+6. with ``--overview N`` (2.1), each stored document's overviews are where the ``overviews`` table
+   says, with the right shape and dtype, and (unless ``quick``) sound pictures equal to the pooling
+   of the stored matrices where those are stored (:mod:`attnstore.verify_overviews`).
 
 Files nothing references (left by an interrupted writer, or removed by ``compact`` and waiting for
 its retention period) are reported as warnings: readers ignore them.
@@ -37,12 +40,14 @@ from attnstore.errors import AttnStoreError, StoreNotFoundError
 from attnstore.layout import (
     COMMITS,
     MANIFEST_NAME,
+    OVERVIEWS,
     SEGMENTS,
     TABLES_DIR,
     WRITERS,
     parse_format_version,
 )
 from attnstore.packing import packed_size, row_index
+from attnstore.verify_overviews import OverviewCheck
 
 if TYPE_CHECKING:
     from attnstore.storage import Storage
@@ -63,6 +68,8 @@ class VerifyReport:
     commits: int = 0
     files_checked: int = 0
     matrices_checked: int = 0
+    #: (document, layer, head) overviews whose values were checked (``--overview N``)
+    overviews_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -79,6 +86,7 @@ class VerifyReport:
             "commits": self.commits,
             "files_checked": self.files_checked,
             "matrices_checked": self.matrices_checked,
+            "overviews_checked": self.overviews_checked,
             "problems": [p.__dict__ for p in self.problems],
         }
 
@@ -300,6 +308,7 @@ def _verify_v2(
                     report.error(rel, f"unreadable Parquet: {err}")
                     intact = False
     if intact:
+        store: Store | None = None
         try:
             store = Store(storage.root, storage_options=getattr(storage, "options", None))
             _check_tables_v2(report, store, len(manifest["layers"]) * len(manifest["heads"]))
@@ -310,6 +319,14 @@ def _verify_v2(
         except Exception as err:  # noqa: BLE001 - any unreadable table is a finding
             report.error(TABLES_DIR, f"tables unreadable: {err}")
             docs = []
+            store = None
+        overviews = None
+        if store is not None:
+            overviews = OverviewCheck(report, storage, store, manifest, codec.max_abs_error, quick)
+            try:
+                overviews.run(referenced)
+            except Exception as err:  # noqa: BLE001 - an unreadable table is a finding
+                report.error(f"{TABLES_DIR}/overviews", f"unreadable: {err}")
         by_segment: dict[str, list[dict[str, Any]]] = {}
         for d in docs:
             by_segment.setdefault(d["segment"], []).append(d)
@@ -327,7 +344,7 @@ def _verify_v2(
                 continue
             report.files_checked += 1
             array = storage.zarr_store(f"{SEGMENTS}/{segment}", read_only=True)
-            _check_segment(report, array, segment, stored, manifest, codec, quick)
+            _check_segment(report, array, segment, stored, manifest, codec, quick, overviews)
     _report_orphans_v2(report, storage, referenced)
 
 
@@ -359,7 +376,7 @@ def _check_tables_v2(report: VerifyReport, store: Any, per_doc_heads: int) -> No
 
 
 def _report_orphans_v2(report: VerifyReport, storage: Storage, referenced: set[str]) -> None:
-    for folder in (SEGMENTS, TABLES_DIR):
+    for folder in (SEGMENTS, OVERVIEWS, TABLES_DIR):
         for rel, _ in storage.walk(folder):
             if rel in referenced or "/_delta_log/" in rel:
                 continue
@@ -411,7 +428,9 @@ def _check_segment(
     manifest: Any,
     codec: Any,
     quick: bool,
+    overviews: OverviewCheck | None = None,
 ) -> None:
+    """``overviews``: compares each document's overviews with its decoded rows when they pass."""
     import zarr
 
     import attnstore.store.segments  # noqa: F401 - its Blosc guard decodes every chunk read here
@@ -461,6 +480,7 @@ def _check_segment(
                 )
         report.matrices_checked += probs.shape[0] * probs.shape[1]
         loc = f"{where}:doc_id={d['doc_id']}"
+        found = len(report.problems)
         if not np.isfinite(probs).all():
             report.error(loc, "non-finite values")
             continue
@@ -476,6 +496,7 @@ def _check_segment(
             tolerance = (rows + 1) * codec.max_abs_error + 1e-5
         if not len(rows):
             continue
+        widths = np.full(n, n) if full else rows + 1
         sums = np.add.reduceat(probs.astype(np.float64), starts, axis=-1)
         if sinks:  # a learned sink logit takes part of each row's mass (heads.learned_sink)
             bad = sums - 1.0 > tolerance
@@ -489,6 +510,9 @@ def _check_segment(
                 f"layer {manifest['layers'][layer_i]}, head {manifest['heads'][head_i]}, "
                 f"row {rows[q]} sums to {sums[layer_i, head_i, q]:.6f}",
             )
+        if overviews is not None and len(report.problems) == found:
+            # sound matrices: the overviews must be their pooling
+            overviews.compare(d["doc_id"], probs, rows, starts, widths)
 
 
 def _report_orphans(report: VerifyReport, root: Path, referenced: set[str]) -> None:

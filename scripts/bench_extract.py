@@ -32,6 +32,7 @@ from attnstore.codecs import get_codec
 from attnstore.corpus import read_corpus
 from attnstore.packing import unpack_tril
 from attnstore.store import Segment, Store, StoreWriter
+from attnstore.testing import pad_batch
 
 
 def main() -> None:
@@ -51,12 +52,7 @@ def main() -> None:
     tokens = sum(len(t.ids) for t in docs)
 
     def inputs(batch: list) -> dict[str, torch.Tensor]:
-        t = max(len(d.ids) for d in batch)
-        ids = torch.full((len(batch), t), loaded.tokenizer.pad_token_id)
-        mask = torch.zeros((len(batch), t), dtype=torch.long)
-        for i, d in enumerate(batch):
-            ids[i, : len(d.ids)] = torch.tensor(d.ids)
-            mask[i, : len(d.ids)] = 1
+        ids, mask = pad_batch([d.ids for d in batch], loaded.tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "use_cache": False}
 
     def forward(impl: str, **kw: object) -> float:

@@ -41,22 +41,28 @@ def _tokens(loaded: Any, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(3, vocab, size=n).tolist()
 
 
-def _store_one(loaded: Any, ids: list[int], out: Path, **extractor: Any) -> dict[str, Any]:
-    """Store-all of one document through the extractor and a streaming writer (as extract does)."""
-    from attnstore.capture import Extractor, Tokenized
-    from attnstore.codecs import get_codec
+def _store_one(loaded: Any, ids: list[int], out: Path, **settings: Any) -> dict[str, Any]:
+    """Store-all of one document through the run every driver builds (extractor, streaming
+    writer); ``settings``: :class:`~attnstore.extraction.ExtractConfig` fields."""
     from attnstore.corpus import Document
-    from attnstore.pipeline import _manifest
-    from attnstore.store import StoreWriter
+    from attnstore.extraction import ExtractConfig, ExtractionRun
+    from attnstore.storage import open_storage
 
-    ex = Extractor(loaded, get_codec(extractor.pop("codec", "default")), len(ids), **extractor)
-    writer = StoreWriter(out, _manifest(loaded, ex, "bench", "text", None))
-    ex.stream = writer.stream
+    config = ExtractConfig(corpus="bench", max_length=len(ids), **settings)
+    run = ExtractionRun(open_storage(out), loaded, config)
     start = time.perf_counter()
-    segment = ex.run([Tokenized(Document(0, ""), ids, len(ids))])
-    writer.commit(segment)
-    writer.close()
+    run.commit([run.extractor.tokenize(Document(0, "", token_ids=tuple(ids)))])
+    run.writer.close()
     return {"seconds": round(time.perf_counter() - start, 2)}
+
+
+def _part(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one measured part in its own process (its peak RSS is its own); its JSON line."""
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[1:])} failed:\n{proc.stderr[-4000:]}")
+    parsed: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return parsed
 
 
 # -- memory: store-all of one long document vs the bare forward ----------------------------------
@@ -65,8 +71,7 @@ def case_memory(args: argparse.Namespace) -> dict[str, Any]:
     for part in ("bare", "store"):
         cmd = [sys.executable, __file__, "_memory_part", part, "--tokens", str(args.tokens),
                "--overview", str(args.overview)] + (["--model", args.model] if args.model else [])  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        out[part] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[part] = _part(cmd)
     out["store_minus_bare_gib"] = round(
         (out["store"]["peak_rss_mib"] - out["bare"]["peak_rss_mib"]) / 1024, 2
     )
@@ -103,8 +108,7 @@ def case_stream(args: argparse.Namespace) -> dict[str, Any]:
     for name, threshold in (("streamed", "0"), ("in_memory", str(1 << 50))):
         cmd = [sys.executable, __file__, "_stream_part", "--tokens", str(args.tokens)]
         env = {**os.environ, "ATTNSTORE_STREAM_BYTES": threshold}
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[name] = _part(cmd, env)
     return out
 
 
@@ -119,6 +123,11 @@ def stream_part(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(str(folder), device="cpu", progress=False)
     before = _rss_mib()
     res = _store_one(loaded, _tokens(loaded, args.tokens), tmp / "s.attn")
+    from attnstore.store import Store
+
+    (segment,) = Store(tmp / "s.attn").sql("SELECT segment FROM docs").column(0).to_pylist()
+    attrs = json.loads((tmp / "s.attn" / "segments" / segment / "zarr.json").read_text())
+    res["streamed"] = bool(attrs["attributes"].get("attnstore", {}).get("streamed"))
     n = args.tokens
     shutil.rmtree(tmp)
     return {**res, "codes_mib": round(12 * n * (n + 1) // 2 * 2 / 2**20),
@@ -302,17 +311,14 @@ def _naive_loop(loaded: Any, docs: list[Any], path: Path, batch_size: int) -> No
     import h5py
     import torch
 
+    from attnstore.testing import pad_batch
+
     model = loaded.model
     model.set_attn_implementation("eager")
     with h5py.File(path, "w") as f, torch.inference_mode():
         for first in range(0, len(docs), batch_size):
             batch = docs[first : first + batch_size]
-            t = max(len(d.ids) for d in batch)
-            ids = torch.full((len(batch), t), loaded.tokenizer.pad_token_id)
-            mask = torch.zeros((len(batch), t), dtype=torch.long)
-            for i, d in enumerate(batch):
-                ids[i, : len(d.ids)] = torch.tensor(d.ids)
-                mask[i, : len(d.ids)] = 1
+            ids, mask = pad_batch([d.ids for d in batch], loaded.tokenizer.pad_token_id)
             out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_attentions=True)
             att = torch.stack(out.attentions, 1)  # [doc, layer, head, T, T]
             for i, d in enumerate(batch):

@@ -17,6 +17,7 @@ import torch
 from attnstore.abc.analysis import Batch
 from attnstore.analyses.value_norm import ValueNorm
 from attnstore.capture import load_model
+from attnstore.testing import pad_batch
 
 
 def main() -> None:
@@ -26,11 +27,8 @@ def main() -> None:
     model.set_attn_implementation("eager")
     texts = [topics[k] for k in sorted(topics)[:8]]
     ids = [tok(t).input_ids[:128] for t in texts]
-    b, t = len(ids), max(map(len, ids))
-    x = torch.full((b, t), tok.pad_token_id)
-    mask = torch.zeros((b, t), dtype=torch.long)
-    for i, s in enumerate(ids):
-        x[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    x, mask = pad_batch(ids, tok.pad_token_id)
+    b, t = x.shape
     n_l, n_h = loaded.info["n_layers"], loaded.info["n_heads"]
     analysis = ValueNorm()
     analysis.bind(model)

@@ -275,6 +275,40 @@ def test_ray_actors_equal_one_process(
     assert (again.docs_written, again.docs_already_committed) == (0, 9)
 
 
+@pytest.mark.slow  # several processes, each importing torch
+def test_ray_actors_store_the_rows_and_overviews_of_one_process(
+    tmp_path: Path, local_ray: Any, llama_dir: Path, corpus: Path
+) -> None:
+    """--rows, --overview and --skip-analysis reach the actors: the same store as extract's."""
+    import numpy as np
+
+    settings: dict[str, Any] = {"rows": "0:2,-5:", "overview": 4, "skip_analyses": ("sparsity",),
+                                "batch_size": 2, "max_length": 32, "limit": 7}  # fmt: skip
+    local, ray_out = tmp_path / "local.attn", tmp_path / "ray.attn"
+    attnstore.extract(str(local), model=str(llama_dir), corpus=str(corpus), progress=False,
+                      **settings)  # fmt: skip
+    report = extract_ray(ray_out, str(corpus), model=str(llama_dir), num_actors=2, batch_rows=3,
+                         **settings)  # fmt: skip
+    assert (report.docs_written, report.docs_skipped) == (6, {"empty": 1})
+    a, b = attnstore.open(str(local)), attnstore.open(str(ray_out))
+    for key in ("rows", "overview", "layers", "heads", "codec", "max_length"):
+        assert a.manifest[key] == b.manifest[key], key
+    assert (b.manifest["rows"], b.manifest["overview"]) == ("0:2,-5:", 4)
+    for sql in ("SELECT * EXCLUDE (segment, \"offset\") FROM docs ORDER BY doc_id",
+                "SELECT * FROM heads ORDER BY doc_id, layer, head",
+                "SELECT doc_id, size, block, n_blocks FROM overviews ORDER BY doc_id",
+                "SELECT count(*) FROM sparsity"):  # fmt: skip
+        assert a.sql(sql).to_pylist() == b.sql(sql).to_pylist(), sql
+    assert a.doc_ids() == b.doc_ids() == set(range(7))
+    for d in sorted(a.doc_ids() - {4}):  # 4 is the empty document
+        assert a.stored_rows(d).tolist() == b.stored_rows(d).tolist()
+        for rows in (slice(0, 2), slice(-5, None)):
+            np.testing.assert_array_equal(a.matrices(d, rows=rows), b.matrices(d, rows=rows))
+        for kind in ("max", "mean"):
+            np.testing.assert_array_equal(a.overview(d, 1, 2, kind), b.overview(d, 1, 2, kind))
+    assert verify_store(ray_out).ok
+
+
 def test_ray_dataset_needs_doc_ids(tmp_path: Path, local_ray: Any, llama_dir: Path) -> None:
     ds = local_ray.data.from_items([{"text": "a"}, {"text": "b"}])
     with pytest.raises(CorpusError, match=r"no column 'doc_id'\. Columns: \['text'\]"):

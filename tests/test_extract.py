@@ -267,10 +267,13 @@ def test_scores_only_census(llama_dir: Path, corpus_txt: Path, tmp_path: Path) -
         attnstore.extract(str(census), model=str(llama_dir), corpus=str(corpus_txt), progress=False)
 
 
+@pytest.mark.parametrize("sparsity", [False, True])
 @pytest.mark.parametrize("arch", ["llama_dir", "gpt2_dir"])
 def test_scores_only_sdpa_uses_online_softmax_and_agrees(
-    arch: str, request: pytest.FixtureRequest, corpus_txt: Path
+    arch: str, sparsity: bool, request: pytest.FixtureRequest, corpus_txt: Path
 ) -> None:
+    """Scores (and, with the sparsity analysis on, its table through the tile protocol) from the
+    fused pass equal the eager rows' within float32 rounding."""
     import attnstore.scores as scores_mod
 
     folder = request.getfixturevalue(arch)
@@ -292,15 +295,28 @@ def test_scores_only_sdpa_uses_online_softmax_and_agrees(
         store_matrices=False,
         heads=[1, 3],
         chunk_bytes=4096,
-        defaults=("patterns",),  # no row analysis (sparsity): nothing needs materialised rows
+        # sparsity reads tiles of the fused pass; nothing needs materialised rows either way
+        defaults=("patterns", "sparsity") if sparsity else ("patterns",),
     )
-    want = reference.run([reference.tokenize(d) for d in docs]).heads
+    want_segment = reference.run([reference.tokenize(d) for d in docs])
+    want = want_segment.heads
     scores_mod.online_layer_scores = counting  # type: ignore[assignment]
     try:
-        got = census.run([census.tokenize(d) for d in docs]).heads
+        got_segment = census.run([census.tokenize(d) for d in docs])
     finally:
         scores_mod.online_layer_scores = real  # type: ignore[assignment]
+    got = got_segment.heads
     assert calls["n"] == loaded.info["n_layers"]  # one online pass per layer, no rows materialised
     sel = np.isin(want["head"], [1, 3])
     for name in SCORE_COLUMNS:
         np.testing.assert_allclose(got[name], want[name][sel], atol=2e-5, err_msg=name)
+    if sparsity:
+        want_sp = want_segment.extra["sparsity"]
+        got_sp = got_segment.extra["sparsity"]
+        rows = np.isin(np.asarray(want_sp["head"]), [1, 3])
+        assert got_sp["doc_id"] == list(np.asarray(want_sp["doc_id"])[rows])
+        for name in ("sink4", "local64", "stream", "span50", "span90", "vertical1", "slash1"):
+            w = np.asarray(want_sp[name], dtype=float)[rows]
+            np.testing.assert_allclose(
+                np.asarray(got_sp[name], dtype=float), w, atol=2e-5, err_msg=name
+            )

@@ -121,3 +121,63 @@ def test_skip_analysis_drops_a_default_and_refuses_the_rest(
     for bad in ("patterns", "nonesuch"):
         with pytest.raises(AttnStoreError, match="--skip-analysis takes a default analysis"):
             attnstore.extract(str(tmp_path / "c.attn"), skip_analyses=[bad], **kw)  # type: ignore[arg-type]
+
+
+#: A value other than the default for every ExtractConfig field: a new field fails the tests below
+#: until it is listed here (and so until every driver is checked to carry it).
+NON_DEFAULT: dict[str, object] = {
+    "corpus": "c.txt", "text_field": "body", "max_length": 32, "batch_size": 2, "device": "cpu",
+    "dtype": "float32", "codec": "lossless", "limit": 5, "layers": (1,), "heads": (0, 2),
+    "allow_different": True, "shard": (1, 2), "parse": "en_core_web_sm", "scores_only": True,
+    "attention": "eager", "values": "logits", "rows": "0:4,-8:", "overview": 16,
+    "analyses": ("x",), "skip_analyses": ("sparsity",), "settings": {"from": "here"},
+}  # fmt: skip
+
+
+def test_every_setting_has_a_test_value() -> None:
+    fields = {f.name: f for f in dataclasses.fields(ExtractConfig)}
+    assert set(NON_DEFAULT) == set(fields)
+    default = ExtractConfig()
+    assert all(getattr(default, k) != v for k, v in NON_DEFAULT.items())
+
+
+def _keywords(module: str, callee: str) -> set[str]:
+    """The keyword arguments of the calls to ``callee`` (a name or ``obj.attr``) in a module."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == callee:
+            out.update(k.arg for k in node.keywords if k.arg is not None)
+    return out
+
+
+def test_extract_and_the_cli_pass_every_setting() -> None:
+    """attnstore.extract takes and passes each field, the CLI gives each one (``settings`` is
+    internal)."""
+    import inspect
+
+    from attnstore.pipeline import extract
+
+    wanted = set(NON_DEFAULT) - {"settings"}
+    assert wanted <= set(inspect.signature(extract).parameters)
+    assert wanted <= _keywords("pipeline", "ExtractConfig.of")
+    assert wanted <= _keywords("cli", "run_extract")
+
+
+def test_every_setting_reaches_the_ray_actors() -> None:
+    """extract_ray builds the actors' one config from its keyword arguments: nothing is dropped,
+    and what Ray decides itself is refused rather than ignored."""
+    from attnstore.cluster import RAY_DECIDES, ray_config
+
+    for name, value in NON_DEFAULT.items():
+        if name in RAY_DECIDES:
+            with pytest.raises(AttnStoreError, match=f"extract_ray sets {name} itself"):
+                ray_config("c.txt", {name: value})
+        else:
+            assert getattr(ray_config("c.txt", {name: value}), name) == value, name
+    everything = {k: v for k, v in NON_DEFAULT.items() if k not in RAY_DECIDES}
+    config = ray_config("c.txt", everything)
+    assert config == dataclasses.replace(ExtractConfig(**everything), corpus="c.txt")
+    with pytest.raises(AttnStoreError, match=r"no setting overveiw\. Settings: .*overview"):
+        ray_config("c.txt", {"overveiw": 16})
+    with pytest.raises(AttnStoreError, match="--rows"):
+        ray_config("c.txt", {"rows": "a:b"})

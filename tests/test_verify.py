@@ -6,11 +6,14 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from deltalake import DeltaTable
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnstore.cli import cli
 from attnstore.errors import StoreNotFoundError
@@ -190,3 +193,194 @@ def test_format_1_store_verifies(tmp_path: Path) -> None:
     report = verify_store(copy)
     assert not report.ok
     assert any(p.location == f"commits/{f.name}" for p in report.problems)
+
+
+# -- overviews (--overview N, format 2.1) -------------------------------------------------------
+OVERVIEW_STORES = {
+    "matrices": {"overview": 5},
+    "rows": {"overview": 5, "rows": "0:8,-6:"},
+    "scores only": {"overview": 5, "scores_only": True},
+}
+
+
+@pytest.fixture(scope="module")
+def overview_stores(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> dict[str, Path]:
+    """Stores with 5 × 5 overviews of documents of different lengths (blocks of 1 … 20 tokens)."""
+    import attnstore
+
+    root = tmp_path_factory.mktemp("overview-stores")
+    out = {}
+    for name, kwargs in OVERVIEW_STORES.items():
+        out[name] = root / f"{name.replace(' ', '-')}.attn"
+        attnstore.extract(
+            str(out[name]), model=str(llama_dir), corpus="pydoc:topics", limit=5, max_length=96,
+            batch_size=3, progress=False, **kwargs,  # type: ignore[arg-type]
+        )  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def overview_store(overview_stores: dict[str, Path], tmp_path: Path) -> Path:
+    copy = tmp_path / "o.attn"
+    shutil.copytree(overview_stores["matrices"], copy)
+    return copy
+
+
+def overview_array(path: Path) -> str:
+    """The store-relative name of the (one) overview array of a store."""
+    (name,) = {str(p.parent.relative_to(path)) for p in (path / "overviews").rglob("zarr.json")}
+    return name
+
+
+def edit_overviews(path: Path, change: Callable[[Any], None]) -> str:
+    """Rewrite the overview array's values through zarr: its checksums stay valid."""
+    import numpy as np
+    import zarr
+
+    name = overview_array(path)
+    arr = zarr.open_array(path / name, mode="r+")
+    data = np.asarray(arr[...])
+    change(data)
+    arr[...] = data
+    return name
+
+
+def delete_overview_shard(path: Path) -> str:
+    f = path / overview_array(path) / "c" / "0" / "0" / "0" / "0"
+    f.unlink()
+    return str(f.relative_to(path))
+
+
+def swap_overview_heads(path: Path) -> str:
+    """Sound pictures of the wrong head: only the comparison with the stored matrices sees it."""
+    return edit_overviews(path, lambda d: d.__setitem__((0, slice(0, 2)), d[0, [1, 0]].copy()))
+
+
+def nan_in_overview(path: Path) -> str:
+    return edit_overviews(path, lambda d: d.__setitem__((1, 2, 0, 3), float("nan")))
+
+
+def overview_max_above_one(path: Path) -> str:
+    return edit_overviews(path, lambda d: d.__setitem__((0, 0, 0, 0), 1.5))
+
+
+def mean_row_not_summing(path: Path) -> str:
+    """Row 0 of the first document's mean picture (its first 5 cells) set to zero."""
+    return edit_overviews(path, lambda d: d.__setitem__((2, 1, 1, slice(0, 5)), 0.0))
+
+
+def delete_overview_row(path: Path) -> str:
+    DeltaTable(str(path / "tables" / "overviews")).delete("doc_id = 1")
+    return "tables/overviews"
+
+
+def wrong_overview_grid(path: Path) -> str:
+    DeltaTable(str(path / "tables" / "overviews")).update({"block": "7"}, predicate="doc_id = 2")
+    return "tables/overviews"
+
+
+OVERVIEW_DAMAGE: dict[str, Callable[[Path], str]] = {
+    "deleted overview shard": delete_overview_shard,
+    "overview of another head": swap_overview_heads,
+    "non-finite overview": nan_in_overview,
+    "overview max above 1": overview_max_above_one,
+    "mean overview row not summing to 1": mean_row_not_summing,
+    "document without its overview row": delete_overview_row,
+    "overview row with the wrong grid": wrong_overview_grid,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVERVIEW_STORES))
+def test_stores_with_overviews_are_clean(overview_stores: dict[str, Path], name: str) -> None:
+    for quick in (False, True):
+        report = verify_store(overview_stores[name], quick=quick)
+        assert report.ok, report.problems
+        assert report.problems == []
+        assert report.overviews_checked == (0 if quick else 5 * 3 * 4)
+
+
+@pytest.mark.parametrize("name", sorted(OVERVIEW_DAMAGE))
+def test_each_overview_damage_is_found(overview_store: Path, name: str) -> None:
+    location = OVERVIEW_DAMAGE[name](overview_store)
+    report = verify_store(overview_store)
+    errors = [p for p in report.problems if p.severity == "error"]
+    assert errors, report.problems
+    assert all(p.location.startswith(location) for p in errors), errors
+    result = CliRunner().invoke(cli, ["verify", str(overview_store)])
+    assert result.exit_code == 1
+    assert "DAMAGED" in result.output
+
+
+def test_quick_verify_checks_where_overviews_are(overview_store: Path) -> None:
+    nan_in_overview(overview_store)
+    assert verify_store(overview_store, quick=True).ok  # values are not read
+    location = delete_overview_shard(overview_store)
+    report = verify_store(overview_store, quick=True)
+    assert [p.location for p in report.problems if p.severity == "error"] == [location]
+
+
+def test_overviews_without_the_manifest_setting(
+    overview_stores: dict[str, Path], tmp_path: Path
+) -> None:
+    """Overview rows in a store whose manifest records no --overview; a stray array: a warning."""
+    store = tmp_path / "o.attn"
+    shutil.copytree(overview_stores["scores only"], store)
+    f = store / "attnstore.json"
+    f.write_text(
+        json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "overview"})
+    )
+    report = verify_store(store)
+    assert any(
+        p.location == "tables/overviews" and "records no --overview" in p.message
+        for p in report.problems
+    ), report.problems
+    stray = tmp_path / "p.attn"
+    shutil.copytree(overview_stores["matrices"], stray)
+    shutil.copytree(stray / overview_array(stray), stray / "overviews" / "deadbeef" / "0")
+    report = verify_store(stray)
+    assert report.ok
+    assert any(p.location.startswith("overviews/deadbeef/0/") for p in report.problems)
+
+
+def test_scores_only_overviews_are_not_compared(
+    overview_stores: dict[str, Path], tmp_path: Path
+) -> None:
+    store = tmp_path / "s.attn"
+    shutil.copytree(overview_stores["scores only"], store)
+    swap_overview_heads(store)  # sound pictures; nothing stored to pool them from
+    assert verify_store(store).ok
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    size=st.integers(1, 12),
+    spec=st.sampled_from([None, "0:3,-5:", "::3", "-1:", "7"]),
+    full=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_pooling_packed_rows_equals_pooling_the_matrix(
+    n: int, size: int, spec: str | None, full: bool, seed: int
+) -> None:
+    """What verify compares with: the pooling of stored rows, for the rows of cells they cover."""
+    import numpy as np
+
+    from attnstore.overview import pool_matrix, pool_packed
+    from attnstore.rows import DocRows, RowSelection
+
+    rng = np.random.default_rng(seed)
+    a = rng.random((2, 3, n, n)).astype(np.float32)
+    if not full:
+        a = np.tril(a)
+    a /= a.sum(-1, keepdims=True)
+    rows = np.arange(n) if full else DocRows.of(RowSelection.parse(spec), n).rows
+    widths = np.full(len(rows), n) if full else rows + 1
+    starts = np.concatenate([[0], np.cumsum(widths)])[:-1]
+    packed = np.zeros((2, 3, int(widths.sum())), dtype=np.float32)
+    for r, s, w in zip(rows, starts, widths, strict=True):
+        packed[..., s : s + w] = a[..., r, :w]
+    mx, mean, complete = pool_packed(packed, rows, starts, widths, size, n)
+    want_max, want_mean = pool_matrix(a, size)
+    assert complete.all() == (len(rows) == n)
+    np.testing.assert_allclose(mx[..., complete, :], want_max[..., complete, :], atol=1e-7)
+    np.testing.assert_allclose(mean[..., complete, :], want_mean[..., complete, :], atol=1e-6)

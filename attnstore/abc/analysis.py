@@ -68,6 +68,10 @@ class Analysis(Protocol):
     nothing to say about (then none of its methods is called for that batch). An optional
     ``bind(model, tokenizer)`` is called once with the loaded model before the first batch, for
     an analysis that needs more than attention rows (``value_norm`` hooks the value projections).
+    An optional ``tile(layer, q0, k0, probs)`` reads attention in cache-sized tiles instead of
+    row blocks (``schemas/analyses.md``): when every active analysis has it, a scores-only sdpa
+    run calls it for tiles ``[B, H, Q, K']`` of rows ``q0 …`` and keys ``k0 …``, the tiles of a
+    block of rows from the diagonal down to ``k0 = 0``, and never calls :meth:`rows`.
     """
 
     name: str

@@ -143,6 +143,19 @@ class AnalysisRunner:
         for a in self._active:
             self._call(a, "rows", layer, q0, block)
 
+    @property
+    def tiled(self) -> bool:
+        """Whether every active analysis reads tiles (``tile()``): then a scores-only run in sdpa
+        mode hands them cache-sized tiles of the fused pass instead of materialised row blocks."""
+        return bool(self._active) and all(callable(getattr(a, "tile", None)) for a in self._active)
+
+    def tile(self, layer: int, q0: int, k0: int, probs: torch.Tensor) -> None:
+        """One tile of ``layer``: rows ``q0 …``, keys ``k0 …`` (``[doc, head, C, K]`` float32; 0 above
+        the diagonal and on rows past a length). The tiles of a block of rows come from the
+        diagonal down to ``k0 = 0``, every tile of one block before the next block."""
+        for a in self._active:
+            self._call(a, "tile", layer, q0, k0, probs)
+
     def end(self) -> dict[str, pa.Table]:
         """Every active analysis's checked tables of this batch, by table name."""
         out: dict[str, pa.Table] = {}

@@ -83,6 +83,9 @@ class ExtractConfig:
             )
         if self.limit is not None and self.limit < 0:
             raise AttnStoreError(f"--limit must be ≥ 0. Got {self.limit}.")
+        from attnstore.rows import RowSelection
+
+        RowSelection.parse(self.rows)  # a bad --rows fails here, in whichever driver
         for name in ("layers", "heads"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):

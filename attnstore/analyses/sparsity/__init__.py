@@ -65,6 +65,9 @@ SPAN_LEVELS: Final = (0.5, 0.9)
 COLUMNS: Final = SPARSITY_COLUMNS
 #: float64 elements per head chunk of a block (bounds the working memory of one call).
 _CHUNK_ELEMENTS: Final = 1 << 22
+#: Tile path: rows whose running mass plus a tile's float32 sum come within this of a span level
+#: get that tile's exact float64 cumulative sum (a float32 sum of one tile row errs by ~1e-7).
+_SPAN_MARGIN: Final = 1e-5
 
 SCHEMA: Final = SPARSITY
 NEEDLES_SCHEMA: Final = NEEDLES
@@ -143,6 +146,21 @@ class _Layer:
     cols: list[Any]  # per document: float64 [H, n] column masses (None when n < 2)
     diags: list[Any]  # per document: float64 [H, n] diagonal masses
     hits: Any  # int64 [B, H]
+    #: the tile path (:meth:`Sparsity.tile`): the block of rows in progress and, per document,
+    #: its rows' running state (:class:`_Run`)
+    block: int = -1
+    runs: dict[int, _Run] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """One document's rows of the block in progress on the tile path (rows ``lo …``)."""
+
+    lo: int
+    mass: Any  # float64 [H, R]: Σ of the row's tiles seen so far (the diagonal's and below)
+    span: dict[float, Any]  # level → int64 [H, R]: D_p where found
+    found: dict[float, Any]  # level → bool [H, R]
+    answers: Any = None  # retrieval: (rows in the block, wanted ids, best value, best key)
 
 
 class Sparsity:
@@ -214,6 +232,172 @@ class Sparsity:
                     self._retrieval(state, doc, q0, probs)
         if q_end >= self._length:
             self._finish(layer)
+
+    def tile(self, layer: int, q0: int, k0: int, probs: torch.Tensor) -> None:
+        """The tile protocol (``schemas/analyses.md``): rows ``q0 …``, keys ``k0 …`` of ``layer``,
+        float32 ``[B, H, R, K]``, the tiles of a block of rows from the diagonal down to key 0.
+
+        Per tile: column masses (a sum over rows), diagonal masses (the tile copied into a skewed
+        buffer in which each column is one diagonal, then summed over rows), the windows of
+        ``local64``/``stream`` (a few columns of that buffer), ``sink4`` and the ``stream`` sink part
+        (the first keys). ``span`` keeps each row's mass from the diagonal down to this tile in
+        float64; in the tile where it reaches ``p`` (rows of a causal softmax have mass 1, up to
+        the kernel's float32 rounding) that row's float64 cumulative sum from the diagonal gives
+        ``D_p``. Memory: O(H·(R·K + n)), time O(H·R·K) per tile.
+        """
+        import torch
+
+        state = self._layers.get(layer)
+        if state is None:
+            state = self._layers[layer] = self._new_layer(probs.shape[1], probs.device)
+        n_rows, n_keys = probs.shape[2], probs.shape[3]
+        q1 = q0 + n_rows
+        if state.block != q0:
+            state.block, state.runs = q0, {}
+        with torch.no_grad():
+            for doc in self._docs:
+                lo, hi = max(q0, 1), min(q1, doc.n)
+                if lo < hi and k0 < hi:
+                    k_end = min(k0 + n_keys, hi)
+                    p = probs[doc.index, :, lo - q0 : hi - q0, : k_end - k0]
+                    self._tile(state, doc, p, lo, k0)
+                if doc.answers:
+                    self._retrieval_tile(state, doc, q0, k0, probs)
+            if k0 == 0:
+                self._close_block(state)
+                if q1 >= self._length:
+                    self._finish(layer)
+
+    def _tile(self, state: _Layer, doc: _Doc, p: torch.Tensor, lo: int, k0: int) -> None:
+        import torch
+
+        n_heads, n_rows, n_keys = p.shape
+        dev = p.device
+        i, sums = doc.index, state.sums
+        state.cols[i][:, k0 : k0 + n_keys] += p.sum(1)
+        # skewed copy: head x, row j at flat offset (x·R + j)·W + R − 1 with W = K + R − 1; read as
+        # [H, R, W] with row stride W + 1, column c holds A[q_j, q_j − d] with d = top − c for
+        # every row j (zeros elsewhere: the gaps between rows are never written)
+        width = n_keys + n_rows - 1
+        buf = self._skew(n_heads, n_rows, n_keys, dev)
+        buf.as_strided((n_heads, n_rows, n_keys), (n_rows * width, width, 1), n_rows - 1).copy_(p)
+        skew = buf.as_strided((n_heads, n_rows, width), (n_rows * width, width + 1, 1), 0)
+        top = lo + n_rows - 1 - k0  # d of column 0
+        last = min(width - 1, top)  # columns 0 … last have d ≥ 0
+        state.diags[i][:, top - last : top + 1] += skew.sum(1)[:, : last + 1].flip(-1)
+
+        def band(size: int) -> torch.Tensor | None:  # Σ_{0 ≤ d < size} per row, [H, R]
+            first = max(0, top - size + 1)
+            return skew[:, :, first : last + 1].sum(-1) if first <= last else None
+
+        local = band(LOCAL_WINDOW)
+        if local is not None:
+            sums["local64"][i] += local.sum(-1)
+        recent = band(STREAM_RECENT)
+        if recent is not None:
+            sums["stream"][i] += recent.sum(-1)
+        qs = torch.arange(lo, lo + n_rows, device=dev)
+        if k0 < STREAM_SINK:  # Σ_{k < m} with m = min(128, q − 255): keys outside the recent window
+            w = min(n_keys, STREAM_SINK - k0)
+            sink_end = (qs - (STREAM_RECENT - 1)).clamp(min=0, max=STREAM_SINK)
+            keys = torch.arange(k0, k0 + w, device=dev)
+            outside = keys[None, :] < sink_end[:, None]
+            sums["stream"][i] += (p[:, :, :w] * outside).sum((1, 2))
+        if k0 < SINK_TOKENS:
+            sums["sink4"][i] += p[:, :, : SINK_TOKENS - k0].sum((1, 2))
+        run = state.runs.get(i)
+        if run is None:
+            zeros = torch.zeros((n_heads, n_rows), dtype=torch.float64, device=dev)
+            run = state.runs[i] = _Run(
+                lo,
+                zeros,
+                {lv: torch.zeros_like(zeros, dtype=torch.int64) for lv in SPAN_LEVELS},
+                {lv: torch.zeros_like(zeros, dtype=torch.bool) for lv in SPAN_LEVELS},
+            )
+        mass = run.mass + p.sum(-1)
+        for level in SPAN_LEVELS:
+            found = run.found[level]
+            near = ~found & (mass >= level - _SPAN_MARGIN)
+            if not bool(near.any()):
+                continue
+            hs, rs = near.nonzero(as_tuple=True)
+            # each row's float64 sum from the diagonal down (descending c is ascending d)
+            exact = skew[hs, rs].flip(-1).to(torch.float64).cumsum(-1) + run.mass[hs, rs, None]
+            reached = exact >= level
+            hit = reached.any(-1)
+            d = top - (width - 1) + reached.to(torch.int8).argmax(-1)
+            run.span[level][hs[hit], rs[hit]] = d[hit]
+            found[hs[hit], rs[hit]] = True
+            mass[hs, rs] = exact[:, -1]
+        run.mass = mass
+
+    def _skew(self, n_heads: int, n_rows: int, n_keys: int, device: Any) -> torch.Tensor:
+        """The zeroed float32 buffer of :meth:`_tile`'s skewed copy for one tile shape, reused
+        while the shape repeats (the gaps stay zero: only the rows are rewritten)."""
+        import torch
+
+        key = (n_heads, n_rows, n_keys)
+        cache = self._work.setdefault("skew", {})
+        buf: torch.Tensor | None = cache.get(key)
+        if buf is None or buf.device != torch.device(device):
+            if len(cache) >= 4:
+                cache.clear()
+            size = n_heads * n_rows * (n_keys + n_rows - 1) + n_rows
+            buf = cache[key] = torch.zeros(size, dtype=torch.float32, device=device)
+        return buf
+
+    def _retrieval_tile(
+        self, state: _Layer, doc: _Doc, q0: int, k0: int, probs: torch.Tensor
+    ) -> None:
+        """The running argmax (lowest key on ties) of the answer rows in this tile's block."""
+        import torch
+
+        n_rows, n_keys = probs.shape[2], probs.shape[3]
+        run = state.runs.setdefault(-1 - doc.index, _Run(q0, None, {}, {}))
+        if run.answers is None:
+            mine = [(a, t) for a, t in zip(doc.answers, doc.answer_ids, strict=True)
+                    if q0 <= a - 1 < q0 + n_rows]  # fmt: skip
+            if not mine:
+                run.answers = ()
+                return
+            rows = torch.tensor([a - 1 - q0 for a, _ in mine], device=probs.device)
+            want = torch.tensor([t for _, t in mine], device=probs.device)
+            best = torch.full((probs.shape[1], len(mine)), -1.0, device=probs.device)
+            run.answers = (rows, want, best, torch.zeros_like(best, dtype=torch.int64))
+        if not run.answers:
+            return
+        rows, want, best, at = run.answers
+        width = min(n_keys, doc.n - k0)
+        if width <= 0:
+            return
+        value, index = probs[doc.index, :, rows, :width].max(-1)
+        better = value >= best  # tiles come with decreasing keys: a tie goes to the lower key
+        best[better], at[better] = value[better], index[better] + k0
+
+    def _close_block(self, state: _Layer) -> None:
+        """The block of rows is complete: its rows' spans and retrieval hits join the sums."""
+        import torch
+
+        for i, run in state.runs.items():
+            if i < 0:  # retrieval of document -1 - i
+                if run.answers:
+                    doc = self._docs[-1 - i]
+                    _, want, _, at = run.answers
+                    hit = doc.is_value[at] & (doc.ids[at] == want[None, :])
+                    state.hits[doc.index] += hit.sum(-1)
+                continue
+            for level in SPAN_LEVELS:
+                # rows without mass reach 0 at D = 0 (as on the row path); a row with some mass
+                # that never reaches p is not a softmax row: refused, not guessed
+                short = ~run.found[level] & (run.mass > 0)
+                if bool(short.any()):
+                    raise ValueError(
+                        f"a row of the tile path has mass {float(run.mass[short].max()):.6g}, "
+                        f"below span level {level}: tiles must hold softmax rows (mass 1)"
+                    )
+                span = torch.where(run.found[level], run.span[level], 0)
+                state.sums[f"span{round(level * 100)}"][i] += span.sum(-1).to(torch.float64)
+        state.runs = {}
 
     def end(self) -> Mapping[str, pa.Table]:
         for layer in sorted(self._layers):
