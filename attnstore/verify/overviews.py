@@ -16,7 +16,7 @@ With ``overview: N`` in the manifest:
    skip this comparison: their decoded probabilities carry a relative, not an absolute, error.
 
 Without ``overview`` in the manifest the ``overviews`` table must be empty. Files under
-``overviews/`` that no row names are reported as warnings by :mod:`attnstore.verify`.
+``overviews/`` that no row names are reported as warnings by :mod:`attnstore.verify.format2`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from attnstore.overview import grid, pool_packed
 
 if TYPE_CHECKING:
     from attnstore.storage import Storage
-    from attnstore.verify import VerifyReport
+    from attnstore.verify.report import VerifyReport
 
 __all__ = ["OverviewCheck"]
 
@@ -144,7 +144,7 @@ class OverviewCheck:
         return arr
 
     def _check_array(self, name: str, docs: list[dict[str, Any]], referenced: set[str]) -> None:
-        import attnstore.segments  # noqa: F401 - its Blosc guard decodes every chunk read here
+        import attnstore.store.segments  # noqa: F401 - its Blosc guard decodes every chunk read here
 
         arr = self._open(name, referenced)
         if arr is None:
