@@ -26,19 +26,42 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
 
+    from attnstore.storage import Storage
+
 F = TypeVar("F", bound="Callable[..., Any]")
 
 
-def _set_storage_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> None:
-    from attnstore.storage import set_default_storage_options
+#: Where a command's ``--storage-option`` settings wait for its store arguments (``ctx.meta``).
+_OPTIONS_KEY: Final = "attnstore.storage_options"
 
+
+def _set_storage_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> None:
     options: dict[str, str] = {}
     for value in values:
         key, sep, val = value.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"expected KEY=VALUE. Got {value!r}.", ctx, param)
         options[key.strip()] = val
-    set_default_storage_options(options or None)
+    ctx.meta[_OPTIONS_KEY] = options or None
+
+
+class _Store(click.ParamType):  # type: ignore[type-arg] # generic in click ≥ 8.2 only
+    """A store argument (a folder or a URL), opened once with the command's ``--storage-option``
+    settings: the command gets the :class:`~attnstore.storage.Storage` and passes it down."""
+
+    name = "store"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from attnstore.storage import is_url, open_storage
+
+        if not isinstance(value, (str, os.PathLike)):
+            return value  # already opened (a default, or a test passing one)
+        # the settings are for object storage: a local store among several ignores them
+        options = ctx.meta.get(_OPTIONS_KEY) if ctx is not None and is_url(value) else None
+        return open_storage(value, options)
+
+
+STORE: Final = _Store()
 
 
 def _with_storage_option(command: click.Command) -> click.Command:
@@ -222,7 +245,7 @@ def _probe_corpora() -> list[str]:
     "--out",
     "-o",
     required=True,
-    type=click.Path(),
+    type=STORE,
     help="Store folder (or s3://, gs://, az:// URL) to create or resume.",
 )
 @click.option(
@@ -346,7 +369,7 @@ def _probe_corpora() -> list[str]:
     help="Print nothing but the result: no progress bars, no model-loading output.",
 )  # fmt: skip
 def extract(
-    out: str,
+    out: Storage,
     model: str | None,
     corpus: str | None,
     text_field: str,
@@ -419,7 +442,7 @@ def extract(
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.argument("sql")
 @click.option(
     "-p",
@@ -429,7 +452,7 @@ def extract(
     help="Value bound to the next '?' (JSON literal or text). Repeatable.",
 )
 @_format_option
-def query(store: str, sql: str, params: tuple[str, ...], fmt: str) -> None:
+def query(store: Storage, sql: str, params: tuple[str, ...], fmt: str) -> None:
     """Run read-only SQL over the docs, tokens and heads tables of STORE.
 
     SQL '-' reads the statement from standard input.
@@ -448,9 +471,9 @@ def query(store: str, sql: str, params: tuple[str, ...], fmt: str) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(store: str, as_json: bool) -> None:
+def info(store: Storage, as_json: bool) -> None:
     """Summarise STORE: model, codec, counts and size versus dense float32."""
     from attnstore.store import Store
 
@@ -478,12 +501,12 @@ def _quantization_text(value: str | None) -> str:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option(
     "--quick", is_flag=True, help="Checksums and structure only; skip decoding every matrix."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(store: str, quick: bool, as_json: bool) -> None:
+def verify(store: Storage, quick: bool, as_json: bool) -> None:
     """Check STORE: checksums of every file, table consistency, decodable matrices whose rows sum
     to 1, overviews (--overview N) equal to the pooled matrices. Exits 1 if anything is wrong; each
     problem is printed with its location."""
@@ -508,14 +531,14 @@ def verify(store: str, quick: bool, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option(
     "--retention-hours", type=click.IntRange(min=0), default=24, show_default=True,
     help="Delete replaced files this long after they left the table; 0 deletes them now "
     "(only when no other process reads the store).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def compact(store: str, retention_hours: int, as_json: bool) -> None:
+def compact(store: Storage, retention_hours: int, as_json: bool) -> None:
     """Merge each table of STORE into few large files sorted by doc_id, write a checkpoint and
     delete files no snapshot needs. Safe while other processes append and query.
 
@@ -536,10 +559,10 @@ def compact(store: str, retention_hours: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("old", type=click.Path())
-@click.argument("new", type=click.Path())
+@click.argument("old", type=STORE)
+@click.argument("new", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def migrate(old: str, new: str, as_json: bool) -> None:
+def migrate(old: Storage, new: Storage, as_json: bool) -> None:
     """Convert the format 1.x store OLD into a new format 2 store NEW (OLD is only read).
 
     \b
@@ -555,15 +578,15 @@ def migrate(old: str, new: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option("--where", required=True, help="SQL condition on the heads table selecting rows.")
-@click.option("--out", "-o", required=True, type=click.Path(), help="The new store.")
+@click.option("--out", "-o", required=True, type=STORE, help="The new store.")
 @click.option("--model", "-m", default=None, help="The store's model, if not found by its id.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def materialize(
-    store: str, where: str, out: str, model: str | None, batch_size: int, device: str | None,
+    store: Storage, where: str, out: Storage, model: str | None, batch_size: int, device: str | None,
     as_json: bool,
 ) -> None:  # fmt: skip
     """Store matrices for just the heads rows of STORE matching --where (second pass after
@@ -588,7 +611,7 @@ def materialize(
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option(
     "--score",
     "-s",
@@ -642,7 +665,7 @@ def materialize(
     "--top K: the K most streaming heads.",
 )  # fmt: skip
 def heads(
-    store: str,
+    store: Storage,
     score: str | None,
     top: int | None,
     label: str | None,
@@ -715,7 +738,7 @@ def _known_labels(store: Any) -> set[str]:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option(
     "--where", "-w", default=None, help='SQL condition over heads, e.g. "induction > 0.4".'
 )
@@ -729,7 +752,7 @@ def _known_labels(store: Any) -> set[str]:
 )
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output file (.h5 or .npz).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def export(store: str, where: str | None, fmt: str | None, out: str, as_json: bool) -> None:
+def export(store: Storage, where: str | None, fmt: str | None, out: str, as_json: bool) -> None:
     """Export selected matrices with their tokens and scores to HDF5 or .npz.
 
     The layout (schemas/export.md) needs only h5py or numpy to read.
@@ -746,10 +769,10 @@ def export(store: str, where: str | None, fmt: str | None, out: str, as_json: bo
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option("--out", "-o", required=True, type=click.Path(), help="Folder to write (created).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def profile(store: str, out: str, as_json: bool) -> None:
+def profile(store: Storage, out: str, as_json: bool) -> None:
     """Write the head profile of STORE to OUT: Parquet + dataset card (datasets.load_dataset(
     "parquet", data_dir=OUT) reads it) and DuoAttention's full_attention_heads.tsv.
 
@@ -773,7 +796,7 @@ def plot() -> None:
     """PNG figures: one head's matrix, a layer × head grid of a score, tokens shaded by attention."""
 
 
-_store_arg = click.argument("store", type=click.Path())
+_store_arg = click.argument("store", type=STORE)
 _out_opt = click.option("--out", "-o", required=True, type=click.Path(), help="PNG file to write.")
 
 
@@ -793,7 +816,7 @@ def _head_options(fn: F) -> F:
 @_store_arg
 @_head_options
 @_out_opt
-def plot_matrix_cmd(store: str, doc_id: int, layer: int, head: int, out: str) -> None:
+def plot_matrix_cmd(store: Storage, doc_id: int, layer: int, head: int, out: str) -> None:
     """Heatmap of one head's attention for one document (token labels up to 48 tokens)."""
     from attnstore.plots import plot_matrix
 
@@ -807,7 +830,7 @@ def plot_matrix_cmd(store: str, doc_id: int, layer: int, head: int, out: str) ->
 )
 @click.option("--where", "-w", default=None, help="SQL condition over heads rows to average.")
 @_out_opt
-def plot_grid_cmd(store: str, score: str, where: str | None, out: str) -> None:
+def plot_grid_cmd(store: Storage, score: str, where: str | None, out: str) -> None:
     """Layer × head grid of a score's corpus-level mean over a SQL selection."""
     from attnstore.plots import plot_grid
 
@@ -818,7 +841,7 @@ def plot_grid_cmd(store: str, score: str, where: str | None, out: str) -> None:
 @_store_arg
 @click.option("--kind", "-k", required=True, help="Probe kind, e.g. coref or ioi.")
 @_out_opt
-def plot_probe_cmd(store: str, kind: str, out: str) -> None:
+def plot_probe_cmd(store: Storage, kind: str, out: str) -> None:
     """Layer × head grid of one probe kind's accuracy, coloured around its position baseline."""
     from attnstore.plots import plot_probe
 
@@ -832,7 +855,7 @@ def plot_probe_cmd(store: str, kind: str, out: str) -> None:
     "--query", "-q", type=int, required=True, help="Query position whose attention is shown."
 )
 @_out_opt
-def plot_tokens_cmd(store: str, doc_id: int, layer: int, head: int, query: int, out: str) -> None:
+def plot_tokens_cmd(store: Storage, doc_id: int, layer: int, head: int, query: int, out: str) -> None:
     """One document's tokens shaded by the attention one query position gives them."""
     from attnstore.plots import plot_tokens
 
@@ -840,7 +863,7 @@ def plot_tokens_cmd(store: str, doc_id: int, layer: int, head: int, query: int, 
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option(
     "--parser",
     "-p",
@@ -849,7 +872,7 @@ def plot_tokens_cmd(store: str, doc_id: int, layer: int, head: int, query: int, 
     help="Installed spaCy pipeline.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def parse(store: str, parser: str, as_json: bool) -> None:
+def parse(store: Storage, parser: str, as_json: bool) -> None:
     """Add syntactic-head scores to STORE from its stored (decoded) matrices.
 
     Documents already parsed are skipped. For scores from full-precision attention, use
@@ -867,7 +890,7 @@ def parse(store: str, parser: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option(
     "--corpus",
     "-c",
@@ -879,7 +902,7 @@ def parse(store: str, parser: str, as_json: bool) -> None:
     "--text-field", default="text", show_default=True, help="Field holding the text (.jsonl)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def probe(store: str, corpus: str, text_field: str, as_json: bool) -> None:
+def probe(store: Storage, corpus: str, text_field: str, as_json: bool) -> None:
     """Add span-probe scores (semantic heads) to STORE from its stored (decoded) matrices.
 
     Documents that already have probes are skipped, so the command resumes. Built-in probes
@@ -899,7 +922,7 @@ def probe(store: str, corpus: str, text_field: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=STORE)
 @click.option(
     "--analysis",
     "analyses",
@@ -912,7 +935,7 @@ def probe(store: str, corpus: str, text_field: str, as_json: bool) -> None:
     "--batch", type=int, default=16, show_default=True, help="Documents per commit."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary.")
-def analyze(store: str, analyses: tuple[str, ...], batch: int, as_json: bool) -> None:
+def analyze(store: Storage, analyses: tuple[str, ...], batch: int, as_json: bool) -> None:
     """Run analyses over STORE's stored (decoded) matrices; their rows land in their tables.
 
     Documents that already have rows in the analyses' tables are skipped, so the command resumes.
@@ -932,7 +955,7 @@ def analyze(store: str, analyses: tuple[str, ...], batch: int, as_json: bool) ->
 
 
 @cli.command()
-@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.argument("stores", nargs=-1, required=True, type=STORE)
 @click.option(
     "--port", type=int, default=8765, show_default=True, help="TCP port; 0 picks a free one."
 )
@@ -943,7 +966,7 @@ def analyze(store: str, analyses: tuple[str, ...], batch: int, as_json: bool) ->
     help="Address to bind. Anything but loopback exposes the store to the network.",
 )
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
-def serve(stores: tuple[str, ...], port: int, host: str, verbose: bool) -> None:
+def serve(stores: tuple[Storage, ...], port: int, host: str, verbose: bool) -> None:
     """Browse STORES in a web browser: head grid, head pages, heatmaps, compare, SQL.
 
     Prints the URL and serves until Ctrl-C. Several stores (e.g. two models) can be compared.

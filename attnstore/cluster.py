@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, Final
 
 from attnstore.errors import AttnStoreError, CorpusError
 from attnstore.extraction import ExtractConfig, ExtractionRun, ExtractReport
+from attnstore.storage import Location, Storage, location_text, open_storage
 
 __all__ = [
     "RAY_DECIDES",
@@ -176,25 +176,24 @@ class _ExtractActor:
 
     def __init__(
         self,
-        out: str,
+        storage: Storage,
         model: str | None,
         config: ExtractConfig,
         created_at: str,
         use_gpu: bool,
     ) -> None:
         from attnstore.capture import load_model
-        from attnstore.storage import open_storage
 
         # Ray gives a GPU actor its GPU as the only visible device.
         loaded = load_model(
             model, device="cuda" if use_gpu else "cpu", dtype=config.dtype, progress=False
         )
         # Every actor is its own Delta application; all batches of one call are one transaction.
-        self.run = ExtractionRun(
-            open_storage(out), loaded, config, app_id=f"ray-{uuid.uuid4().hex[:16]}",
+        self.run = ExtractionRun(  # the driver's opened storage, with its options
+            storage, loaded, config, app_id=f"ray-{uuid.uuid4().hex[:16]}",
             commit_every=1 << 30, created_at=created_at,
         )  # fmt: skip
-        self.out = out
+        self.out = storage.root
         self.text_field = config.text_field
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +254,7 @@ def ray_config(corpus: str, settings: Mapping[str, Any]) -> ExtractConfig:
 
 
 def extract_ray(
-    out: str | os.PathLike[str],
+    out: Location,
     data: Any,
     *,
     model: str | None = None,
@@ -272,7 +271,9 @@ def extract_ray(
     GPU each when ``num_gpus`` is 1; the default is 1 when the cluster has GPUs, else 0), take
     ``batch_rows`` documents per call, run them ``batch_size`` per forward pass, commit them
     through their own :class:`~attnstore.store.StoreWriter` and return one small row per document
-    (never a matrix). ``out`` must be a path every actor can reach. Calling it again resumes:
+    (never a matrix). ``out`` must be a path every actor can reach (or an opened
+    :class:`~attnstore.storage.Storage`, which the actors receive with its options; the driver
+    opens ``out`` once and hands that storage to every actor). Calling it again resumes:
     committed documents are skipped. Ray must be initialised (``ray.init()``) by the caller.
 
     ``settings`` are those of :func:`attnstore.extract` (the fields of
@@ -337,13 +338,14 @@ def extract_ray(
                 f"The Ray dataset has no column {column!r}. Columns: {names}. extract_ray needs "
                 f"'doc_id' (a stable integer per document) and the text in {text_field!r}."
             )
+    storage = open_storage(out)  # opened once, here; the actors receive it (it pickles)
     if num_gpus is None:
         num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     rows_out = data.select_columns(["doc_id", text_field]).map_batches(
         _ExtractActor,
         fn_constructor_kwargs={
-            "out": os.fspath(out), "model": model, "config": config, "created_at": created_at,
+            "storage": storage, "model": model, "config": config, "created_at": created_at,
             "use_gpu": num_gpus > 0,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -351,7 +353,7 @@ def extract_ray(
         batch_format="numpy",
         num_gpus=num_gpus,
     )  # fmt: skip
-    report = ExtractReport(path=os.fspath(out))
+    report = ExtractReport(path=location_text(out))
     for batch in rows_out.iter_batches(batch_size=1024, batch_format="numpy"):
         report.commits += int(batch["commits"].sum())
         for status, n_tok, cut in zip(

@@ -1,8 +1,8 @@
 """PyTorch access to a store: one item per selected (doc, layer, head).
 
-Torch is imported by this module only. The dataset holds the store *path* and its selection (plain
-numpy arrays), never an open store, so it pickles cheaply into ``DataLoader`` workers; each worker
-opens the store lazily on its first item.
+Torch is imported by this module only. The dataset holds the store, opened once, and its selection
+(plain numpy arrays). A :class:`~attnstore.store.Store` snapshot is plain data, so the dataset
+pickles into ``DataLoader`` workers, which read through it without opening the store again.
 
 Examples
 --------
@@ -16,8 +16,7 @@ Examples
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +27,9 @@ from attnstore.labels import LABELS, label_of
 from attnstore.scores import SCORE_COLUMNS
 from attnstore.store import Store
 
+if TYPE_CHECKING:
+    from attnstore.storage import Location
+
 __all__ = ["AttentionDataset", "collate"]
 
 
@@ -37,7 +39,9 @@ class AttentionDataset(Dataset[dict[str, Any]]):
     Parameters
     ----------
     store
-        Path of the store.
+        The store: a folder, a URL, an opened :class:`~attnstore.storage.Storage`, or an opened
+        :class:`~attnstore.store.Store` (opened once, here or by the caller; workers read through
+        that one snapshot).
     where
         SQL condition over ``heads`` columns (e.g. ``"induction > 0.4 AND layer < 20"``); all rows if None.
     packed
@@ -64,7 +68,7 @@ class AttentionDataset(Dataset[dict[str, Any]]):
 
     def __init__(
         self,
-        store: str | os.PathLike[str],
+        store: Location | Store,
         where: str | None = None,
         *,
         packed: bool = False,
@@ -78,17 +82,16 @@ class AttentionDataset(Dataset[dict[str, Any]]):
             raise AttnStoreError("AttentionDataset(rows=...) returns float32 [rows, T] matrices: "
                                  "it cannot be combined with packed or raw.")  # fmt: skip
         self.rows = rows
-        self.path = str(store)
-        self.storage_options = storage_options
+        # One snapshot for every worker: a Store pickles as plain data and reads without delta-rs,
+        # whose runtime does not survive the fork of a DataLoader worker.
+        self.store = store if isinstance(store, Store) else Store(store, storage_options=storage_options)
+        self.path = str(self.store.path)
         self.packed, self.raw, self.labels = packed, raw, labels
         sql = f"SELECT doc_id, layer, head, n_tokens, {', '.join(SCORE_COLUMNS)} FROM heads"
         if where:
             sql += f" WHERE {where}"
         sql += " ORDER BY doc_id, layer, head"
-        # One snapshot for every worker: a Store pickles as plain data and reads without delta-rs,
-        # whose runtime does not survive the fork of a DataLoader worker.
-        self._store: Store | None = self._open()
-        table = self._store.sql(sql)
+        table = self.store.sql(sql)
         self._ids = np.stack(
             [table[c].to_numpy() for c in ("doc_id", "layer", "head", "n_tokens")], axis=1
         ).astype(np.int64)
@@ -104,20 +107,8 @@ class AttentionDataset(Dataset[dict[str, Any]]):
             order = np.random.default_rng(seed).permutation(len(self._ids))
             self._ids, self._scores = self._ids[order], self._scores[order]
 
-    def _open(self) -> Store:
-        from attnstore.storage import default_storage_options
-
-        with default_storage_options(self.storage_options):
-            return Store(self.path)
-
     def __len__(self) -> int:
         return len(self._ids)
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = self._open()
-        return self._store
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from attnstore.errors import AttnStoreError
 from attnstore.packing import packed_size
 from attnstore.scores import SCORE_COLUMNS
 from attnstore.store import Store
+
+if TYPE_CHECKING:
+    from attnstore.storage import Location
 
 __all__ = ["EXPORT_VERSION", "export"]
 
@@ -72,7 +75,7 @@ def _token_text(store: Store, docs: list[int]) -> list[str]:
 
 
 def export(
-    store: str | os.PathLike[str],
+    store: Location | Store,
     out: str | os.PathLike[str],
     *,
     where: str | None = None,
@@ -92,7 +95,7 @@ def export(
         raise AttnStoreError(
             f"Expected --format hdf5 or npz (or an .h5/.npz file name). Got {fmt!r}."
         )
-    st = Store(store)
+    st = store if isinstance(store, Store) else Store(store)
     sel = _selection(st, where)
     n = len(sel["doc_id"])
     meta = {

@@ -14,34 +14,39 @@ grid). Rerunning the same command resumes.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from attnstore.errors import AttnStoreError, IncompatibleStoreError, QueryError
 from attnstore.extraction import ExtractConfig, ExtractionRun
 from attnstore.layout import MANIFEST_NAME
-from attnstore.storage import open_storage
+from attnstore.storage import Location, location_text, open_storage
 from attnstore.store import Store
 
 __all__ = ["materialize"]
 
 
 def materialize(
-    path: str | os.PathLike[str],
+    path: Location | Store,
     where: str,
-    out: str | os.PathLike[str],
+    out: Location,
     *,
     model: str | None = None,
     batch_size: int = 4,
     device: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Store the matrices of the (document, layer, head) rows of ``heads`` matching ``where``."""
+    """Store the matrices of the (document, layer, head) rows of ``heads`` matching ``where``.
+
+    ``path`` and ``out`` are folders, URLs or opened :class:`~attnstore.storage.Storage` objects
+    (``path`` also an opened :class:`~attnstore.store.Store`); each is opened once.
+    """
     from attnstore.corpus import Document
 
     if batch_size < 1:
         raise AttnStoreError(f"--batch-size must be ≥ 1. Got {batch_size}.")
-    src = Store(path)
+    src = path if isinstance(path, Store) else Store(path)
+    name = str(src.path) if isinstance(path, Store) else location_text(path)
+    target = open_storage(out)  # a folder or a URL (s3://…), opened once
     try:
         rows = src.sql(f"SELECT DISTINCT doc_id, layer, head FROM heads WHERE ({where})")
     except QueryError as err:
@@ -49,11 +54,10 @@ def materialize(
     doc_ids = sorted(set(rows["doc_id"].to_pylist()))
     layers = sorted(set(rows["layer"].to_pylist()))
     heads = sorted(set(rows["head"].to_pylist()))
-    report: dict[str, Any] = {"from": str(path), "to": str(out), "docs": len(doc_ids),
+    report: dict[str, Any] = {"from": name, "to": location_text(out), "docs": len(doc_ids),
                               "layers": layers, "heads": heads, "docs_written": 0}  # fmt: skip
     if not doc_ids:
         return report
-    target = open_storage(out)  # a folder or a URL (s3://…), opened once
     resumed = target.exists(MANIFEST_NAME)
     if resumed and set(doc_ids) <= Store(target).doc_ids():
         report["docs_already_materialized"] = len(doc_ids)  # a rerun: no model load
@@ -66,13 +70,13 @@ def materialize(
     loaded = load_model(model or src.manifest["model"]["id"], device=device, progress=progress)
     if loaded.info["id"] != src.manifest["model"]["id"]:
         raise IncompatibleStoreError(
-            f"{str(path)!r} was extracted with model {src.manifest['model']['id']!r}; "
+            f"{name!r} was extracted with model {src.manifest['model']['id']!r}; "
             f"{loaded.info['id']!r} was loaded. Pass --model with the store's model."
         )
     config = ExtractConfig.of(
         corpus=f"materialize:{path}", codec=src.manifest["codec"],
         max_length=src.manifest["max_length"], layers=layers, heads=heads,
-        batch_size=batch_size, settings={"materialized_from": str(path), "where": where},
+        batch_size=batch_size, settings={"materialized_from": name, "where": where},
     )  # fmt: skip
     run = ExtractionRun(target, loaded, config, app_id="materialize", commit_every=64,
                         commit_seconds=30)  # fmt: skip

@@ -8,7 +8,6 @@ if a migration is interrupted, delete ``NEW`` and run it again.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from attnstore.errors import IncompatibleStoreError, StoreExistsError
 from attnstore.layout import FORMAT_VERSION, SEGMENTS, Manifest
-from attnstore.storage import open_storage
+from attnstore.storage import Location, location_text, open_storage
 from attnstore.store.batch import Segment
 from attnstore.store.reader import Store
 from attnstore.store.writer import StoreWriter
@@ -26,20 +25,21 @@ __all__ = ["migrate"]
 _ANNOTATION_KEYS = ("parser", "source")
 
 
-def migrate(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> dict[str, Any]:
-    """Convert the 1.x store at ``old`` into a new format-2 store at ``new``."""
+def migrate(old: Location, new: Location) -> dict[str, Any]:
+    """Convert the 1.x store at ``old`` into a new format-2 store at ``new`` (folders, URLs or
+    opened :class:`~attnstore.storage.Storage` objects)."""
     import pyarrow.parquet as pq
     import zarr
 
     src = Store(old)
     if not src.read_only:
         raise IncompatibleStoreError(
-            f"{str(old)!r} already has format {src.manifest['format_version']}: nothing to migrate."
+            f"{location_text(old)!r} already has format {src.manifest['format_version']}: nothing to migrate."
         )
-    target = new
-    if open_storage(new).exists(""):
+    target = open_storage(new)  # opened once: the writer below writes through it
+    if target.exists(""):
         raise StoreExistsError(
-            f"{str(target)!r} exists. `attnstore migrate` writes a new store: choose a new path "
+            f"{location_text(new)!r} exists. `attnstore migrate` writes a new store: choose a new path "
             "(or delete an interrupted migration's output and run again)."
         )
     manifest: Manifest = {**src.manifest, "format_version": FORMAT_VERSION}
@@ -83,5 +83,5 @@ def migrate(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> dict[st
         )
         docs_n += len(rows)
     writer.close()
-    return {"from": str(old), "to": str(target), "commits": len(src.commits), "docs": docs_n,
+    return {"from": location_text(old), "to": location_text(new), "commits": len(src.commits), "docs": docs_n,
             "format_version": FORMAT_VERSION}  # fmt: skip

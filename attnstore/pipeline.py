@@ -26,7 +26,7 @@ from attnstore.extraction import (
     ExtractReport,
     parse_shard,
 )
-from attnstore.storage import open_storage
+from attnstore.storage import Location, location_text, open_storage
 from attnstore.store.reader import Store
 from attnstore.store.writer import DEFAULT_APP_ID, StoreWriter, app_id_for_shard, commit_cadence
 
@@ -76,7 +76,7 @@ class _Writer(threading.Thread):
 
 
 def extract(
-    out: str | os.PathLike[str],
+    out: Location,
     *,
     model: str | LoadedModel | None = None,
     corpus: str | None = None,
@@ -126,7 +126,8 @@ def extract(
     ``model`` may also be a :class:`~attnstore.capture.LoadedModel` from
     :func:`attnstore.capture.load_model`, to extract several corpora with one load.
     ``out`` may be a URL (``s3://bucket/prefix/name.attn``, ``gs://``, ``az://``); credentials and
-    endpoint come from the ``AWS_*`` variables and ``storage_options``. The store is opened once
+    endpoint come from the ``AWS_*`` variables and ``storage_options``; or an opened
+    :class:`~attnstore.storage.Storage`, which brings its options. The store is opened once
     (:func:`attnstore.storage.open_storage`) and that storage is used by every read and write of
     the run. The settings become one :class:`~attnstore.extraction.ExtractConfig` and the run an
     :class:`~attnstore.extraction.ExtractionRun`, as in every other driver.
@@ -191,7 +192,7 @@ def extract(
         layers, heads, scores_only, row_selection, overview,
     )  # fmt: skip
     if pending is not None:
-        report = ExtractReport(path=str(out), docs_already_committed=pending)
+        report = ExtractReport(path=location_text(out), docs_already_committed=pending)
         report.seconds = round(time.perf_counter() - started, 3)
         return report
     if model is None or isinstance(model, str):
@@ -233,7 +234,7 @@ def extract(
 
 def _extract_leased(
     run: ExtractionRun,
-    out: str | os.PathLike[str],
+    out: Location,
     doc_iter: Iterator[Document],
     progress: bool | Callable[[int], None],
     started: float,
@@ -242,7 +243,7 @@ def _extract_leased(
 
     # read once the lease is held: what an earlier holder committed is skipped
     done = run.committed()
-    report = ExtractReport(path=str(out))
+    report = ExtractReport(path=location_text(out))
     bar = _progress(progress)
     background = _Writer(run.writer, size=2)
     background.start()

@@ -36,6 +36,8 @@ from attnstore.store import Store
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from attnstore.storage import Location
+
 __all__ = ["FontWarning", "plot_grid", "plot_matrix", "plot_probe", "plot_tokens"]
 
 DPI: Final = 150
@@ -224,7 +226,7 @@ def _tokens(store: Store, doc_id: int) -> list[str]:
 
 
 def plot_matrix(
-    store: Store | str, doc_id: int, layer: int, head: int, out: str | os.PathLike[str]
+    store: Store | Location, doc_id: int, layer: int, head: int, out: str | os.PathLike[str]
 ) -> Path:
     """Heatmap of ``A[q, k]`` for one head; the masked upper triangle is hatched grey."""
     from matplotlib.colors import PowerNorm
@@ -260,7 +262,7 @@ def plot_matrix(
 
 
 def plot_grid(
-    store: Store | str, score: str, out: str | os.PathLike[str], where: str | None = None
+    store: Store | Location, score: str, out: str | os.PathLike[str], where: str | None = None
 ) -> Path:
     """Layer × head grid of a score's count-weighted mean over the heads rows matching ``where``."""
     from attnstore.scores import SCORE_COLUMNS, WEIGHT_COLUMN
@@ -308,7 +310,7 @@ def plot_grid(
     return _save(fig, out)
 
 
-def plot_probe(store: Store | str, kind: str, out: str | os.PathLike[str]) -> Path:
+def plot_probe(store: Store | Location, kind: str, out: str | os.PathLike[str]) -> Path:
     """Layer × head grid of ``probe_heads.accuracy`` for one kind (schemas/probes.md).
 
     The colour scale diverges at the position baseline (white = no better than "nearest"/"first"),
@@ -382,7 +384,7 @@ def plot_probe(store: Store | str, kind: str, out: str | os.PathLike[str]) -> Pa
 
 
 def plot_tokens(
-    store: Store | str, doc_id: int, layer: int, head: int, query: int, out: str | os.PathLike[str]
+    store: Store | Location, doc_id: int, layer: int, head: int, query: int, out: str | os.PathLike[str]
 ) -> Path:
     """The document's tokens as text, each shaded by ``A[query, k]``; the query token is boxed."""
     import matplotlib as mpl

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     import pyarrow as pa
 
+    from attnstore.storage import Location
     from attnstore.store import Store
 
 __all__ = ["DATA_FILE", "QUANTILES", "gates", "profile_table", "write_profile"]
@@ -169,7 +170,7 @@ heads have `stream_long ≥ {STREAMING_MIN}` and none is a retrieval head.
 
 
 def write_profile(
-    store: Store | str | os.PathLike[str], out: str | os.PathLike[str]
+    store: Store | Location, out: str | os.PathLike[str]
 ) -> dict[str, Any]:
     """Write the profile of ``store`` to the folder ``out`` (see the module docstring)."""
     import pyarrow.parquet as pq

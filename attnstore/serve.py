@@ -41,7 +41,6 @@ import http.server
 import json
 import math
 import mimetypes
-import os
 import socket
 import sys
 import threading
@@ -61,6 +60,7 @@ if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
 
+    from attnstore.storage import Location
     from attnstore.store import Store
 
 __all__ = ["ROW_CAP", "SQL_TIME_LIMIT", "TILE", "ApiError", "Viewer", "make_server", "serve"]
@@ -203,7 +203,9 @@ class Viewer:
     Parameters
     ----------
     paths
-        One or more stores; the API names them by position (``store=0``, ``store=1`` …).
+        One or more stores (folders, URLs, opened :class:`~attnstore.storage.Storage` or
+        :class:`~attnstore.store.Store` objects; each is opened once); the API names them by
+        position (``store=0``, ``store=1`` …).
     time_limit
         Seconds a user SQL query may run.
     row_cap
@@ -212,7 +214,7 @@ class Viewer:
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike[str]],
+        paths: Sequence[Location | Store],
         *,
         time_limit: float = SQL_TIME_LIMIT,
         row_cap: int = ROW_CAP,
@@ -222,6 +224,7 @@ class Viewer:
         from attnstore.errors import AttnStoreError
         from attnstore.query import connect
         from attnstore.sqlpolicy import lock_down
+        from attnstore.storage import location_text
         from attnstore.store import Store
 
         if not paths:
@@ -232,9 +235,10 @@ class Viewer:
         self._sql_slots = threading.BoundedSemaphore(SQL_CONCURRENCY)
         self.sources: list[_Source] = []
         self.cache = _Cache(CACHE_BYTES)
-        names = [Path(p).name or str(p) for p in paths]
+        texts = [str(p.path) if isinstance(p, Store) else location_text(p) for p in paths]
+        names = [Path(t).name or t for t in texts]
         for i, path in enumerate(paths):
-            store = Store(str(path))
+            store = path if isinstance(path, Store) else Store(path)  # opened once
             con = connect(store)
             described = con.execute("DESCRIBE head_summary").fetchall()
             numeric = ("DOUBLE", "FLOAT", "REAL", "BIGINT", "INTEGER", "HUGEINT", "SMALLINT")
@@ -1019,7 +1023,7 @@ class _Server6(_Server):
 
 
 def make_server(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[Location | Store],
     *,
     host: str = "127.0.0.1",
     port: int = 8765,
@@ -1033,7 +1037,7 @@ def make_server(
 
 
 def serve(
-    *paths: str | os.PathLike[str],
+    *paths: Location | Store,
     host: str = "127.0.0.1",
     port: int = 8765,
     verbose: bool = False,

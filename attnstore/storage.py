@@ -9,6 +9,10 @@ Table and matrix code never opens a path itself. It asks a :class:`Storage` for
 :class:`LocalStorage` is the implementation for a folder on a local disk, :class:`ObjectStorage`
 for an ``s3://``, ``gs://`` or ``az://`` root (zarr's ``ObjectStore`` over obstore, delta-rs storage
 options, a ``pyarrow.fs`` file system); :func:`open_storage` picks one by the root's scheme.
+
+A store's location is opened once, with its options, and the opened :class:`Storage` is what is
+passed down (a :data:`Location` may be one): nothing reopens a store by its path, and no option is
+kept anywhere but in the storage it belongs to.
 """
 
 from __future__ import annotations
@@ -23,16 +27,16 @@ import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 
 __all__ = [
     "LocalStorage",
+    "Location",
     "ObjectStorage",
     "Storage",
-    "default_storage_options",
     "is_url",
+    "location_text",
     "open_storage",
-    "set_default_storage_options",
 ]
 
 
@@ -244,30 +248,6 @@ _CLIENT_KEYS: Final = frozenset({
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 #: The process whose object-storage clients started obstore's runtime (threads do not survive a fork).
 _runtime_pid: int | None = None
-
-
-#: Options for every :func:`open_storage` call that passes none (the CLI's ``--storage-option``).
-_default_options: dict[str, str] | None = None
-
-
-def set_default_storage_options(options: dict[str, str] | None) -> None:
-    """Use ``options`` for object storage opened without explicit ``storage_options``."""
-    global _default_options
-    _default_options = dict(options) if options else None
-
-
-@contextmanager
-def default_storage_options(options: dict[str, str] | None) -> Iterator[None]:
-    """Within the block, object storage opened without options uses ``options`` (if not None)."""
-    if options is None:
-        yield
-        return
-    before = _default_options
-    set_default_storage_options(options)
-    try:
-        yield
-    finally:
-        set_default_storage_options(before)
 
 
 def is_url(root: str | os.PathLike[str]) -> bool:
@@ -715,22 +695,34 @@ def lock_is_stale(holder: dict[str, Any]) -> bool:
     return False
 
 
-def open_storage(
-    root: str | os.PathLike[str], storage_options: dict[str, str] | None = None
-) -> Storage:
+#: Where a store is: a folder, a URL, or an already opened :class:`Storage` (with its options).
+Location: TypeAlias = "str | os.PathLike[str] | Storage"
+
+
+def location_text(where: Location) -> str:
+    """How ``where`` is named in reports and messages: as given, or an opened storage's root."""
+    return str(where) if isinstance(where, (str, os.PathLike)) else where.root
+
+
+def open_storage(root: Location, storage_options: dict[str, str] | None = None) -> Storage:
     """The storage for a store root: a local folder (or ``file://`` URL), or an object-storage URL.
 
     ``storage_options`` (credentials, endpoint, region, …; the keys delta-rs and obstore accept,
-    such as ``AWS_ENDPOINT_URL`` or ``endpoint_url``) apply to object storage only; without them,
-    those of :func:`default_storage_options` apply.
+    such as ``AWS_ENDPOINT_URL`` or ``endpoint_url``) apply to object storage only. An opened
+    :class:`Storage` is returned as it is: its options came with it.
     """
     from attnstore.errors import StorageConfigError
 
+    if not isinstance(root, (str, os.PathLike)):
+        if storage_options:
+            raise StorageConfigError(
+                f"{root!r} is already opened, with its own options: pass its path to apply "
+                f"others ({', '.join(sorted(storage_options))})."
+            )
+        return root
     text = str(root)
     if is_url(text):
-        return ObjectStorage(
-            text, storage_options if storage_options is not None else _default_options
-        )
+        return ObjectStorage(text, storage_options)
     if text.startswith("file://"):
         text = text.removeprefix("file://")
     elif "://" in text:

@@ -295,3 +295,34 @@ def test_open_storage_dispatches_on_the_scheme(tmp_path: Path, s3: str) -> None:
         open_storage(tmp_path, {"AWS_REGION": "us-east-1"})
     with pytest.raises(StorageConfigError, match="Expected a bucket"):
         open_storage("s3:///x.attn")
+
+
+def test_an_opened_storage_is_passed_down_as_it_is(tmp_path: Path) -> None:
+    local = open_storage(tmp_path / "s.attn")
+    assert open_storage(local) is local
+    with pytest.raises(StorageConfigError, match="already opened"):
+        open_storage(local, {"AWS_REGION": "eu-west-1"})
+
+
+def test_cli_storage_options_belong_to_one_invocation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--storage-option reaches the stores of its own command and no later one (no global)."""
+    from click.testing import CliRunner
+
+    import attnstore.storage
+    from attnstore.cli import cli
+
+    seen: list[dict[str, str] | None] = []
+
+    class Recorded:
+        def __init__(self, url: str, options: dict[str, str] | None = None) -> None:
+            seen.append(options)
+            raise StorageConfigError(f"recorded {url}")
+
+    monkeypatch.setattr(attnstore.storage, "ObjectStorage", Recorded)
+    runner = CliRunner()
+    url = "s3://bucket/x.attn"
+    first = runner.invoke(cli, ["info", url, "--storage-option", "AWS_REGION=eu-west-1"])
+    second = runner.invoke(cli, ["info", url])
+    assert "recorded s3://bucket/x.attn" in first.output
+    assert second.exit_code == first.exit_code == 1
+    assert seen == [{"AWS_REGION": "eu-west-1"}, None]

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnstore.analyses.posthoc import Context, Item, analyze
 from attnstore.analyses.probes import Probes
@@ -14,11 +13,14 @@ from attnstore.errors import AttnStoreError, CorpusError
 from attnstore.probes import align
 from attnstore.store import Store
 
+if TYPE_CHECKING:
+    from attnstore.storage import Location
+
 __all__ = ["add_probes"]
 
 
 def add_probes(
-    path: str | os.PathLike[str] | Store,
+    path: Location | Store,
     corpus: str,
     *,
     text_field: str = "text",

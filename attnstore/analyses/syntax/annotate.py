@@ -9,9 +9,8 @@ already have parses are skipped, so the command is resumable like ``extract``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnstore import syntax
 from attnstore.analyses.posthoc import Context, Item, analyze
@@ -19,11 +18,14 @@ from attnstore.analyses.syntax import Syntax
 from attnstore.errors import AttnStoreError
 from attnstore.store import Store
 
+if TYPE_CHECKING:
+    from attnstore.storage import Location
+
 __all__ = ["add_parses"]
 
 
 def add_parses(
-    path: str | os.PathLike[str] | Store, parser: str = syntax.DEFAULT_PARSER, *, batch: int = 16
+    path: Location | Store, parser: str = syntax.DEFAULT_PARSER, *, batch: int = 16
 ) -> dict[str, Any]:
     """Parse every stored document without a parse, score heads, commit in batches of ``batch``.
 
