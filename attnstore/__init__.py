@@ -69,7 +69,7 @@ def extract(out: str, **kwargs: Any) -> ExtractReport:
 
 
 def serve(*stores: str, host: str = "127.0.0.1", port: int = 8765, **kwargs: Any) -> None:
-    """Serve the web viewer for ``stores`` until interrupted; see :func:`attnstore.serve.serve`."""
-    from attnstore.serve import serve as _serve
+    """Serve the web viewer for ``stores`` until interrupted; see :func:`attnstore.viewer.serve`."""
+    from attnstore.viewer import serve as _serve
 
     _serve(*stores, host=host, port=port, **kwargs)

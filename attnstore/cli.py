@@ -972,7 +972,7 @@ def serve(stores: tuple[Storage, ...], port: int, host: str, verbose: bool) -> N
     Prints the URL and serves until Ctrl-C. Several stores (e.g. two models) can be compared.
     The JSON API behind the pages is documented in schemas/serve.md.
     """
-    from attnstore.serve import serve as _serve
+    from attnstore.viewer import serve as _serve
 
     try:
         _serve(*stores, host=host, port=port, verbose=verbose)

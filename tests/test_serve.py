@@ -305,7 +305,7 @@ def test_pages_and_assets_are_local(server: Any) -> None:
     assert status == 200
     assert b'src="/static/app.js"' in body
     assert "default-src 'self'" in headers["Content-Security-Policy"]
-    static = Path(attnstore.__file__).parent / "static"
+    static = Path(attnstore.__file__).parent / "viewer" / "static"
     names = sorted(p.name for p in static.iterdir())
     assert {"index.html", "app.js", "style.css"} <= set(names)
     for name in names:

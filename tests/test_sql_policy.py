@@ -66,12 +66,12 @@ def test_viewer_sql_cannot_read_the_temp_folder(viewer_store: Path, temp_secret:
 
 
 def test_one_policy_for_every_connection(viewer_store: Path) -> None:
-    """query.py and serve.py hold no lockdown of their own: both use attnstore.sqlpolicy."""
+    """query.py and the viewer hold no lockdown of their own: both use attnstore.sqlpolicy."""
     root = Path(attnstore.__file__).parent
-    for name in ("query.py", "serve.py"):
-        text = (root / name).read_text(encoding="utf-8")
-        assert "enable_external_access" not in text.split('"""', 2)[2], name
-        assert "lock_configuration = true" not in text, name
+    for path in [root / "query.py", root / "serve.py", *sorted((root / "viewer").glob("*.py"))]:
+        text = path.read_text(encoding="utf-8")
+        assert "enable_external_access" not in text.split('"""', 2)[-1], path
+        assert "lock_configuration = true" not in text, path
 
 
 @pytest.fixture(scope="module")
