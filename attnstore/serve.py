@@ -1,25 +1,6 @@
-"""``attnstore serve``'s old home: the viewer is the package :mod:`attnstore.viewer`."""
+"""``attnstore serve``'s old home: the viewer is the package :mod:`attnstore.viewer`, whose names
+this module re-exports (``from attnstore.serve import Viewer, make_server`` keeps working)."""
 
 from __future__ import annotations
 
-from attnstore.viewer import (
-    API_HEADER,
-    ROW_CAP,
-    SQL_TIME_LIMIT,
-    TILE,
-    ApiError,
-    Viewer,
-    make_server,
-    serve,
-)
-
-__all__ = [
-    "API_HEADER",
-    "ROW_CAP",
-    "SQL_TIME_LIMIT",
-    "TILE",
-    "ApiError",
-    "Viewer",
-    "make_server",
-    "serve",
-]
+from attnstore.viewer import *  # exactly the names of attnstore.viewer.__all__
