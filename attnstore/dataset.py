@@ -84,7 +84,9 @@ class AttentionDataset(Dataset[dict[str, Any]]):
         self.rows = rows
         # One snapshot for every worker: a Store pickles as plain data and reads without delta-rs,
         # whose runtime does not survive the fork of a DataLoader worker.
-        self.store = store if isinstance(store, Store) else Store(store, storage_options=storage_options)
+        self.store = (
+            store if isinstance(store, Store) else Store(store, storage_options=storage_options)
+        )
         self.path = str(self.store.path)
         self.packed, self.raw, self.labels = packed, raw, labels
         sql = f"SELECT doc_id, layer, head, n_tokens, {', '.join(SCORE_COLUMNS)} FROM heads"

@@ -169,9 +169,7 @@ heads have `stream_long ≥ {STREAMING_MIN}` and none is a retrieval head.
 """
 
 
-def write_profile(
-    store: Store | Location, out: str | os.PathLike[str]
-) -> dict[str, Any]:
+def write_profile(store: Store | Location, out: str | os.PathLike[str]) -> dict[str, Any]:
     """Write the profile of ``store`` to the folder ``out`` (see the module docstring)."""
     import pyarrow.parquet as pq
 

@@ -97,7 +97,7 @@ def save_tiny_gpt2(
 
 
 # --------------------------------------------------------------------------------------------
-# the architecture matrix (tests/test_architectures.py, scripts/capability_table.py)
+# the architecture matrix (tests/capture/test_architectures.py, scripts/capability_table.py)
 # --------------------------------------------------------------------------------------------
 #: what every tiny matrix model has: 2 layers, hidden 32, 4 heads, weights large enough
 #: (initializer_range 0.2) that attention is far from uniform

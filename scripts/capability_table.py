@@ -1,7 +1,7 @@
 """Regenerate the README's capability table from the architecture matrix.
 
 Runs every architecture of ``attnstore.testing.ARCHITECTURES`` (and the unseen custom attention
-modules) under both ``--attention`` modes, exactly as ``tests/test_architectures.py`` does, and
+modules) under both ``--attention`` modes, exactly as ``tests/capture/test_architectures.py`` does, and
 writes the table between the markers in README.md. ``--check`` only compares (exit 1 if stale).
 
     python scripts/capability_table.py [--check]

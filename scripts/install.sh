@@ -21,7 +21,7 @@ fi
 # also does this by itself the first time it meets a stale cache).
 python3 -c "from attnstore.plots import refresh_font_cache; refresh_font_cache()" \
     || echo "install.sh: could not refresh matplotlib's font cache" >&2
-# The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright's Python API;
+# The browser tests (tests/viewer/test_browser.py) drive Debian's Chromium through Playwright's Python API;
 # never `playwright install`, which downloads a browser from a CDN.
 if [ ! -x /usr/bin/chromium ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

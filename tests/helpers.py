@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 import attnstore
+
+#: The tests folder, its committed golden stores (tests/golden) and the repository root.
+TESTS: Final = Path(__file__).resolve().parent
+GOLDEN: Final = TESTS / "golden"
+ROOT: Final = TESTS.parent
 
 
 def store_content(path: Path) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import GOLDEN
+
 
 def test_import_is_light() -> None:
     code = "import sys, attnstore; print(sorted(m for m in ('torch', 'transformers', 'zarr', 'duckdb') if m in sys.modules))"
@@ -40,7 +42,7 @@ def test_reading_a_matrix_loads_no_delta_rs_pandas_or_torch(tmp_path: Path) -> N
     from attnstore.compact import compact
     from tests.synthetic import write_synthetic_store
 
-    golden = Path(__file__).resolve().parent / "golden" / "v2.1.attn"
+    golden = GOLDEN / "v2.1.attn"
     assert _modules_after_one_matrix(golden) == []
     store = write_synthetic_store(tmp_path / "s.attn", n_docs=3)
     compact(store)  # a checkpoint, and parts replaced: the log reader replays both

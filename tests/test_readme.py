@@ -43,8 +43,9 @@ from click.testing import CliRunner
 
 import attnstore
 from attnstore.cli import cli
+from tests.helpers import ROOT
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 MAX_LENGTH = 64
 SKIP = re.compile(r"<!--\s*readme-test:\s*skip\b(?P<why>.*?)-->")
 FENCE = re.compile(r"^```(?P<lang>[\w-]*)\s*$")

@@ -15,9 +15,9 @@ from deltalake import DeltaTable
 
 import attnstore
 from attnstore import index, layout
+from tests.helpers import GOLDEN, ROOT
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
-GOLDEN = Path(__file__).resolve().parent / "golden"
+SCHEMAS = ROOT / "schemas"
 
 
 def load(name: str) -> dict[str, typing.Any]:

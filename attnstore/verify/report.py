@@ -42,4 +42,3 @@ class VerifyReport:
             "overviews_checked": self.overviews_checked,
             "problems": [p.__dict__ for p in self.problems],
         }
-

@@ -17,9 +17,8 @@ from attnstore.compact import compact
 from attnstore.storage import open_storage
 from attnstore.store.delta import open_table, table_log
 from attnstore.store.deltalog import LogNotUnderstood, read_log
+from tests.helpers import GOLDEN
 from tests.synthetic import write_synthetic_store
-
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def _append(path: Path, ids: list[int], app: str | None = None, version: int = 0) -> None:

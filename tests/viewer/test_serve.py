@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import attnstore
 from attnstore.serve import ROW_CAP, SQL_TIME_LIMIT, TILE, ApiError, Viewer, make_server
+from tests.helpers import ROOT
 from tests.viewer_store import HEADS, LAYERS, LONG, N_SHORT, PREV, SHORT, SINK, SYNTAX
 
 
@@ -357,7 +358,7 @@ def test_cli_serve_refuses_a_missing_store(tmp_path: Path) -> None:
 
 
 def test_api_doc_and_readme_state_the_code_limits() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     spec = " ".join((root / "schemas" / "serve.md").read_text(encoding="utf-8").split())
     readme = " ".join((root / "README.md").read_text(encoding="utf-8").split())
     assert f"interrupted after the time limit ({SQL_TIME_LIMIT:g} s;" in spec

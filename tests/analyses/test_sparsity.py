@@ -24,6 +24,7 @@ from attnstore.analyses.sparsity import (
     align_needle,
 )
 from attnstore.needles import Needle
+from tests.helpers import GOLDEN
 
 # ------------------------------------------------------------------------------------------------
 # the reference: the spec read literally, one full matrix at a time
@@ -591,7 +592,7 @@ def test_cli_lists_retrieval_and_sparsity_heads(sparse_store: Path, llama_store:
     assert "no needle documents" in out.output
     assert "probe:needle" in out.output
     # sparsity runs by default now: a 2.0 store, written before it, has no sparsity rows
-    older = Path(__file__).parent / "golden" / "v2.0.attn"
+    older = GOLDEN / "v2.0.attn"
     out = runner.invoke(cli, ["heads", str(older), "--sparsity"])
     assert out.exit_code == 1
     assert "no sparsity rows" in out.output

@@ -18,7 +18,7 @@ from attnstore.errors import AttnStoreError, MatrixNotFoundError
 from attnstore.overview import OverviewPool, grid, pool_matrix
 from attnstore.rows import DocRows, RowSelection, RowsNotStoredError, RowSpecError
 from attnstore.verify import verify_store
-from tests.helpers import assert_same_content, extract_command, store_content
+from tests.helpers import GOLDEN, assert_same_content, extract_command, store_content
 
 N_LAYERS, N_HEADS = 3, 4
 
@@ -246,7 +246,7 @@ def test_partial_reads_equal_slices_of_full_reads(
 
 
 def test_partial_reads_of_the_golden_2_0_store() -> None:
-    golden = Path(__file__).parent / "golden" / "v2.0.attn"
+    golden = GOLDEN / "v2.0.attn"
     store = attnstore.open(str(golden))
     for d in sorted(store.doc_ids()):
         full = store.matrices(d)

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 import attnstore
 from attnstore.cli import cli
+from tests.helpers import GOLDEN, ROOT
 
-GOLDEN_PARSED = Path(__file__).parent / "golden" / "v2.0.attn"
-ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_PARSED = GOLDEN / "v2.0.attn"
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -24,8 +24,9 @@ from attnstore.codecs import get_codec
 from attnstore.corpus import Document
 from attnstore.errors import AttentionCaptureError, ModelError
 from attnstore.testing import ARCHITECTURES, MODES, UNSEEN, MatrixResult
+from tests.helpers import ROOT
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 NAMES = [a.name for a in ARCHITECTURES]
 #: architectures whose attention does not go through attnstore's attention function, and how
 #: they are captured instead (all others: "function")

@@ -1,5 +1,5 @@
 """Compare across two stores in Chromium (issue 21): documents are paired by text, and the page
-says when "doc N" of each store are different texts. Fixtures and helpers: tests/test_browser.py."""
+says when "doc N" of each store are different texts. Fixtures and helpers: tests/viewer/test_browser.py."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from playwright.sync_api import Page
 
 import attnstore
 from attnstore.serve import make_server
-from tests import test_browser
-from tests.test_browser import _hover_cell, api, open_view, until, wait_heatmaps
+from tests.viewer import test_browser
+from tests.viewer.test_browser import _hover_cell, api, open_view, until, wait_heatmaps
 from tests.viewer_store import N_SHORT, PREV, SHORT, write_viewer_store
 
-# the browser fixtures of tests/test_browser.py (Chromium, a page that fails on console errors)
+# the browser fixtures of tests/viewer/test_browser.py (Chromium, a page that fails on console errors)
 browser, page, watch = test_browser.browser, test_browser.page, test_browser.watch
 
 SHIFT = 3

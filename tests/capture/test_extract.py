@@ -14,7 +14,7 @@ from attnstore.codecs import get_codec
 from attnstore.corpus import Document, InductionProbe
 from attnstore.errors import ModelError
 from attnstore.scores import SCORE_COLUMNS
-from tests.test_scores import reference_scores
+from tests.analyses.test_scores import reference_scores
 
 TEXTS = [
     "The cat sat on the mat and the cat slept.",

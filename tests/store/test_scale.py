@@ -27,6 +27,7 @@ from attnstore.packing import pack_tril
 from attnstore.scores import SCORE_COLUMNS
 from attnstore.store import Segment, StoreWriter, faults, transactions
 from attnstore.verify import verify_store
+from tests.helpers import GOLDEN
 
 L, H = 2, 3
 CODEC = get_codec("default")
@@ -316,7 +317,7 @@ def test_cli_compact_and_migrate(tmp_path: Path) -> None:
     report: dict[str, Any] = json.loads(result.stdout)
     assert report["tables"]["docs"] == {**report["tables"]["docs"], "files_before": 3,
                                         "files_after": 1}  # fmt: skip
-    old = Path(__file__).parent / "golden" / "v1.0.attn"
+    old = GOLDEN / "v1.0.attn"
     result = CliRunner().invoke(cli, ["compact", str(old)])
     assert result.exit_code == 1
     assert "attnstore migrate" in result.output

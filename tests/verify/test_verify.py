@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from attnstore.cli import cli
 from attnstore.errors import StoreNotFoundError
 from attnstore.verify import verify_store
+from tests.helpers import GOLDEN
 
 
 @pytest.fixture
@@ -186,7 +187,7 @@ def test_a_folder_that_is_not_a_store(tmp_path: Path) -> None:
 
 def test_format_1_store_verifies(tmp_path: Path) -> None:
     copy = tmp_path / "old.attn"
-    shutil.copytree(Path(__file__).parent / "golden" / "v1.1.attn", copy)
+    shutil.copytree(GOLDEN / "v1.1.attn", copy)
     assert verify_store(copy).ok
     f = next((copy / "commits").glob("*.json"))
     f.write_text("{not json")

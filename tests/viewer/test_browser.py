@@ -22,11 +22,12 @@ from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 import attnstore
 from attnstore.serve import make_server
+from tests.helpers import ROOT
 from tests.viewer_store import HEADS, LAYERS, LONG, N_SHORT, OVERVIEW, PREV, SHORT, SINK, SYNTAX
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/install.sh); never `playwright install`
 SHOTS = Path(
-    os.environ.get("ATTNSTORE_SCREENSHOTS", Path(__file__).parents[1] / "build" / "screenshots")
+    os.environ.get("ATTNSTORE_SCREENSHOTS", ROOT / "build" / "screenshots")
 )
 
 

@@ -15,8 +15,9 @@ import attnstore
 from attnstore.cli import cli
 from attnstore.errors import IncompatibleStoreError
 from attnstore.labels import LABELS, THRESHOLDS, label_of
+from tests.helpers import GOLDEN
 
-GOLDEN_PARSED = Path(__file__).parent / "golden" / "v1.1.attn"
+GOLDEN_PARSED = GOLDEN / "v1.1.attn"
 
 
 def run(*args: str) -> tuple[int, str, BaseException | None]:

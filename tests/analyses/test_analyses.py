@@ -22,7 +22,7 @@ import attnstore
 from attnstore.abc.analysis import ENTRY_POINT_GROUP, Analysis
 from attnstore.errors import AnalysisError
 from attnstore.verify import verify_store
-from tests.helpers import extract_command
+from tests.helpers import ROOT, extract_command
 
 PLUGIN = '''
 """A third-party analysis: per (document, layer, head), the mean attention on the first token."""
@@ -157,7 +157,7 @@ def test_builtin_families_are_registered_under_the_group() -> None:
 
     from attnstore.analyses import BUILTIN, available, load
 
-    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["entry-points"][ENTRY_POINT_GROUP] == BUILTIN
     assert set(BUILTIN) <= set(available())
     for name in ("patterns", "syntax", "probes"):
@@ -356,9 +356,7 @@ def test_registration_files_validate(
 
     import jsonschema
 
-    schema = json.loads(
-        (Path(__file__).parent.parent / "schemas" / "analysis-table.schema.json").read_text()
-    )
+    schema = json.loads((ROOT / "schemas" / "analysis-table.schema.json").read_text())
     out = tmp_path / "reg.attn"
     attnstore.extract(str(out), model=str(llama_dir), corpus=str(corpus), limit=2,
                       analyses=["mystat"], **ARGS)  # fmt: skip
