@@ -1016,7 +1016,8 @@ class Extractor:
         ``"eager"``: the layer output is computed from the captured probabilities (cheapest on a
         CPU). ``"sdpa"``: the output comes from the fused kernel and the probabilities are
         recomputed from the same queries and keys for capture (fastest on a GPU). ``"auto"``:
-        sdpa on CUDA, eager elsewhere. Captured values are identical in both modes.
+        sdpa on CUDA and for a scores-only census without overviews (one fused pass per layer,
+        no rows materialised), eager elsewhere. Captured values are identical in both modes.
     chunk_bytes
         Largest block of float32 probabilities alive at once (query rows × keys × heads × docs);
         bounds memory at long contexts.
@@ -1091,7 +1092,10 @@ class Extractor:
                 "--values logits or an encoder's (bidirectional) squares. Drop --rows."
             )
         if mode == "auto":
-            mode = "sdpa" if loaded.device.type == "cuda" else "eager"
+            # a scores-only census without overviews never materialises rows in sdpa mode (the
+            # fused pass), which beats eager rows on a CPU too; rows to store are cheapest eager
+            census = not store_matrices and overview is None
+            mode = "sdpa" if loaded.device.type == "cuda" or census else "eager"
         if mode not in ("eager", "sdpa"):
             raise ModelError(f"Expected attention mode auto, eager or sdpa. Got {mode!r}.")
         self.mode = mode

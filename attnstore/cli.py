@@ -339,7 +339,8 @@ def _probe_corpora() -> list[str]:
     type=click.Choice(["auto", "eager", "sdpa"]),
     default="auto",
     show_default=True,
-    help="Layer outputs from the captured probabilities (eager) or the fused kernel (sdpa).",
+    help="Layer outputs from the captured probabilities (eager) or the fused kernel (sdpa); "
+    "auto: sdpa on CUDA and for a scores-only census (one fused pass, no rows), else eager.",
 )
 @click.option(
     "--values",

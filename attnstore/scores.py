@@ -416,6 +416,9 @@ def online_layer_scores(
             if allowed is not None:
                 p.masked_fill_(~allowed[..., q0:q1, k0:k1], 0.0)
             for name, at in fixed.items():
+                # key 0 lies in the last tile, keys q − 1 and q in the diagonal one(s)
+                if (k0 > 0) if name == "sink" else (k1 < q0 - 1 or k0 > q1 - 1):
+                    continue
                 inside = (at >= k0) & (at < k1)
                 if bool(inside.any()):
                     idx = (at.clamp(k0, k1 - 1) - k0).expand(b, h, c)[..., None]

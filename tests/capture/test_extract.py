@@ -256,7 +256,20 @@ def test_scores_only_census(llama_dir: Path, corpus_txt: Path, tmp_path: Path) -
         str(census), model=str(llama_dir), corpus=str(corpus_txt), scores_only=True, progress=False
     )
     q = "SELECT * FROM heads ORDER BY doc_id, layer, head"
-    assert attnstore.open(str(full)).sql(q) == attnstore.open(str(census)).sql(q)
+    want, got = attnstore.open(str(full)).sql(q), attnstore.open(str(census)).sql(q)
+    # the census runs the fused pass (auto: sdpa for scores-only), the full run eager rows: the
+    # same scores within float32 rounding, every other column identical
+    assert want.schema == got.schema
+    for name in want.column_names:
+        if name in SCORE_COLUMNS:
+            np.testing.assert_allclose(
+                got[name].to_numpy(zero_copy_only=False),
+                want[name].to_numpy(zero_copy_only=False),
+                atol=2e-5,
+                err_msg=name,
+            )
+        else:
+            assert got[name] == want[name], name
     store = attnstore.open(str(census))
     assert store.info()["attention_bytes"] == 0
     assert len(store.token_ids(0)) > 0

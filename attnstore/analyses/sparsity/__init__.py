@@ -321,11 +321,12 @@ class Sparsity:
             if not bool(near.any()):
                 continue
             hs, rs = near.nonzero(as_tuple=True)
-            # each row's float64 sum from the diagonal down (descending c is ascending d)
-            exact = skew[hs, rs].flip(-1).to(torch.float64).cumsum(-1) + run.mass[hs, rs, None]
+            # each row's float64 sum from the diagonal down: its keys in decreasing order (those
+            # above the diagonal come first and are 0), j ↦ k = k0 + K − 1 − j, d = q − k
+            exact = p[hs, rs].flip(-1).to(torch.float64).cumsum(-1) + run.mass[hs, rs, None]
             reached = exact >= level
             hit = reached.any(-1)
-            d = top - (width - 1) + reached.to(torch.int8).argmax(-1)
+            d = qs[rs] - (k0 + n_keys - 1) + reached.to(torch.int8).argmax(-1)
             run.span[level][hs[hit], rs[hit]] = d[hit]
             found[hs[hit], rs[hit]] = True
             mass[hs, rs] = exact[:, -1]
