@@ -118,7 +118,7 @@ class ValueNorm:
         """Hook every self-attention layer's value projection; ``tokenizer`` gives separators.
 
         Encoders are recognised by their attention modules (``is_causal`` False)."""
-        from attnstore.capture import _is_bidirectional
+        from attnstore.capture.model import _is_bidirectional
 
         self.unbind()
         layers = _projections(model)

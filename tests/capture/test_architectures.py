@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import attnstore
-from attnstore import capture, testing
-from attnstore.capture import Extractor, prepare_model
+from attnstore import testing
+from attnstore.capture import Extractor, hook, prepare_model
 from attnstore.codecs import get_codec
 from attnstore.corpus import Document
 from attnstore.errors import AttentionCaptureError, ModelError
@@ -154,12 +154,12 @@ def test_function_path_that_delivers_bad_rows_falls_back_exactly(monkeypatch: An
     good = ex.run(docs)
 
     def halving(*args: Any, **kwargs: Any) -> Any:
-        cap = capture._ACTIVE
+        cap = hook._ACTIVE
         assert cap is not None
         real = cap.consume
         cap.consume = lambda layer, q0, probs: real(layer, q0, probs * 0.5)
         try:
-            return capture._attention(*args, **kwargs)
+            return hook._attention(*args, **kwargs)
         finally:
             cap.consume = real
 
@@ -168,7 +168,7 @@ def test_function_path_that_delivers_bad_rows_falls_back_exactly(monkeypatch: An
         with pytest.warns(UserWarning, match="do not sum to 1"):
             again = ex.run(docs)
     finally:
-        AttentionInterface.register("attnstore", capture._attention)
+        AttentionInterface.register("attnstore", hook._attention)
     assert loaded.path == "output_attentions"
     for a, b in zip(good.codes, again.codes, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)

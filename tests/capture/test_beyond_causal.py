@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from attnstore import capture, testing
-from attnstore.capture import Extractor, prepare_model
+from attnstore import testing
+from attnstore.capture import Extractor, hook, prepare_model
 from attnstore.codecs import get_codec
 from attnstore.corpus import Document
 from attnstore.errors import AttentionCaptureError
@@ -64,12 +64,12 @@ def test_sink_rows_that_lose_the_sink_mass_are_refused() -> None:
     from transformers import AttentionInterface
 
     def forgetful(*args: Any, **kwargs: Any) -> Any:
-        cap = capture._ACTIVE
+        cap = hook._ACTIVE
         assert cap is not None
         real = cap.consume
         cap.consume = lambda layer, q0, probs, sink=None: real(layer, q0, probs)
         try:
-            return capture._attention(*args, **kwargs)
+            return hook._attention(*args, **kwargs)
         finally:
             cap.consume = real
 
@@ -79,7 +79,7 @@ def test_sink_rows_that_lose_the_sink_mass_are_refused() -> None:
         with pytest.raises(AttentionCaptureError, match="do not sum to 1") as err:
             Extractor(loaded, get_codec("float32"), 64)
     finally:
-        AttentionInterface.register("attnstore", capture._attention)
+        AttentionInterface.register("attnstore", hook._attention)
     # eager output_attentions drop the sink too: that path is refused for the same reason
     assert any(f.startswith("output_attentions") and "sum to 1" in f for f in err.value.failures)
 

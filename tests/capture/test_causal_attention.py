@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from attnstore import capture
+from attnstore.capture import hook
 
 
 def _run(mask: torch.Tensor | None, mode: str, q: Any, k: Any, v: Any) -> tuple[Any, Any]:
@@ -17,12 +17,12 @@ def _run(mask: torch.Tensor | None, mode: str, q: Any, k: Any, v: Any) -> tuple[
     def consume(layer: int, q0: int, probs: torch.Tensor) -> None:
         got[q0] = probs.clone()
 
-    cap = capture._Capture(consume, lambda layer: None, mode=mode, chunk_bytes=4 * 2 * 4 * 3 * 11)
-    capture._ACTIVE = cap
+    cap = hook._Capture(consume, lambda layer: None, mode=mode, chunk_bytes=4 * 2 * 4 * 3 * 11)
+    hook._ACTIVE = cap
     try:
-        out, _ = capture._attention(torch.nn.Module(), q, k, v, mask, scaling=0.3)
+        out, _ = hook._attention(torch.nn.Module(), q, k, v, mask, scaling=0.3)
     finally:
-        capture._ACTIVE = None
+        hook._ACTIVE = None
     probs = torch.cat([got[q0] for q0 in sorted(got)], dim=2)
     return out, probs
 
@@ -52,14 +52,14 @@ def test_key_padding_mask_equals_dense_mask(mode: str, left: bool) -> None:
 def test_mask_builder_returns_key_padding_only_during_capture() -> None:
     pad = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     kwargs = {"batch_size": 2, "q_length": 4, "kv_length": 4, "attention_mask": pad}
-    dense = capture._mask(**kwargs)  # outside a capture: transformers' dense mask
+    dense = hook._mask(**kwargs)  # outside a capture: transformers' dense mask
     assert dense.shape == (2, 1, 4, 4)
-    capture._ACTIVE = capture._Capture(lambda *a: None, lambda *a: None)
+    hook._ACTIVE = hook._Capture(lambda *a: None, lambda *a: None)
     try:
-        compact = capture._mask(**kwargs)
-        window = capture._mask(**kwargs, local_size=2)  # not plain causal: dense as before
+        compact = hook._mask(**kwargs)
+        window = hook._mask(**kwargs, local_size=2)  # not plain causal: dense as before
     finally:
-        capture._ACTIVE = None
+        hook._ACTIVE = None
     assert compact.shape == (2, 1, 1, 4)
     assert compact.dtype == torch.bool
     assert compact[:, 0, 0].tolist() == pad.bool().tolist()

@@ -89,7 +89,7 @@ def test_sdpa_mode_leaves_model_outputs_unchanged(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from attnstore import capture
+    from attnstore.capture import hook
 
     folder = request.getfixturevalue(arch)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -100,13 +100,13 @@ def test_sdpa_mode_leaves_model_outputs_unchanged(
     with torch.no_grad():
         expected = eager(**batch).logits
         for mode in ("eager", "sdpa"):
-            capture._ACTIVE = capture._Capture(
+            hook._ACTIVE = hook._Capture(
                 lambda *a: None, lambda *a: None, mode=mode, chunk_bytes=2048
             )
             try:
                 got = loaded.model(**batch).logits
             finally:
-                capture._ACTIVE = None
+                hook._ACTIVE = None
             real = batch["attention_mask"].bool()
             torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
 
