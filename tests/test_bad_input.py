@@ -66,8 +66,8 @@ def test_huge_line_is_truncated_in_bounded_memory(
     tmp_path: Path, llama_dir: Path, megabytes: int
 ) -> None:
     """Tokenization reads only what --max-length can use; the child's peak memory is bounded."""
-    import os
     import subprocess
+    import sys
 
     from tests.helpers import extract_command
 
@@ -77,14 +77,22 @@ def test_huge_line_is_truncated_in_bounded_memory(
             fh.write("word " * 209_715)
         fh.write("\nsmall\n")
     out = tmp_path / "s.attn"
-    proc = subprocess.Popen(
-        extract_command(out, llama_dir, corpus, "--max-length", "32"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    # The child's peak is read by a small launcher (RUSAGE_CHILDREN): a child forked straight from
+    # this test process would report this process's own peak, which ru_maxrss keeps across exec.
+    launcher = (
+        "import resource, subprocess, sys\n"
+        "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.exit(code)\n"
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read() if proc.stderr else ""
-    assert usage.ru_maxrss * 1024 < HUGE_LINE_PEAK_BYTES, f"peak RSS {usage.ru_maxrss} KiB"
+    done = subprocess.run(
+        [sys.executable, "-c", launcher,
+         *extract_command(out, llama_dir, corpus, "--max-length", "32")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    peak_kib = int(done.stdout.split()[-1])
+    assert peak_kib * 1024 < HUGE_LINE_PEAK_BYTES, f"peak RSS {peak_kib} KiB"
     row = (
         attnstore.open(str(out))
         .sql("SELECT n_tokens, n_tokens_input, n_chars, truncated FROM docs WHERE doc_id = 0")
