@@ -448,7 +448,12 @@ class Extractor:
                     masks,
                     scaling=scaling,
                     softcap=softcap,
-                    block_bytes=min(self.chunk_bytes // 8, 1 << 21),
+                    # at least 128 × 128 per document and head: smaller tiles (a batch of
+                    # many short documents) cost more in per-operation overhead than in cache
+                    block_bytes=max(
+                        min(self.chunk_bytes // 8, 1 << 21),
+                        min(self.chunk_bytes, 4 * query.shape[0] * query.shape[1] * 128 * 128),
+                    ),
                     lse=lse,
                     tile=(
                         None
