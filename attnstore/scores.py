@@ -376,9 +376,7 @@ def online_layer_scores(
         k_f = torch.cat([key.float(), key.new_ones((*key.shape[:-1], 1), dtype=torch.float32)], -1)
     kpos = torch.arange(t, device=dev)
     weights = torch.stack([torch.ones(t, device=dev), kpos.float()], dim=-1)  # [T, 2]: Σp, Σp·k
-    per_head = max(1, block_bytes // (4 * b * h))
-    q_block = max(1, min(q_block, t, max(16, math.isqrt(per_head))))
-    k_block = max(16, per_head // q_block)
+    q_block, k_block = _tile_sides(b, h, t, block_bytes, q_block)
     lengths = (masks.n_queries + 1).tolist()  # a document's length (|Q1| = n − 1)
     short = [(i, int(n)) for i, n in enumerate(lengths) if n < t] if tile else []
     buffers: dict[str, torch.Tensor] = {}
@@ -465,6 +463,17 @@ def online_layer_scores(
     return acc.result()
 
 
+def _tile_sides(
+    b: int, h: int, t: int, block_bytes: int, q_block: int = 256
+) -> tuple[int, int]:
+    """Rows and keys of a square-ish tile of ≤ ``block_bytes`` float32 logits for ``b`` documents
+    and ``h`` heads (thin tiles waste the matmul; wide diagonal ones compute more of the upper
+    triangle)."""
+    per_head = max(1, block_bytes // (4 * b * h))
+    rows = max(1, min(q_block, t, max(16, math.isqrt(per_head))))
+    return rows, max(16, per_head // rows)
+
+
 def _tile_buffer(
     buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
@@ -498,9 +507,7 @@ def row_lse(
     b, h, t, _ = query.shape
     dev = query.device
     q_f, k_f = query.float() * scaling, key.float()
-    per_head = max(1, block_bytes // (4 * b * h))
-    q_block = max(1, min(256, t, max(16, math.isqrt(per_head))))
-    k_block = max(16, per_head // q_block)
+    q_block, k_block = _tile_sides(b, h, t, block_bytes)
     kpos = torch.arange(t, device=dev)
     out = torch.empty((b, h, t), device=dev)
     for q0 in range(0, t, q_block):

@@ -150,6 +150,9 @@ class _Layer:
     #: its rows' running state (:class:`_Run`)
     block: int = -1
     runs: dict[int, _Run] = field(default_factory=dict)
+    #: per needle document (batch index) whose answer rows lie in the block: (rows in the block,
+    #: wanted ids, best value, best key) of the running argmax
+    answers: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,7 +163,6 @@ class _Run:
     mass: Any  # float64 [H, R]: Σ of the row's tiles seen so far (the diagonal's and below)
     span: dict[float, Any]  # level → int64 [H, R]: D_p where found
     found: dict[float, Any]  # level → bool [H, R]
-    answers: Any = None  # retrieval: (rows in the block, wanted ids, best value, best key)
 
 
 class Sparsity:
@@ -253,7 +255,7 @@ class Sparsity:
         n_rows, n_keys = probs.shape[2], probs.shape[3]
         q1 = q0 + n_rows
         if state.block != q0:
-            state.block, state.runs = q0, {}
+            state.block, state.runs, state.answers = q0, {}, {}
         with torch.no_grad():
             for doc in self._docs:
                 lo, hi = max(q0, 1), min(q1, doc.n)
@@ -354,20 +356,20 @@ class Sparsity:
         import torch
 
         n_rows, n_keys = probs.shape[2], probs.shape[3]
-        run = state.runs.setdefault(-1 - doc.index, _Run(q0, None, {}, {}))
-        if run.answers is None:
+        if doc.index not in state.answers:
             mine = [(a, t) for a, t in zip(doc.answers, doc.answer_ids, strict=True)
                     if q0 <= a - 1 < q0 + n_rows]  # fmt: skip
             if not mine:
-                run.answers = ()
+                state.answers[doc.index] = ()
                 return
             rows = torch.tensor([a - 1 - q0 for a, _ in mine], device=probs.device)
             want = torch.tensor([t for _, t in mine], device=probs.device)
             best = torch.full((probs.shape[1], len(mine)), -1.0, device=probs.device)
-            run.answers = (rows, want, best, torch.zeros_like(best, dtype=torch.int64))
-        if not run.answers:
+            at = torch.zeros_like(best, dtype=torch.int64)
+            state.answers[doc.index] = (rows, want, best, at)
+        if not state.answers[doc.index]:
             return
-        rows, want, best, at = run.answers
+        rows, want, best, at = state.answers[doc.index]
         width = min(n_keys, doc.n - k0)
         if width <= 0:
             return
@@ -379,14 +381,12 @@ class Sparsity:
         """The block of rows is complete: its rows' spans and retrieval hits join the sums."""
         import torch
 
+        for i, found in state.answers.items():
+            if found:
+                doc = self._docs[i]
+                _, want, _, at = found
+                state.hits[doc.index] += _hits(doc, at, want)
         for i, run in state.runs.items():
-            if i < 0:  # retrieval of document -1 - i
-                if run.answers:
-                    doc = self._docs[-1 - i]
-                    _, want, _, at = run.answers
-                    hit = doc.is_value[at] & (doc.ids[at] == want[None, :])
-                    state.hits[doc.index] += hit.sum(-1)
-                continue
             for level in SPAN_LEVELS:
                 # rows without mass reach 0 at D = 0 (as on the row path); a row with some mass
                 # that never reaches p is not a softmax row: refused, not guessed
@@ -398,7 +398,7 @@ class Sparsity:
                     )
                 span = torch.where(run.found[level], run.span[level], 0)
                 state.sums[f"span{round(level * 100)}"][i] += span.sum(-1).to(torch.float64)
-        state.runs = {}
+        state.runs, state.answers = {}, {}
 
     def end(self) -> Mapping[str, pa.Table]:
         for layer in sorted(self._layers):
@@ -514,8 +514,7 @@ class Sparsity:
         # [H, m, K]: entries above the diagonal are 0, so the first maximum is at k ≤ q
         best = probs[doc.index, :, rows, :n_keys].argmax(dim=-1)
         want = torch.tensor([t for _, t in mine], device=probs.device)
-        hit = doc.is_value[best] & (doc.ids[best] == want[None, :])
-        state.hits[doc.index] += hit.sum(-1)
+        state.hits[doc.index] += _hits(doc, best, want)
 
     def _finish(self, layer: int) -> None:
         """Turn one layer's accumulators into rows and drop them."""
@@ -552,6 +551,13 @@ class Sparsity:
             rows["n_queries"].append(np.full(n_heads, max(nq, 0), np.int32))
             n_ret = len(doc.answers) if doc.n >= 2 else 0
             rows["n_retrieval"].append(np.full(n_heads, n_ret, np.int32))
+
+
+def _hits(doc: _Doc, best: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Per head, how many answer rows' first argmax key ``best`` ``[H, m]`` lies in the value and
+    holds the answer token ``want`` ``[m]``."""
+    hit: torch.Tensor = doc.is_value[best] & (doc.ids[best] == want[None, :])
+    return hit.sum(-1)
 
 
 def _needle_row(doc_id: int, depth: float, aligned: AlignedNeedle) -> dict[str, Any]:
