@@ -32,7 +32,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -44,6 +44,7 @@ __all__ = [
     "SCORE_COLUMNS",
     "BatchMasks",
     "LayerScores",
+    "TileStats",
     "batch_masks",
     "key_pairs",
     "online_layer_scores",
@@ -315,7 +316,9 @@ def online_layer_scores(
     block_bytes: int = 1 << 21,
     q_block: int = 256,
     lse: torch.Tensor | None = None,
-    tile: Callable[[int, int, torch.Tensor], None] | None = None,
+    tile: Callable[..., None] | None = None,
+    stats_levels: tuple[float, ...] | None = None,
+    kernel: bool = True,
 ) -> dict[str, np.ndarray]:
     """Every score from the layer's queries and keys, without materialising its attention.
 
@@ -355,6 +358,12 @@ def online_layer_scores(
     lse
         ``[doc, head, q_pos]`` float32, the log-sum-exp of each row's (soft-capped, masked)
         logits; None: computed here.
+    stats_levels
+        Not None: ``tile`` takes a fourth argument, the tile's :class:`TileStats` (span levels
+        ``stats_levels``), wherever the compiled pass runs; elsewhere it gets ``None`` there.
+    kernel
+        Use the compiled per-tile loop (:mod:`attnstore.kernels`) where it applies (CPU, plain
+        causal attention, no soft cap) and builds; False: the torch path, its reference.
     """
     import torch
 
@@ -374,9 +383,15 @@ def online_layer_scores(
     else:
         q_f = torch.cat([query.float() * scaling, -lse[..., None]], dim=-1)
         k_f = torch.cat([key.float(), key.new_ones((*key.shape[:-1], 1), dtype=torch.float32)], -1)
+    q_block, k_block = _tile_sides(b, h, t, block_bytes, q_block)
+    compiled = _kernel() if kernel and dev.type == "cpu" and allowed is None and not softcap else None
+    if compiled is not None:
+        _kernel_pass(
+            compiled, q_f, k_f, masks, acc, q_block, k_block, tile, stats_levels
+        )
+        return acc.result()
     kpos = torch.arange(t, device=dev)
     weights = torch.stack([torch.ones(t, device=dev), kpos.float()], dim=-1)  # [T, 2]: Σp, Σp·k
-    q_block, k_block = _tile_sides(b, h, t, block_bytes, q_block)
     lengths = (masks.n_queries + 1).tolist()  # a document's length (|Q1| = n − 1)
     short = [(i, int(n)) for i, n in enumerate(lengths) if n < t] if tile else []
     buffers: dict[str, torch.Tensor] = {}
@@ -388,13 +403,7 @@ def online_layer_scores(
         zmax = torch.full((b, h, c), -math.inf, device=dev)
         fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
         picked = {name: torch.zeros((b, h, c), device=dev) for name in fixed}
-        pairs = {}
-        for kind in ("dup", "ind"):
-            found = list(key_pairs(masks, kind, q0, q1, max_pairs=1 << 62))
-            if found:
-                doc, q, k = found[0]
-                order = torch.argsort(k, stable=True)
-                pairs[kind] = (doc[order], q[order] - q0, k[order])
+        pairs = _block_pairs(masks, q0, q1)
         for k0 in reversed(range(0, q1, k_block)):
             k1 = min(k0 + k_block, q1)
             qt, kt = q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT
@@ -413,54 +422,229 @@ def online_layer_scores(
                 p.masked_fill_(hidden, 0.0)
             if allowed is not None:
                 p.masked_fill_(~allowed[..., q0:q1, k0:k1], 0.0)
-            for name, at in fixed.items():
-                # key 0 lies in the last tile, keys q − 1 and q in the diagonal one(s)
-                if (k0 > 0) if name == "sink" else (k1 < q0 - 1 or k0 > q1 - 1):
-                    continue
-                inside = (at >= k0) & (at < k1)
-                if bool(inside.any()):
-                    idx = (at.clamp(k0, k1 - 1) - k0).expand(b, h, c)[..., None]
-                    picked[name] += torch.where(inside, p.gather(-1, idx)[..., 0], 0.0)
+            _pick(picked, fixed, p, q0, k0)
             kw = k1 - k0
             sums = p @ weights[k0:k1]  # [doc, head, C, 2]
             state[0] += sums[..., 0]
             state[2] += sums[..., 1]
             state[1] += (p.reshape(-1, 1, kw) @ z.reshape(-1, kw, 1)).view(b, h, c)
             for slot, kind in ((3, "dup"), (4, "ind")):
-                if kind in pairs:
-                    doc, row, key_at = pairs[kind]
-                    lo = int(torch.searchsorted(key_at, k0))
-                    hi = int(torch.searchsorted(key_at, k1))
-                    if hi > lo:
-                        sel = slice(lo, hi)
-                        part = torch.zeros((b, c, h), device=dev)
-                        part.index_put_(
-                            (doc[sel], row[sel]),
-                            p[doc[sel], :, row[sel], key_at[sel] - k0],
-                            accumulate=True,
-                        )
-                        state[slot] += part.transpose(1, 2)
+                _add_pairs(state[slot], pairs.get(kind), p, k0)
             if tile is not None:
                 for i, n in short:  # rows past a document's length carry no weight
                     if n < q1:
                         p[i, :, max(n - q0, 0) :] = 0.0
-                tile(q0, k0, p)
+                tile(q0, k0, p) if stats_levels is None else tile(q0, k0, p, None)
             del z, p
-        l = state[0].clamp_min(torch.finfo(torch.float32).tiny)
-        acc.add_rows(
-            q0,
-            {
-                "prev_token": picked["prev"] / l,
-                "sink": picked["sink"] / l,
-                "self": picked["self"] / l,
-                "duplicate": state[3] / l,
-                "induction": state[4] / l,
-                "entropy": (torch.log(l) - state[1] / l) / masks.log_norm[q0:q1],
-                "max_weight": torch.exp(zmax.clamp_min(EXP_FLOOR)) / l,
-                "mean_distance": qpos.to(torch.float32) - state[2] / l,
-            },
-        )
+        _add_block(acc, masks, q0, picked, state, zmax)
     return acc.result()
+
+
+def _block_pairs(
+    masks: BatchMasks, q0: int, q1: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The duplicate and induction (doc, row in the block, key) pairs of rows ``q0 … q1 - 1``,
+    sorted by key (each tile takes its keys' run by binary search)."""
+    import torch
+
+    pairs = {}
+    for kind in ("dup", "ind"):
+        found = list(key_pairs(masks, kind, q0, q1, max_pairs=1 << 62))
+        if found:
+            doc, q, k = found[0]
+            order = torch.argsort(k, stable=True)
+            pairs[kind] = (doc[order], q[order] - q0, k[order])
+    return pairs
+
+
+def _add_pairs(
+    total: torch.Tensor,
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    p: torch.Tensor,
+    k0: int,
+) -> None:
+    """Add to ``total`` ``[doc, head, C]`` the weights of tile ``p`` (keys ``k0 …``) at the pairs
+    of one key set whose key lies in the tile."""
+    import torch
+
+    if pairs is None:
+        return
+    b, h, c, kw = p.shape
+    doc, row, key_at = pairs
+    lo = int(torch.searchsorted(key_at, k0))
+    hi = int(torch.searchsorted(key_at, k0 + kw))
+    if hi > lo:
+        sel = slice(lo, hi)
+        part = torch.zeros((b, c, h), dtype=p.dtype, device=p.device)
+        part.index_put_(
+            (doc[sel], row[sel]), p[doc[sel], :, row[sel], key_at[sel] - k0], accumulate=True
+        )
+        total += part.transpose(1, 2).to(total.dtype)
+
+
+def _pick(
+    picked: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor], p: torch.Tensor,
+    q0: int, k0: int,
+) -> None:  # fmt: skip
+    """Add the weights at keys q − 1, q and 0 (``fixed``) that lie in tile ``p``."""
+    import torch
+
+    b, h, c, kw = p.shape
+    k1, q1 = k0 + kw, q0 + c
+    for name, at in fixed.items():
+        # key 0 lies in the last tile, keys q − 1 and q in the diagonal one(s)
+        if (k0 > 0) if name == "sink" else (k1 < q0 - 1 or k0 > q1 - 1):
+            continue
+        inside = (at >= k0) & (at < k1)
+        if bool(inside.any()):
+            idx = (at.clamp(k0, k1 - 1) - k0).expand(b, h, c)[..., None]
+            got = torch.where(inside, p.gather(-1, idx)[..., 0], 0.0)
+            picked[name] += got.to(picked[name].dtype)
+
+
+def _add_block(
+    acc: LayerScores, masks: BatchMasks, q0: int, picked: dict[str, torch.Tensor],
+    state: torch.Tensor, zmax: torch.Tensor,
+) -> None:  # fmt: skip
+    """A finished block of rows: ``state`` holds Σp, Σp·z, Σp·k and the duplicate and induction
+    sums (``[5, doc, head, C]``), ``zmax`` each row's largest logit minus its lse."""
+    import torch
+
+    c = state.shape[-1]
+    qpos = torch.arange(q0, q0 + c, device=state.device)
+    l = state[0].clamp_min(torch.finfo(torch.float32).tiny)
+    acc.add_rows(
+        q0,
+        {
+            "prev_token": picked["prev"] / l,
+            "sink": picked["sink"] / l,
+            "self": picked["self"] / l,
+            "duplicate": state[3] / l,
+            "induction": state[4] / l,
+            "entropy": (torch.log(l) - state[1] / l) / masks.log_norm[q0 : q0 + c],
+            "max_weight": torch.exp(zmax.clamp_min(EXP_FLOOR)) / l,
+            "mean_distance": qpos.to(state.dtype) - state[2] / l,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class TileStats:
+    """What the compiled pass measured on one tile (rows ``q0 … q0 + R``, keys ``k0 … k0 + K``)
+    besides the weights, for the sparsity table (``schemas/sparsity.md``); rows outside a
+    document's queries (``q = 0``, ``q ≥ n``) contribute nothing."""
+
+    col: torch.Tensor  # [doc, head, K] float32: Σ_q p (column masses)
+    #: [doc, head, R + K - 1] float32: Σ p over the tile's diagonal d = q0 + R - 1 - k0 - j
+    diag: torch.Tensor
+    local: torch.Tensor  # [doc, head, R] float64: Σ p over q - k < 64
+    recent: torch.Tensor  # [doc, head, R] float64: Σ p over q - k < 256
+    #: at the block's last tile (k0 = 0), per span level: ``[doc, head, R]`` int64, the smallest
+    #: D with Σ_{q-D ≤ k ≤ q} p ≥ level, from the row's float64 sum (−1: not a query); else None
+    span: dict[float, torch.Tensor] | None
+
+
+def _kernel() -> Any:
+    from attnstore.kernels import census_kernel
+
+    return census_kernel()
+
+
+def _kernel_pass(
+    kernel: Any,
+    q_f: torch.Tensor,
+    k_f: torch.Tensor,
+    masks: BatchMasks,
+    acc: LayerScores,
+    q_block: int,
+    k_block: int,
+    tile: Callable[..., None] | None,
+    levels: tuple[float, ...] | None,
+) -> None:
+    """:func:`online_layer_scores` through the compiled loop (``attnstore/kernels/census.c``):
+    per tile one ``q·k`` product, then one loop writing the weights and every row, column and
+    diagonal sum. Runs on one thread (torch's threads would spin idle beside the loop, doubling
+    its CPU time for nothing). Float64 row state."""
+    import torch
+
+    b, h, t, _ = q_f.shape
+    n = b * h
+    f64 = torch.float64
+    lengths = (masks.n_queries + 1).to(torch.int64).contiguous()
+    span_levels = tuple(levels or ())
+    level_t = torch.tensor(span_levels, dtype=f64).reshape(-1, 1, 1)
+    buffers: dict[str, torch.Tensor] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for q0 in range(0, t, q_block):
+            q1 = min(q0 + q_block, t)
+            c = q1 - q0
+            qpos = torch.arange(q0, q1)
+            state = torch.zeros((5, b, h, c), dtype=f64)  # Σp, Σp·z, Σp·k, dup, ind
+            zmax = torch.full((n, c), -math.inf)
+            fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
+            picked = {name: torch.zeros((b, h, c), dtype=f64) for name in fixed}
+            pairs = _block_pairs(masks, q0, q1)
+            mass = torch.zeros((n, c), dtype=f64)  # each row's weight on the keys seen so far
+            span = torch.full((len(span_levels), n, c), -1, dtype=torch.int64)
+            rows = state[:3].view(3, n, c)
+            for k0 in reversed(range(0, q1, k_block)):
+                k1 = min(k0 + k_block, q1)
+                z = _tile_buffer(buffers, "z", (b, h, c, k1 - k0), q_f.device)
+                torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # s − lse
+                thr = torch.where(span >= 0, math.inf, level_t - mass).contiguous()
+                out = kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, thr)
+                p = z  # now the weights
+                rows[0] += out["l"]
+                rows[1] += out["pz"]
+                rows[2] += out["pk"]
+                torch.maximum(zmax, out["zmax"], out=zmax)
+                mass += out["mass"]
+                hit = (out["at"] >= 0) & (span < 0)
+                span = torch.where(hit, qpos - out["at"], span)
+                _pick(picked, fixed, p, q0, k0)
+                for slot, kind in ((3, "dup"), (4, "ind")):
+                    _add_pairs(state[slot], pairs.get(kind), p, k0)
+                if tile is None:
+                    continue
+                if levels is None:
+                    tile(q0, k0, p)
+                    continue
+                done = None
+                if k0 == 0:
+                    done = _spans(span, mass, masks, q0, span_levels, b, h)
+                stats = TileStats(
+                    col=out["col"].view(b, h, -1), diag=out["diag"].view(b, h, -1),
+                    local=out["loc"].view(b, h, c), recent=out["rec"].view(b, h, c), span=done,
+                )  # fmt: skip
+                tile(q0, k0, p, stats)
+            _add_block(acc, masks, q0, picked, state, zmax.view(b, h, c).to(f64))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _spans(
+    span: torch.Tensor, mass: torch.Tensor, masks: BatchMasks, q0: int,
+    levels: tuple[float, ...], b: int, h: int,
+) -> dict[float, torch.Tensor]:  # fmt: skip
+    """A block's spans per level ``[doc, head, R]`` (−1 off the queries), from the found keys; a
+    query row with weight that never reaches a level is not a softmax row: refused."""
+    import torch
+
+    c = span.shape[-1]
+    valid = masks.valid_q[:, q0 : q0 + c].cpu()[:, None, :].expand(b, h, c)
+    out = {}
+    for j, level in enumerate(levels):
+        d = span[j].view(b, h, c)
+        short = valid & (d < 0) & (mass.view(b, h, c) > 0)
+        if bool(short.any()):
+            raise ValueError(
+                f"a row of the tile path has mass {float(mass.view(b, h, c)[short].max()):.6g}, "
+                f"below span level {level}: tiles must hold softmax rows (mass 1)"
+            )
+        out[level] = torch.where(valid, d.clamp_min(0), -1)
+    return out
 
 
 def _tile_sides(

@@ -149,12 +149,32 @@ class AnalysisRunner:
         mode hands them cache-sized tiles of the fused pass instead of materialised row blocks."""
         return bool(self._active) and all(callable(getattr(a, "tile", None)) for a in self._active)
 
-    def tile(self, layer: int, q0: int, k0: int, probs: torch.Tensor) -> None:
+    def tile(
+        self, layer: int, q0: int, k0: int, probs: torch.Tensor, stats: Any = None
+    ) -> None:
         """One tile of ``layer``: rows ``q0 …``, keys ``k0 …`` (``[doc, head, C, K]`` float32; 0 above
         the diagonal and on rows past a length). The tiles of a block of rows come from the
-        diagonal down to ``k0 = 0``, every tile of one block before the next block."""
+        diagonal down to ``k0 = 0``, every tile of one block before the next block. ``stats``:
+        the census pass's :class:`~attnstore.scores.TileStats` of the tile, for the built-in
+        analyses that read them (``tile_stats``), or None."""
         for a in self._active:
-            self._call(a, "tile", layer, q0, k0, probs)
+            if stats is not None and callable(getattr(a, "tile_stats", None)):
+                self._call(a, "tile_stats", layer, q0, k0, probs, stats)
+            else:
+                self._call(a, "tile", layer, q0, k0, probs)
+
+    @property
+    def stats_levels(self) -> tuple[float, ...] | None:
+        """The span levels the active analyses read from the census pass's tile statistics
+        (``tile_stats`` and ``span_levels``), or None when none reads them."""
+        levels = {
+            float(x)
+            for a in self._active
+            if callable(getattr(a, "tile_stats", None))
+            for x in getattr(a, "span_levels", ())
+        }
+        wants = any(callable(getattr(a, "tile_stats", None)) for a in self._active)
+        return tuple(sorted(levels)) if wants else None
 
     def end(self) -> dict[str, pa.Table]:
         """Every active analysis's checked tables of this batch, by table name."""

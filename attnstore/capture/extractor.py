@@ -458,8 +458,9 @@ class Extractor:
                     tile=(
                         None
                         if runner is None or not runner.active
-                        else lambda q0, k0, p: runner.tile(layer, q0, k0, p)
+                        else lambda q0, k0, p, stats=None: runner.tile(layer, q0, k0, p, stats)
                     ),
+                    stats_levels=None if runner is None else runner.stats_levels,
                 )
                 for name, v in values.items():
                     score_arrays[name][:, li, :] = v

@@ -709,3 +709,60 @@ def test_extract_refuses_a_needle_corpus_the_tokenizer_cannot_carry(
     )
     assert bad.exit_code == 1
     assert "depth must be in [0, 1]" in bad.output
+
+
+# ------------------------------------------------------------------------------------------------
+# the census pass: scores.online_layer_scores feeding the analysis (compiled loop and torch path)
+# ------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(1, 120), min_size=1, max_size=3),
+    n_heads=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+    pad=st.integers(0, 3),
+    scale=st.sampled_from([0.2, 1.0, 4.0]),
+    tile_keys=st.integers(16, 70),
+    kernel=st.booleans(),
+)
+def test_census_pass_feeds_the_spec(
+    lengths: list[int], n_heads: int, seed: int, pad: int, scale: float, tile_keys: int,
+    kernel: bool,
+) -> None:  # fmt: skip
+    """The scores-only census: weights from queries and keys in tiles, the compiled loop's tile
+    statistics (``tile_stats``) or the torch path's tiles; the table equals the spec read from the
+    full matrices of the same weights, and those weights are the softmax of the logits."""
+    from attnstore.scores import batch_masks, online_layer_scores
+
+    batch, _mats, ids, marks = make_batch(lengths, n_heads, seed, pad, True, unit_rows=True)
+    b, t, d = len(lengths), batch.token_ids.shape[1], 8
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n_heads, t, d, generator=gen) * scale
+    k = torch.randn(b, n_heads, t, d, generator=gen) * scale
+    analysis = Sparsity()
+    analysis.begin(batch)
+    full = torch.zeros(b, n_heads, t, t)
+
+    def tile(q0: int, k0: int, p: torch.Tensor, stats: Any = None) -> None:
+        full[:, :, q0 : q0 + p.shape[2], k0 : k0 + p.shape[3]] = p
+        analysis.tile_stats(2, q0, k0, p, stats)
+
+    online_layer_scores(
+        q, k, None, batch_masks(batch.token_ids, batch.lengths), scaling=0.5,
+        block_bytes=4 * b * n_heads * tile_keys * tile_keys, tile=tile,
+        stats_levels=Sparsity.span_levels, kernel=kernel,
+    )  # fmt: skip
+    pos = torch.arange(t)
+    allowed = (pos[None, :] <= pos[:, None])[None, None] & (pos < batch.lengths[:, None])[
+        :, None, None, :
+    ]
+    softmax = torch.softmax((q @ k.mT * 0.5).masked_fill(~allowed, -math.inf), -1)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(full[i, :, :n, :n], softmax[i, :, :n, :n], atol=1e-6, rtol=1e-5)
+        assert not full[i, :, n:].any()  # rows past the length carry no weight
+    expected = {
+        (100 + i, 2): reference(full[i, :, :n, :n].numpy(), ids[i], marks[i])
+        for i, n in enumerate(lengths)
+    }
+    check(analysis.end()["sparsity"], batch, expected, rel=1e-5)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from attnstore.abc.analysis import Batch
     from attnstore.needles import Needle
+    from attnstore.scores import TileStats
 
 __all__ = [
     "COLUMNS",
@@ -175,6 +176,8 @@ class Sparsity:
     name = "sparsity"
     schema = SCHEMA
     extra_schemas: Final = {"needles": NEEDLES_SCHEMA}
+    #: the levels whose spans :meth:`tile_stats` reads from the census pass
+    span_levels: Final = SPAN_LEVELS
 
     def __init__(self) -> None:
         self._docs: list[_Doc] = []
@@ -298,15 +301,8 @@ class Sparsity:
         recent = band(STREAM_RECENT)
         if recent is not None:
             sums["stream"][i] += recent.sum(-1)
+        self._first_keys(state, doc, p, lo, k0)
         qs = torch.arange(lo, lo + n_rows, device=dev)
-        if k0 < STREAM_SINK:  # Σ_{k < m} with m = min(128, q − 255): keys outside the recent window
-            w = min(n_keys, STREAM_SINK - k0)
-            sink_end = (qs - (STREAM_RECENT - 1)).clamp(min=0, max=STREAM_SINK)
-            keys = torch.arange(k0, k0 + w, device=dev)
-            outside = keys[None, :] < sink_end[:, None]
-            sums["stream"][i] += (p[:, :, :w] * outside).sum((1, 2))
-        if k0 < SINK_TOKENS:
-            sums["sink4"][i] += p[:, :, : SINK_TOKENS - k0].sum((1, 2))
         run = state.runs.get(i)
         if run is None:
             zeros = torch.zeros((n_heads, n_rows), dtype=torch.float64, device=dev)
@@ -333,6 +329,69 @@ class Sparsity:
             found[hs[hit], rs[hit]] = True
             mass[hs, rs] = exact[:, -1]
         run.mass = mass
+
+    @staticmethod
+    def _first_keys(state: _Layer, doc: _Doc, p: torch.Tensor, lo: int, k0: int) -> None:
+        """``sink4`` and the sink part of ``stream`` from the first keys, when the tile ``p``
+        (``[H, R, K]``, rows ``lo …``, keys ``k0 …``) holds them."""
+        import torch
+
+        sums, i, n_keys = state.sums, doc.index, p.shape[2]
+        if k0 < STREAM_SINK:  # Σ_{k < m} with m = min(128, q − 255): keys outside the recent window
+            w = min(n_keys, STREAM_SINK - k0)
+            qs = torch.arange(lo, lo + p.shape[1], device=p.device)
+            sink_end = (qs - (STREAM_RECENT - 1)).clamp(min=0, max=STREAM_SINK)
+            keys = torch.arange(k0, k0 + w, device=p.device)
+            outside = keys[None, :] < sink_end[:, None]
+            sums["stream"][i] += (p[:, :, :w] * outside).sum((1, 2))
+        if k0 < SINK_TOKENS:
+            sums["sink4"][i] += p[:, :, : SINK_TOKENS - k0].sum((1, 2))
+
+    def tile_stats(
+        self, layer: int, q0: int, k0: int, probs: torch.Tensor, stats: TileStats | None
+    ) -> None:
+        """:meth:`tile` with what the compiled census pass already measured on the tile
+        (:class:`attnstore.scores.TileStats`: column, diagonal and window masses, and each
+        row's span at the block's last tile), so only the first keys and the needle rows are
+        read from ``probs`` here. ``stats`` None: :meth:`tile`."""
+        import torch
+
+        if stats is None:
+            self.tile(layer, q0, k0, probs)
+            return
+        state = self._layers.get(layer)
+        if state is None:
+            state = self._layers[layer] = self._new_layer(probs.shape[1], probs.device)
+        n_rows, n_keys = probs.shape[2], probs.shape[3]
+        q1 = q0 + n_rows
+        if state.block != q0:
+            state.block, state.runs, state.answers = q0, {}, {}
+        top = q1 - 1 - k0  # the offset d of the stats' diagonal column 0
+        with torch.no_grad():
+            for doc in self._docs:
+                i, lo, hi = doc.index, max(q0, 1), min(q1, doc.n)
+                if lo < hi and k0 < hi:
+                    keys = min(n_keys, hi - k0)
+                    state.cols[i][:, k0 : k0 + keys] += stats.col[i, :, :keys]
+                    first, last = max(0, top - (doc.n - 1)), min(n_rows + n_keys - 2, top)
+                    if first <= last:  # columns first … last: d from top − first down
+                        state.diags[i][:, top - last : top - first + 1] += stats.diag[
+                            i, :, first : last + 1
+                        ].flip(-1)
+                    state.sums["local64"][i] += stats.local[i].sum(-1)
+                    state.sums["stream"][i] += stats.recent[i].sum(-1)
+                    p = probs[i, :, lo - q0 : hi - q0, :keys]
+                    self._first_keys(state, doc, p, lo, k0)
+                if doc.answers:
+                    self._retrieval_tile(state, doc, q0, k0, probs)
+                if k0 == 0 and stats.span is not None:
+                    for level, d in stats.span.items():
+                        name = f"span{round(level * 100)}"
+                        state.sums[name][i] += d[i].clamp_min(0).sum(-1).to(torch.float64)
+            if k0 == 0:
+                self._close_block(state)
+                if q1 >= self._length:
+                    self._finish(layer)
 
     def _skew(self, n_heads: int, n_rows: int, n_keys: int, device: Any) -> torch.Tensor:
         """The zeroed float32 buffer of :meth:`_tile`'s skewed copy for one tile shape, reused

@@ -1,0 +1,180 @@
+"""Compiled loops for the census's hot path, built at first use; the torch code is their reference.
+
+The census pass (:func:`attnstore.scores.online_layer_scores`) visits every (query, key) element
+below the diagonal once per layer and head. In torch each tile costs ~15 separate passes over
+memory (``exp``, a clamp, a max, sums, the sparsity table's column, diagonal and window masses,
+each row's span search), and their count, not the arithmetic, is what made a census cost 3× the
+forward pass on a CPU. ``census.c`` does all of it in one loop per row: it is compiled with the
+system's C compiler (``$CC`` or ``cc``) the first time it is needed and cached under
+``$ATTNSTORE_CACHE`` (default ``~/.cache/attnstore/kernels``), keyed by the source, the compiler
+flags and the CPU, and loaded with :mod:`ctypes` (no Python headers, no torch extension build:
+about a second to compile). Where no compiler works, or ``ATTNSTORE_KERNELS=off`` is set, it is
+not used and the torch path runs: same results within float32 rounding, slower.
+
+The loop runs on one thread per call (ctypes releases the GIL); the ``q·k`` products around it
+keep torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CensusKernel", "census_kernel", "disabled"]
+
+_SOURCE: Final = Path(__file__).with_name("census.c")
+#: compiler flag sets, tried in order (the first that builds is kept)
+_FLAGS: Final = (
+    (
+        "-O3",
+        "-march=native",
+        "-mprefer-vector-width=512",
+        "-fopenmp-simd",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+    ),
+    ("-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"),
+    ("-O2",),
+)
+
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}
+
+
+def disabled() -> bool:
+    """Whether ``ATTNSTORE_KERNELS=off`` (or ``0``/``false``) turns the compiled loops off."""
+    return os.environ.get("ATTNSTORE_KERNELS", "").strip().lower() in ("off", "0", "false", "no")
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("ATTNSTORE_CACHE")
+    return Path(base) if base else Path.home() / ".cache" / "attnstore" / "kernels"
+
+
+def _cpu_tag() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    wanted = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(wanted))) or platform.platform()
+
+
+def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> bool:
+    """Build ``target`` from ``source``; False where the compiler is missing or refuses."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *flags, "-shared", "-fPIC", "-std=c99", "-o", tmp, str(source), "-lm"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        os.replace(tmp, target)  # atomic: a concurrent build never loads half a file
+    except (OSError, subprocess.SubprocessError):
+        Path(tmp).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _build(source: Path) -> ctypes.CDLL | None:
+    """Compile ``source`` into a cached shared library and load it; None where that fails."""
+    compiler = os.environ.get("CC", "cc")
+    code = source.read_bytes()
+    for flags in _FLAGS:
+        key = hashlib.sha256(
+            b"\0".join([code, compiler.encode(), " ".join(flags).encode(), _cpu_tag().encode()])
+        ).hexdigest()[:20]
+        target = _cache_dir() / f"{source.stem}-{key}.so"
+        if not target.exists() and not _compile(compiler, flags, source, target):
+            continue
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError:
+            continue
+    return None
+
+
+class CensusKernel:
+    """``census.c``'s ``census_tile`` over one tile (one thread: a tile is ~0.5 ms of work, less
+    than handing halves of it to other threads costs)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.census_tile
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64,
+                       ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]  # fmt: skip
+        fn.restype = None
+        self._fn = fn
+
+    def tile(
+        self,
+        z: torch.Tensor,
+        heads: int,
+        lengths: torch.Tensor,
+        q0: int,
+        k0: int,
+        q_min: int,
+        thr: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Run the pass over ``z`` (float32 ``[N, R, K]``, contiguous, CPU), overwriting it with
+        the weights. ``lengths``: int64 ``[N // heads]`` (contiguous); ``thr``: float64
+        ``[levels, N, R]`` (contiguous). Returns float64 ``l``, ``pk``, ``pz``, ``loc``, ``rec``,
+        ``mass`` and float32 ``zmax`` (``[N, R]``), int64 ``at`` (``[levels, N, R]``), float32 ``col``
+        (``[N, K]``) and ``diag`` (``[N, R + K - 1]``): see ``census.c``."""
+        import torch
+
+        n, r, k = z.shape
+        if not (z.is_contiguous() and z.dtype == torch.float32 and z.device.type == "cpu"):
+            raise ValueError("census_tile needs a contiguous float32 CPU tile")
+        if not (thr.is_contiguous() and thr.dtype == torch.float64 and thr.shape[1:] == (n, r)):
+            raise ValueError(f"census_tile needs float64 thresholds [levels, {n}, {r}]")
+        if not (
+            lengths.is_contiguous() and lengths.dtype == torch.int64 and len(lengths) * heads == n
+        ):
+            raise ValueError(f"census_tile needs int64 lengths [{n // max(heads, 1)}]")
+        rows = torch.empty((6, n, r), dtype=torch.float64)
+        zmax = torch.empty((n, r), dtype=torch.float32)
+        at = torch.empty((thr.shape[0], n, r), dtype=torch.int64)
+        col = torch.empty((n, k), dtype=torch.float32)
+        diag = torch.empty((n, r + k - 1), dtype=torch.float32)
+        f64 = rows.data_ptr()
+        step = n * r * 8
+        self._fn(
+            z.data_ptr(), n, r, k, heads, lengths.data_ptr(), q0, k0, q_min, 0, n * r,
+            f64, f64 + step, f64 + 2 * step, zmax.data_ptr(), f64 + 3 * step, f64 + 4 * step,
+            f64 + 5 * step,
+            col.data_ptr(), diag.data_ptr(), thr.shape[0], thr.data_ptr(), at.data_ptr(),
+        )  # fmt: skip
+        return {
+            "l": rows[0], "pk": rows[1], "pz": rows[2], "loc": rows[3], "rec": rows[4], "mass": rows[5],
+            "zmax": zmax, "at": at, "col": col, "diag": diag,
+        }  # fmt: skip
+
+
+def census_kernel() -> CensusKernel | None:
+    """The compiled census pass for this process (built on first call), or None: turned off
+    (``ATTNSTORE_KERNELS=off``), not on CPython, or no working C compiler."""
+    if disabled() or sys.implementation.name != "cpython":
+        return None
+    with _lock:
+        if "census" not in _loaded:
+            lib = _build(_SOURCE)
+            _loaded["census"] = None if lib is None else CensusKernel(lib)
+        kernel: CensusKernel | None = _loaded["census"]
+        return kernel

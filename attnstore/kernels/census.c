@@ -1,0 +1,121 @@
+/* The census's per-tile pass (attnstore.kernels): one loop over a tile of logits that writes the
+ * attention weights and every per-tile reduction the scores and the sparsity table read.
+ *
+ * A tile is N = documents x heads slices of R query rows (q = q0 + r) by K keys (k = k0 + c), float32,
+ * contiguous. On entry z[n, r, c] = s - lse (the row's logit minus its log-sum-exp); on return it
+ * holds the weight p = e^max(z, -87) for visible keys (k <= q, q < length of the slice's document)
+ * and 0 elsewhere. Per row (flat index i = n*R + r), for its visible keys:
+ *
+ *   l[i]    = sum p                         pk[i]   = sum p*k
+ *   pz[i]   = sum p*max(z, -87)             zmax[i] = max z  (-inf: no visible key)
+ *   loc[i]  = sum p over q - k < 64         rec[i]  = sum p over q - k < 256
+ *
+ * (summed in float32 over the tile's row, as the torch path sums; stored as float64)
+ *
+ * Rows with q >= q_min (the sparsity table's queries) also add p to col[n, c] (column masses) and to
+ * diag[n, R - 1 - r + c] (column j of diag holds offset d = q0 + R - 1 - k0 - j), and search their
+ * span: for each level j with a finite thr[j, i] (the level minus the row's mass on the keys
+ * already seen, those nearer the diagonal), at[j, i] is the largest visible key k at which the
+ * row's float64 sum from its last visible key down to k reaches thr[j, i], or -1; mass[i] is that
+ * float64 sum of the row where it was searched, l[i] elsewhere. loc, rec, col and diag are only accumulated for those rows.
+ *
+ * Rows row_begin .. row_end - 1 (flat) are processed; col and diag are the caller's per-thread
+ * buffers (zeroed here), every other output is written at the row's own index, so threads that
+ * take disjoint row ranges never share a byte. Exactness: e^x by a degree-6 polynomial after
+ * range reduction (Cephes' expf, within 2 ulp of the float32 exponential).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define EXP_FLOOR (-87.0f)
+
+static inline float exp_poly(float x) {
+    /* x in [-87, 88]: 2^n * e^r with |r| <= ln(2)/2 */
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } s;
+    s.i = ((int32_t)n + 127) << 23;
+    return p * s.f;
+}
+
+void census_tile(
+    float *restrict z, int64_t N, int64_t R, int64_t K, int64_t heads,
+    const int64_t *restrict lengths, int64_t q0, int64_t k0, int64_t q_min,
+    int64_t row_begin, int64_t row_end,
+    double *restrict l, double *restrict pk, double *restrict pz, float *restrict zmax,
+    double *restrict loc, double *restrict rec, double *restrict mass,
+    float *restrict col, float *restrict diag,
+    int64_t n_levels, const double *restrict thr, int64_t *restrict at)
+{
+    const int64_t W = R + K - 1;
+    memset(col, 0, (size_t)(N * K) * sizeof(float));
+    memset(diag, 0, (size_t)(N * W) * sizeof(float));
+    for (int64_t i = row_begin; i < row_end; i++) {
+        const int64_t n = i / R, r = i % R, q = q0 + r;
+        float *restrict zr = z + i * K;
+        int64_t visible = q - k0 + 1; /* keys k0 .. q */
+        if (visible > K) visible = K;
+        if (q >= lengths[n / heads] || visible <= 0) visible = 0;
+        for (int64_t j = 0; j < n_levels; j++) at[j * N * R + i] = -1;
+        float sl = 0.0f, spk = 0.0f, spz = 0.0f, sloc = 0.0f, srec = 0.0f;
+        float zm = -INFINITY;
+        double exact = -1.0;
+        const int64_t d0 = q - k0; /* offset q - k of key c is d0 - c */
+        if (q >= q_min && visible > 0) {
+            float *restrict cr = col + n * K;
+            float *restrict dr = diag + n * W + (R - 1 - r);
+#pragma omp simd reduction(+ : sl, spk, spz, sloc, srec) reduction(max : zm)
+            for (int64_t c = 0; c < visible; c++) {
+                float v = zr[c];
+                zm = v > zm ? v : zm;
+                float x = v < EXP_FLOOR ? EXP_FLOOR : (v > 88.0f ? 88.0f : v);
+                float e = exp_poly(x);
+                zr[c] = e;
+                sl += e;
+                spk += e * (float)(k0 + c);
+                spz += e * x;
+                int32_t d = (int32_t)(d0 - c);
+                sloc += d < 64 ? e : 0.0f;
+                srec += d < 256 ? e : 0.0f;
+                cr[c] += e;
+                dr[c] += e;
+            }
+            for (int64_t j = 0; j < n_levels; j++) {
+                double t = thr[j * N * R + i];
+                if (!(t <= (double)sl + 1e-5)) continue; /* +inf / NaN: found already; or not in reach */
+                /* the row's float64 sum from its last visible key down; the whole sum goes to
+                 * mass (the caller's running mass then stays exact near a level) */
+                double s = 0.0;
+                int64_t hit = -1;
+                for (int64_t c = visible - 1; c >= 0; c--) {
+                    s += zr[c];
+                    if (hit < 0 && s >= t) hit = k0 + c;
+                }
+                at[j * N * R + i] = hit;
+                exact = s;
+            }
+        } else if (visible > 0) {
+#pragma omp simd reduction(+ : sl, spk, spz) reduction(max : zm)
+            for (int64_t c = 0; c < visible; c++) {
+                float v = zr[c];
+                zm = v > zm ? v : zm;
+                float x = v < EXP_FLOOR ? EXP_FLOOR : (v > 88.0f ? 88.0f : v);
+                float e = exp_poly(x);
+                zr[c] = e;
+                sl += e;
+                spk += e * (float)(k0 + c);
+                spz += e * x;
+            }
+        }
+        for (int64_t c = visible; c < K; c++) zr[c] = 0.0f;
+        l[i] = sl; mass[i] = exact >= 0.0 ? exact : (double)sl; pk[i] = spk; pz[i] = spz; zmax[i] = zm; loc[i] = sloc; rec[i] = srec;
+    }
+}

@@ -1,0 +1,91 @@
+"""The compiled census loop (attnstore/kernels/census.c) against its torch reading, and its loader."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnstore import kernels
+
+
+def test_builds_here_and_turns_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert kernels.census_kernel() is not None  # this machine has a C compiler (.ci/run's too)
+    monkeypatch.setenv("ATTNSTORE_KERNELS", "off")
+    assert kernels.census_kernel() is None
+
+
+def test_no_compiler_means_no_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("ATTNSTORE_CACHE", str(tmp_path / "cache"))
+    assert kernels._build(kernels._SOURCE) is None
+    monkeypatch.setenv("CC", "false")  # a compiler that refuses
+    assert kernels._build(kernels._SOURCE) is None
+    assert not list((tmp_path / "cache").glob("*"))  # no half-written library left behind
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    heads=st.integers(1, 3),
+    lengths=st.lists(st.integers(0, 90), min_size=1, max_size=3),
+    r=st.integers(1, 40),
+    kw=st.integers(1, 70),
+    q0=st.integers(0, 80),
+    k_back=st.integers(0, 80),
+    level=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**31),
+)
+def test_tile_equals_its_torch_reading(
+    heads: int, lengths: list[int], r: int, kw: int, q0: int, k_back: int, level: float, seed: int
+) -> None:
+    kernel = kernels.census_kernel()
+    assert kernel is not None
+    k0 = max(0, q0 - k_back)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(lengths) * heads
+    z0 = torch.randn(n, r, kw, generator=gen) * 4 - 3
+    z0[z0 < -8] = -200.0  # arguments below the exp floor
+    thr = torch.full((2, n, r), math.inf, dtype=torch.float64)
+    thr[0] = level
+    thr[1, :, ::2] = level / 3
+    z = z0.clone()
+    out = kernel.tile(z, heads, torch.tensor(lengths), q0, k0, 1, thr)
+
+    q = torch.arange(q0, q0 + r)[None, :, None]
+    k = torch.arange(k0, k0 + kw)[None, None, :]
+    length = torch.tensor(lengths).repeat_interleave(heads)[:, None, None]
+    visible = (k <= q) & (q < length)
+    stat = visible & (q >= 1)
+    zc = z0.clamp_min(-87.0)
+    p = torch.where(visible, torch.exp(zc), 0.0).double()
+    torch.testing.assert_close(z.double(), p, rtol=3e-7, atol=0)
+    sp = torch.where(stat, p, 0.0)
+    d = q - k
+    tol = {"rtol": 1e-5, "atol": 1e-12}
+    torch.testing.assert_close(out["l"], p.sum(-1), **tol)
+    torch.testing.assert_close(out["mass"], p.sum(-1), **tol)
+    torch.testing.assert_close(out["pk"], (p * k).sum(-1), **tol)
+    torch.testing.assert_close(out["pz"], (p * zc).sum(-1), rtol=1e-5, atol=1e-5)
+    want_max = torch.where(visible, z0, -math.inf).amax(-1)
+    assert torch.equal(out["zmax"], want_max)
+    torch.testing.assert_close(out["loc"], (sp * (d < 64)).sum(-1), **tol)
+    torch.testing.assert_close(out["rec"], (sp * (d < 256)).sum(-1), **tol)
+    torch.testing.assert_close(out["col"].double(), sp.sum(1), **tol)
+    top = q0 + r - 1 - k0
+    for j in range(r + kw - 1):  # diag column j holds offset top - j
+        torch.testing.assert_close(
+            out["diag"][:, j].double(), (sp * (d == top - j)).sum((1, 2)), **tol
+        )
+    suffix = sp.flip(-1).cumsum(-1).flip(-1)  # Σ from key k to the tile's last key
+    for lv in range(2):
+        reached = suffix >= thr[lv][..., None]
+        hit = reached.any(-1) & stat.any(-1) & torch.isfinite(thr[lv])
+        last = kw - 1 - reached.flip(-1).to(torch.int8).argmax(-1)  # largest k reaching it
+        want = torch.where(hit, k0 + last, -1)
+        # a row whose float64 sum sits within rounding of the level may go either way
+        close = ((suffix - thr[lv][..., None]).abs() < 1e-9).any(-1)
+        assert torch.equal(out["at"][lv][~close], want[~close])
