@@ -479,7 +479,7 @@ def _add_pairs(
         part.index_put_(
             (doc[sel], row[sel]), p[doc[sel], :, row[sel], key_at[sel] - k0], accumulate=True
         )
-        total += part.transpose(1, 2).to(total.dtype)
+        total += part.transpose(1, 2)
 
 
 def _pick(
@@ -537,8 +537,10 @@ class TileStats:
     col: torch.Tensor  # [doc, head, K] float32: Σ_q p (column masses)
     #: [doc, head, R + K - 1] float32: Σ p over the tile's diagonal d = q0 + R - 1 - k0 - j
     diag: torch.Tensor
-    local: torch.Tensor  # [doc, head, R] float64: Σ p over q - k < 64
-    recent: torch.Tensor  # [doc, head, R] float64: Σ p over q - k < 256
+    #: at the block's last tile (k0 = 0): ``[doc, head, R]`` float64, Σ p over q − k < 64 and
+    #: q − k < 256 over the block's tiles; else None
+    local: torch.Tensor | None
+    recent: torch.Tensor | None
     #: at the block's last tile (k0 = 0), per span level: ``[doc, head, R]`` int64, the smallest
     #: D with Σ_{q-D ≤ k ≤ q} p ≥ level, from the row's float64 sum (−1: not a query); else None
     span: dict[float, torch.Tensor] | None
@@ -562,9 +564,9 @@ def _kernel_pass(
     levels: tuple[float, ...] | None,
 ) -> None:
     """:func:`online_layer_scores` through the compiled loop (``attnstore/kernels/census.c``):
-    per tile one ``q·k`` product, then one loop writing the weights and every row, column and
-    diagonal sum. Runs on one thread (torch's threads would spin idle beside the loop, doubling
-    its CPU time for nothing). Float64 row state."""
+    per tile one ``q·k`` product, then one loop writing the weights and adding every row, column,
+    diagonal and window sum and the span search. Runs on one thread (torch's threads would spin
+    idle beside the loop, doubling its CPU time for nothing). Float64 row state."""
     import torch
 
     b, h, t, _ = q_f.shape
@@ -572,7 +574,6 @@ def _kernel_pass(
     f64 = torch.float64
     lengths = (masks.n_queries + 1).to(torch.int64).contiguous()
     span_levels = tuple(levels or ())
-    level_t = torch.tensor(span_levels, dtype=f64).reshape(-1, 1, 1)
     buffers: dict[str, torch.Tensor] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -581,66 +582,66 @@ def _kernel_pass(
             q1 = min(q0 + q_block, t)
             c = q1 - q0
             qpos = torch.arange(q0, q1)
-            state = torch.zeros((5, b, h, c), dtype=f64)  # Σp, Σp·z, Σp·k, dup, ind
-            zmax = torch.full((n, c), -math.inf)
+            block = kernel.block(n, c, span_levels)
             fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
             picked = {name: torch.zeros((b, h, c), dtype=f64) for name in fixed}
             pairs = _block_pairs(masks, q0, q1)
-            mass = torch.zeros((n, c), dtype=f64)  # each row's weight on the keys seen so far
-            span = torch.full((len(span_levels), n, c), -1, dtype=torch.int64)
-            rows = state[:3].view(3, n, c)
-            for k0 in reversed(range(0, q1, k_block)):
+            sets = torch.zeros((2, b, c, h))  # Σp over the duplicate and induction keys
+            starts = list(reversed(range(0, q1, k_block)))
+            # tile j (keys starts[j] … its end) holds the key-sorted pairs cuts[j + 1] … cuts[j]
+            cuts = {
+                kind: torch.searchsorted(at[2], torch.tensor([q1, *starts])).tolist()
+                for kind, at in pairs.items()
+            }
+            for j, k0 in enumerate(starts):
                 k1 = min(k0 + k_block, q1)
                 z = _tile_buffer(buffers, "z", (b, h, c, k1 - k0), q_f.device)
                 torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # s − lse
-                thr = torch.where(span >= 0, math.inf, level_t - mass).contiguous()
-                out = kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, thr)
+                col, diag = kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, block)
                 p = z  # now the weights
-                rows[0] += out["l"]
-                rows[1] += out["pz"]
-                rows[2] += out["pk"]
-                torch.maximum(zmax, out["zmax"], out=zmax)
-                mass += out["mass"]
-                hit = (out["at"] >= 0) & (span < 0)
-                span = torch.where(hit, qpos - out["at"], span)
                 _pick(picked, fixed, p, q0, k0)
-                for slot, kind in ((3, "dup"), (4, "ind")):
-                    _add_pairs(state[slot], pairs.get(kind), p, k0)
+                for slot, kind in enumerate(("dup", "ind")):
+                    if kind in pairs and cuts[kind][j] > cuts[kind][j + 1]:
+                        sel = slice(cuts[kind][j + 1], cuts[kind][j])
+                        doc, row, key_at = (x[sel] for x in pairs[kind])
+                        sets[slot].index_put_(
+                            (doc, row), p[doc, :, row, key_at - k0], accumulate=True
+                        )
                 if tile is None:
                     continue
                 if levels is None:
                     tile(q0, k0, p)
                     continue
-                done = None
-                if k0 == 0:
-                    done = _spans(span, mass, masks, q0, span_levels, b, h)
+                last = k0 == 0
                 stats = TileStats(
-                    col=out["col"].view(b, h, -1), diag=out["diag"].view(b, h, -1),
-                    local=out["loc"].view(b, h, c), recent=out["rec"].view(b, h, c), span=done,
+                    col=col.view(b, h, -1), diag=diag.view(b, h, -1),
+                    local=block["loc"].view(b, h, c) if last else None,
+                    recent=block["rec"].view(b, h, c) if last else None,
+                    span=_spans(block, masks, q0, b, h) if last else None,
                 )  # fmt: skip
                 tile(q0, k0, p, stats)
-            _add_block(acc, masks, q0, picked, state, zmax.view(b, h, c).to(f64))
+            state = torch.stack([block["l"], block["pz"], block["pk"]]).view(3, b, h, c)
+            zmax = block.zmax.view(b, h, c).to(f64)
+            _add_block(acc, masks, q0, picked, torch.cat([state, sets.transpose(2, 3)]), zmax)
     finally:
         torch.set_num_threads(threads)
 
 
-def _spans(
-    span: torch.Tensor, mass: torch.Tensor, masks: BatchMasks, q0: int,
-    levels: tuple[float, ...], b: int, h: int,
-) -> dict[float, torch.Tensor]:  # fmt: skip
-    """A block's spans per level ``[doc, head, R]`` (−1 off the queries), from the found keys; a
-    query row with weight that never reaches a level is not a softmax row: refused."""
+def _spans(block: Any, masks: BatchMasks, q0: int, b: int, h: int) -> dict[float, torch.Tensor]:
+    """A finished block's spans per level ``[doc, head, R]`` (−1 off the queries); a query row with
+    weight that never reaches a level is not a softmax row: refused."""
     import torch
 
-    c = span.shape[-1]
+    c = block.shape[1]
     valid = masks.valid_q[:, q0 : q0 + c].cpu()[:, None, :].expand(b, h, c)
+    mass = block["mass"].view(b, h, c)
     out = {}
-    for j, level in enumerate(levels):
-        d = span[j].view(b, h, c)
-        short = valid & (d < 0) & (mass.view(b, h, c) > 0)
+    for j, level in enumerate(block.levels):
+        d = block.span[j].view(b, h, c)
+        short = valid & (d < 0) & (mass > 0)
         if bool(short.any()):
             raise ValueError(
-                f"a row of the tile path has mass {float(mass.view(b, h, c)[short].max()):.6g}, "
+                f"a row of the tile path has mass {float(mass[short].max()):.6g}, "
                 f"below span level {level}: tiles must hold softmax rows (mass 1)"
             )
         out[level] = torch.where(valid, d.clamp_min(0), -1)

@@ -49,11 +49,14 @@ def test_tile_equals_its_torch_reading(
     n = len(lengths) * heads
     z0 = torch.randn(n, r, kw, generator=gen) * 4 - 3
     z0[z0 < -8] = -200.0  # arguments below the exp floor
-    thr = torch.full((2, n, r), math.inf, dtype=torch.float64)
-    thr[0] = level
-    thr[1, :, ::2] = level / 3
+    levels = (level / 3, level)
+    block = kernel.block(n, r, levels)
+    # mass already seen nearer the diagonal, below both levels (else the span would be found)
+    before = torch.rand(n, r, generator=gen, dtype=torch.float64) * level / 3.1
+    block["mass"][:] = before
+    block.span[0, :, 1::3] = 5  # found in an earlier tile: kept
     z = z0.clone()
-    out = kernel.tile(z, heads, torch.tensor(lengths), q0, k0, 1, thr)
+    col, diag = kernel.tile(z, heads, torch.tensor(lengths), q0, k0, 1, block)
 
     q = torch.arange(q0, q0 + r)[None, :, None]
     k = torch.arange(k0, k0 + kw)[None, None, :]
@@ -66,26 +69,25 @@ def test_tile_equals_its_torch_reading(
     sp = torch.where(stat, p, 0.0)
     d = q - k
     tol = {"rtol": 1e-5, "atol": 1e-12}
-    torch.testing.assert_close(out["l"], p.sum(-1), **tol)
-    torch.testing.assert_close(out["mass"], p.sum(-1), **tol)
-    torch.testing.assert_close(out["pk"], (p * k).sum(-1), **tol)
-    torch.testing.assert_close(out["pz"], (p * zc).sum(-1), rtol=1e-5, atol=1e-5)
-    want_max = torch.where(visible, z0, -math.inf).amax(-1)
-    assert torch.equal(out["zmax"], want_max)
-    torch.testing.assert_close(out["loc"], (sp * (d < 64)).sum(-1), **tol)
-    torch.testing.assert_close(out["rec"], (sp * (d < 256)).sum(-1), **tol)
-    torch.testing.assert_close(out["col"].double(), sp.sum(1), **tol)
+    torch.testing.assert_close(block["l"], p.sum(-1), **tol)
+    torch.testing.assert_close(block["mass"], before + p.sum(-1), **tol)
+    torch.testing.assert_close(block["pk"], (p * k).sum(-1), **tol)
+    torch.testing.assert_close(block["pz"], (p * zc).sum(-1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(block.zmax, torch.where(visible, z0, -math.inf).amax(-1))
+    torch.testing.assert_close(block["loc"], (sp * (d < 64)).sum(-1), **tol)
+    torch.testing.assert_close(block["rec"], (sp * (d < 256)).sum(-1), **tol)
+    torch.testing.assert_close(col.double(), sp.sum(1), **tol)
     top = q0 + r - 1 - k0
     for j in range(r + kw - 1):  # diag column j holds offset top - j
-        torch.testing.assert_close(
-            out["diag"][:, j].double(), (sp * (d == top - j)).sum((1, 2)), **tol
-        )
-    suffix = sp.flip(-1).cumsum(-1).flip(-1)  # Σ from key k to the tile's last key
-    for lv in range(2):
-        reached = suffix >= thr[lv][..., None]
-        hit = reached.any(-1) & stat.any(-1) & torch.isfinite(thr[lv])
-        last = kw - 1 - reached.flip(-1).to(torch.int8).argmax(-1)  # largest k reaching it
-        want = torch.where(hit, k0 + last, -1)
+        torch.testing.assert_close(diag[:, j].double(), (sp * (d == top - j)).sum((1, 2)), **tol)
+    suffix = before[..., None] + sp.flip(-1).cumsum(-1).flip(-1)  # mass down to key k
+    for lv, value in enumerate(levels):
+        reached = suffix >= value
+        hit = reached.any(-1) & stat.any(-1)
+        nearest = kw - 1 - reached.flip(-1).to(torch.int8).argmax(-1)  # largest k reaching it
+        want = torch.where(hit, q[0, :, 0] - (k0 + nearest), -1)
+        if lv == 0:
+            want[:, 1::3] = 5
         # a row whose float64 sum sits within rounding of the level may go either way
-        close = ((suffix - thr[lv][..., None]).abs() < 1e-9).any(-1)
-        assert torch.equal(out["at"][lv][~close], want[~close])
+        close = ((suffix - value).abs() < 1e-9).any(-1)
+        assert torch.equal(block.span[lv][~close], want[~close])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CensusKernel", "census_kernel", "disabled"]
+__all__ = ["BlockState", "CensusKernel", "census_kernel", "disabled"]
 
 _SOURCE: Final = Path(__file__).with_name("census.c")
 #: compiler flag sets, tried in order (the first that builds is kept)
@@ -111,60 +112,80 @@ def _build(source: Path) -> ctypes.CDLL | None:
 
 
 class CensusKernel:
-    """``census.c``'s ``census_tile`` over one tile (one thread: a tile is ~0.5 ms of work, less
-    than handing halves of it to other threads costs)."""
+    """``census.c``'s ``census_tile`` (one thread: a tile is under a millisecond of work, less
+    than handing parts of it to other threads costs)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.census_tile
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, i64,
+        fn.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64,
                        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]  # fmt: skip
         fn.restype = None
         self._fn = fn
 
+    def block(self, n: int, r: int, levels: tuple[float, ...]) -> BlockState:
+        """Fresh row state for a block of ``r`` rows of ``n`` (document, head) slices."""
+        return BlockState(n, r, levels)
+
     def tile(
-        self,
-        z: torch.Tensor,
-        heads: int,
-        lengths: torch.Tensor,
-        q0: int,
-        k0: int,
-        q_min: int,
-        thr: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+        self, z: torch.Tensor, heads: int, lengths: torch.Tensor, q0: int, k0: int,
+        q_min: int, state: BlockState,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Run the pass over ``z`` (float32 ``[N, R, K]``, contiguous, CPU), overwriting it with
-        the weights. ``lengths``: int64 ``[N // heads]`` (contiguous); ``thr``: float64
-        ``[levels, N, R]`` (contiguous). Returns float64 ``l``, ``pk``, ``pz``, ``loc``, ``rec``,
-        ``mass`` and float32 ``zmax`` (``[N, R]``), int64 ``at`` (``[levels, N, R]``), float32 ``col``
-        (``[N, K]``) and ``diag`` (``[N, R + K - 1]``): see ``census.c``."""
+        the weights and adding its part to ``state``; ``lengths``: int64 ``[N // heads]``.
+        Returns the tile's column masses ``[N, K]`` and diagonal masses ``[N, R + K - 1]``
+        (float32, buffers reused by the next call): see ``census.c``."""
         import torch
 
         n, r, k = z.shape
         if not (z.is_contiguous() and z.dtype == torch.float32 and z.device.type == "cpu"):
             raise ValueError("census_tile needs a contiguous float32 CPU tile")
-        if not (thr.is_contiguous() and thr.dtype == torch.float64 and thr.shape[1:] == (n, r)):
-            raise ValueError(f"census_tile needs float64 thresholds [levels, {n}, {r}]")
-        if not (
-            lengths.is_contiguous() and lengths.dtype == torch.int64 and len(lengths) * heads == n
-        ):
+        if (n, r) != state.shape:
+            raise ValueError(f"census_tile: a tile of {n}×{r} rows for a block of {state.shape}")
+        if not (lengths.is_contiguous() and lengths.dtype == torch.int64
+                and len(lengths) * heads == n):  # fmt: skip
             raise ValueError(f"census_tile needs int64 lengths [{n // max(heads, 1)}]")
-        rows = torch.empty((6, n, r), dtype=torch.float64)
-        zmax = torch.empty((n, r), dtype=torch.float32)
-        at = torch.empty((thr.shape[0], n, r), dtype=torch.int64)
-        col = torch.empty((n, k), dtype=torch.float32)
-        diag = torch.empty((n, r + k - 1), dtype=torch.float32)
-        f64 = rows.data_ptr()
-        step = n * r * 8
+        col, diag = state.buffers(k)
+        f64, step = state.rows.data_ptr(), n * r * 8
         self._fn(
-            z.data_ptr(), n, r, k, heads, lengths.data_ptr(), q0, k0, q_min, 0, n * r,
-            f64, f64 + step, f64 + 2 * step, zmax.data_ptr(), f64 + 3 * step, f64 + 4 * step,
-            f64 + 5 * step,
-            col.data_ptr(), diag.data_ptr(), thr.shape[0], thr.data_ptr(), at.data_ptr(),
+            z.data_ptr(), n, r, k, heads, lengths.data_ptr(), q0, k0, q_min,
+            f64, f64 + step, f64 + 2 * step, state.zmax.data_ptr(), f64 + 3 * step,
+            f64 + 4 * step, f64 + 5 * step, col.data_ptr(), diag.data_ptr(),
+            len(state.levels), state.level_values.data_ptr(), state.span.data_ptr(),
         )  # fmt: skip
-        return {
-            "l": rows[0], "pk": rows[1], "pz": rows[2], "loc": rows[3], "rec": rows[4], "mass": rows[5],
-            "zmax": zmax, "at": at, "col": col, "diag": diag,
-        }  # fmt: skip
+        return col, diag
+
+
+class BlockState:
+    """A block's row state for :meth:`CensusKernel.tile` (flat rows ``[N, R]``): float64 ``l``,
+    ``pk``, ``pz``, ``loc``, ``rec``, ``mass`` (rows of :attr:`rows`), float32 ``zmax``, and per
+    span level the found offset ``span`` (int64 ``[levels, N, R]``, −1: not yet)."""
+
+    def __init__(self, n: int, r: int, levels: tuple[float, ...]) -> None:
+        import torch
+
+        self.shape = (n, r)
+        self.levels = levels
+        self.level_values = torch.tensor(levels or (0.0,), dtype=torch.float64)
+        self.rows = torch.zeros((6, n, r), dtype=torch.float64)
+        self.zmax = torch.full((n, r), -math.inf, dtype=torch.float32)
+        self.span = torch.full((max(len(levels), 1), n, r), -1, dtype=torch.int64)
+        self._col: torch.Tensor | None = None
+        self._diag: torch.Tensor | None = None
+
+    def buffers(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        n, r = self.shape
+        if self._col is None or self._col.shape[1] != k:
+            self._col = torch.empty((n, k), dtype=torch.float32)
+            self._diag = torch.empty((n, r + k - 1), dtype=torch.float32)
+        assert self._diag is not None
+        return self._col, self._diag
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        index = ("l", "pk", "pz", "loc", "rec", "mass").index(name)
+        return self.rows[index]
 
 
 def census_kernel() -> CensusKernel | None:

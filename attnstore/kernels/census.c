@@ -1,28 +1,27 @@
 /* The census's per-tile pass (attnstore.kernels): one loop over a tile of logits that writes the
- * attention weights and every per-tile reduction the scores and the sparsity table read.
+ * attention weights and every reduction the scores and the sparsity table read.
  *
  * A tile is N = documents x heads slices of R query rows (q = q0 + r) by K keys (k = k0 + c), float32,
  * contiguous. On entry z[n, r, c] = s - lse (the row's logit minus its log-sum-exp); on return it
  * holds the weight p = e^max(z, -87) for visible keys (k <= q, q < length of the slice's document)
- * and 0 elsewhere. Per row (flat index i = n*R + r), for its visible keys:
+ * and 0 elsewhere. The tiles of a block of rows come from the diagonal down to key 0; the caller
+ * keeps the block's row state (flat row index i = n*R + r) and this adds the tile's part:
  *
- *   l[i]    = sum p                         pk[i]   = sum p*k
- *   pz[i]   = sum p*max(z, -87)             zmax[i] = max z  (-inf: no visible key)
- *   loc[i]  = sum p over q - k < 64         rec[i]  = sum p over q - k < 256
+ *   l[i]   += sum p                  pk[i]   += sum p*k       pz[i] += sum p*max(z, -87)
+ *   zmax[i] = max(zmax[i], max z)    mass[i] += sum p (see below)
+ *   loc[i] += sum p over q - k < 64  rec[i]  += sum p over q - k < 256
  *
- * (summed in float32 over the tile's row, as the torch path sums; stored as float64)
+ * (each tile's part summed in float32, as the torch path sums). Rows with q >= q_min (the sparsity
+ * table's queries) also give col[n, c] = their sum of p (column masses) and diag[n, R - 1 - r + c]
+ * (column j of diag holds offset d = q0 + R - 1 - k0 - j), both float32, overwritten per tile, and
+ * search their span: for each level j not found yet (span[j, i] < 0) and within this tile's
+ * reach, the row's float64 sum from its last visible key down finds the largest key k at which
+ * mass[i] plus that sum reaches levels[j]: span[j, i] = q - k. Where a row was searched its
+ * float64 sum goes to mass[i] (so the running mass stays exact near a level); elsewhere the
+ * float32 sum does. loc and rec only count those rows too.
  *
- * Rows with q >= q_min (the sparsity table's queries) also add p to col[n, c] (column masses) and to
- * diag[n, R - 1 - r + c] (column j of diag holds offset d = q0 + R - 1 - k0 - j), and search their
- * span: for each level j with a finite thr[j, i] (the level minus the row's mass on the keys
- * already seen, those nearer the diagonal), at[j, i] is the largest visible key k at which the
- * row's float64 sum from its last visible key down to k reaches thr[j, i], or -1; mass[i] is that
- * float64 sum of the row where it was searched, l[i] elsewhere. loc, rec, col and diag are only accumulated for those rows.
- *
- * Rows row_begin .. row_end - 1 (flat) are processed; col and diag are the caller's per-thread
- * buffers (zeroed here), every other output is written at the row's own index, so threads that
- * take disjoint row ranges never share a byte. Exactness: e^x by a degree-6 polynomial after
- * range reduction (Cephes' expf, within 2 ulp of the float32 exponential).
+ * Exactness: e^x by a degree-6 polynomial after range reduction (Cephes' expf, within 2 ulp of
+ * the float32 exponential).
  */
 #include <math.h>
 #include <stdint.h>
@@ -49,25 +48,23 @@ static inline float exp_poly(float x) {
 void census_tile(
     float *restrict z, int64_t N, int64_t R, int64_t K, int64_t heads,
     const int64_t *restrict lengths, int64_t q0, int64_t k0, int64_t q_min,
-    int64_t row_begin, int64_t row_end,
     double *restrict l, double *restrict pk, double *restrict pz, float *restrict zmax,
     double *restrict loc, double *restrict rec, double *restrict mass,
     float *restrict col, float *restrict diag,
-    int64_t n_levels, const double *restrict thr, int64_t *restrict at)
+    int64_t n_levels, const double *restrict levels, int64_t *restrict span)
 {
     const int64_t W = R + K - 1;
     memset(col, 0, (size_t)(N * K) * sizeof(float));
     memset(diag, 0, (size_t)(N * W) * sizeof(float));
-    for (int64_t i = row_begin; i < row_end; i++) {
+    for (int64_t i = 0; i < N * R; i++) {
         const int64_t n = i / R, r = i % R, q = q0 + r;
         float *restrict zr = z + i * K;
         int64_t visible = q - k0 + 1; /* keys k0 .. q */
         if (visible > K) visible = K;
         if (q >= lengths[n / heads] || visible <= 0) visible = 0;
-        for (int64_t j = 0; j < n_levels; j++) at[j * N * R + i] = -1;
         float sl = 0.0f, spk = 0.0f, spz = 0.0f, sloc = 0.0f, srec = 0.0f;
-        float zm = -INFINITY;
-        double exact = -1.0;
+        float zm = zmax[i];
+        double row_mass = -1.0;
         const int64_t d0 = q - k0; /* offset q - k of key c is d0 - c */
         if (q >= q_min && visible > 0) {
             float *restrict cr = col + n * K;
@@ -89,18 +86,19 @@ void census_tile(
                 dr[c] += e;
             }
             for (int64_t j = 0; j < n_levels; j++) {
-                double t = thr[j * N * R + i];
-                if (!(t <= (double)sl + 1e-5)) continue; /* +inf / NaN: found already; or not in reach */
+                if (span[j * N * R + i] >= 0) continue; /* found in a tile nearer the diagonal */
+                double t = levels[j] - mass[i];
+                if (!(t <= (double)sl + 1e-5)) continue; /* not within this tile's reach */
                 /* the row's float64 sum from its last visible key down; the whole sum goes to
-                 * mass (the caller's running mass then stays exact near a level) */
+                 * mass (the running mass then stays exact near a level) */
                 double s = 0.0;
                 int64_t hit = -1;
                 for (int64_t c = visible - 1; c >= 0; c--) {
                     s += zr[c];
                     if (hit < 0 && s >= t) hit = k0 + c;
                 }
-                at[j * N * R + i] = hit;
-                exact = s;
+                if (hit >= 0) span[j * N * R + i] = q - hit;
+                row_mass = s;
             }
         } else if (visible > 0) {
 #pragma omp simd reduction(+ : sl, spk, spz) reduction(max : zm)
@@ -116,6 +114,7 @@ void census_tile(
             }
         }
         for (int64_t c = visible; c < K; c++) zr[c] = 0.0f;
-        l[i] = sl; mass[i] = exact >= 0.0 ? exact : (double)sl; pk[i] = spk; pz[i] = spz; zmax[i] = zm; loc[i] = sloc; rec[i] = srec;
+        l[i] += sl; pk[i] += spk; pz[i] += spz; zmax[i] = zm; loc[i] += sloc; rec[i] += srec;
+        mass[i] += row_mass >= 0.0 ? row_mass : (double)sl;
     }
 }

@@ -378,16 +378,17 @@ class Sparsity:
                         state.diags[i][:, top - last : top - first + 1] += stats.diag[
                             i, :, first : last + 1
                         ].flip(-1)
-                    state.sums["local64"][i] += stats.local[i].sum(-1)
-                    state.sums["stream"][i] += stats.recent[i].sum(-1)
-                    p = probs[i, :, lo - q0 : hi - q0, :keys]
-                    self._first_keys(state, doc, p, lo, k0)
+                    if k0 < STREAM_SINK:
+                        p = probs[i, :, lo - q0 : hi - q0, :keys]
+                        self._first_keys(state, doc, p, lo, k0)
                 if doc.answers:
                     self._retrieval_tile(state, doc, q0, k0, probs)
-                if k0 == 0 and stats.span is not None:
-                    for level, d in stats.span.items():
-                        name = f"span{round(level * 100)}"
-                        state.sums[name][i] += d[i].clamp_min(0).sum(-1).to(torch.float64)
+                if stats.local is not None and stats.recent is not None:  # the block's last tile
+                    state.sums["local64"][i] += stats.local[i].sum(-1)
+                    state.sums["stream"][i] += stats.recent[i].sum(-1)
+                for level, d in (stats.span or {}).items():
+                    name = f"span{round(level * 100)}"
+                    state.sums[name][i] += d[i].clamp_min(0).sum(-1).to(torch.float64)
             if k0 == 0:
                 self._close_block(state)
                 if q1 >= self._length:
