@@ -45,6 +45,17 @@ static inline float exp_poly(float x) {
     return p * s.f;
 }
 
+/* key c of row zr: its weight e (written back), the row's sums and largest logit */
+#define WEIGHT(c)                                                                   \
+    float v = zr[c];                                                                \
+    zm = v > zm ? v : zm;                                                           \
+    float x = v < EXP_FLOOR ? EXP_FLOOR : (v > 88.0f ? 88.0f : v);                  \
+    float e = exp_poly(x);                                                          \
+    zr[c] = e;                                                                      \
+    sl += e;                                                                        \
+    spk += e * (float)(k0 + c);                                                     \
+    spz += e * x;
+
 void census_tile(
     float *restrict z, int64_t N, int64_t R, int64_t K, int64_t heads,
     const int64_t *restrict lengths, int64_t q0, int64_t k0, int64_t q_min,
@@ -69,21 +80,23 @@ void census_tile(
         if (q >= q_min && visible > 0) {
             float *restrict cr = col + n * K;
             float *restrict dr = diag + n * W + (R - 1 - r);
+            if (d0 - (visible - 1) < 256) { /* some key within the windows: near the diagonal */
 #pragma omp simd reduction(+ : sl, spk, spz, sloc, srec) reduction(max : zm)
-            for (int64_t c = 0; c < visible; c++) {
-                float v = zr[c];
-                zm = v > zm ? v : zm;
-                float x = v < EXP_FLOOR ? EXP_FLOOR : (v > 88.0f ? 88.0f : v);
-                float e = exp_poly(x);
-                zr[c] = e;
-                sl += e;
-                spk += e * (float)(k0 + c);
-                spz += e * x;
-                int32_t d = (int32_t)(d0 - c);
-                sloc += d < 64 ? e : 0.0f;
-                srec += d < 256 ? e : 0.0f;
-                cr[c] += e;
-                dr[c] += e;
+                for (int64_t c = 0; c < visible; c++) {
+                    WEIGHT(c)
+                    int32_t d = (int32_t)(d0 - c);
+                    sloc += d < 64 ? e : 0.0f;
+                    srec += d < 256 ? e : 0.0f;
+                    cr[c] += e;
+                    dr[c] += e;
+                }
+            } else {
+#pragma omp simd reduction(+ : sl, spk, spz) reduction(max : zm)
+                for (int64_t c = 0; c < visible; c++) {
+                    WEIGHT(c)
+                    cr[c] += e;
+                    dr[c] += e;
+                }
             }
             for (int64_t j = 0; j < n_levels; j++) {
                 if (span[j * N * R + i] >= 0) continue; /* found in a tile nearer the diagonal */
@@ -103,14 +116,7 @@ void census_tile(
         } else if (visible > 0) {
 #pragma omp simd reduction(+ : sl, spk, spz) reduction(max : zm)
             for (int64_t c = 0; c < visible; c++) {
-                float v = zr[c];
-                zm = v > zm ? v : zm;
-                float x = v < EXP_FLOOR ? EXP_FLOOR : (v > 88.0f ? 88.0f : v);
-                float e = exp_poly(x);
-                zr[c] = e;
-                sl += e;
-                spk += e * (float)(k0 + c);
-                spz += e * x;
+                WEIGHT(c)
             }
         }
         for (int64_t c = visible; c < K; c++) zr[c] = 0.0f;
