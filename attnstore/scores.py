@@ -530,13 +530,11 @@ def _add_block(
 
 @dataclass(frozen=True)
 class TileStats:
-    """What the compiled pass measured on one tile (rows ``q0 … q0 + R``, keys ``k0 … k0 + K``)
-    besides the weights, for the sparsity table (``schemas/sparsity.md``); rows outside a
-    document's queries (``q = 0``, ``q ≥ n``) contribute nothing."""
+    """What the compiled pass measured besides a tile's weights, for the sparsity table
+    (``schemas/sparsity.md``), handed with the tile that completes it: a block of rows (its
+    last tile, ``k0 = 0``) or the layer (the last block's last tile). Rows outside a document's
+    queries (``q = 0``, ``q ≥ n``) contribute nothing."""
 
-    col: torch.Tensor  # [doc, head, K] float32: Σ_q p (column masses)
-    #: [doc, head, R + K - 1] float32: Σ p over the tile's diagonal d = q0 + R - 1 - k0 - j
-    diag: torch.Tensor
     #: at the block's last tile (k0 = 0): ``[doc, head, R]`` float64, Σ p over q − k < 64 and
     #: q − k < 256 over the block's tiles; else None
     local: torch.Tensor | None
@@ -544,6 +542,10 @@ class TileStats:
     #: at the block's last tile (k0 = 0), per span level: ``[doc, head, R]`` int64, the smallest
     #: D with Σ_{q-D ≤ k ≤ q} p ≥ level, from the row's float64 sum (−1: not a query); else None
     span: dict[float, torch.Tensor] | None
+    #: at the layer's last tile: ``[doc, head, T]`` float64, the layer's column masses Σ_q p and
+    #: diagonal masses Σ p over q − k = d (index d); else None
+    columns: torch.Tensor | None = None
+    diagonals: torch.Tensor | None = None
 
 
 def _kernel() -> Any:
@@ -575,6 +577,9 @@ def _kernel_pass(
     lengths = (masks.n_queries + 1).to(torch.int64).contiguous()
     span_levels = tuple(levels or ())
     buffers: dict[str, torch.Tensor] = {}
+    from attnstore.kernels import LayerMasses
+
+    layer = LayerMasses(n, t) if levels is not None and tile is not None else None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -582,7 +587,7 @@ def _kernel_pass(
             q1 = min(q0 + q_block, t)
             c = q1 - q0
             qpos = torch.arange(q0, q1)
-            block = kernel.block(n, c, span_levels)
+            block = kernel.block(n, c, span_levels, layer)
             fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
             picked = {name: torch.zeros((b, h, c), dtype=f64) for name in fixed}
             pairs = _block_pairs(masks, q0, q1)
@@ -597,7 +602,7 @@ def _kernel_pass(
                 k1 = min(k0 + k_block, q1)
                 z = _tile_buffer(buffers, "z", (b, h, c, k1 - k0), q_f.device)
                 torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # s − lse
-                col, diag = kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, block)
+                kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, block)
                 p = z  # now the weights
                 _pick(picked, fixed, p, q0, k0)
                 for slot, kind in enumerate(("dup", "ind")):
@@ -613,11 +618,13 @@ def _kernel_pass(
                     tile(q0, k0, p)
                     continue
                 last = k0 == 0
+                done = last and q1 == t and layer is not None
                 stats = TileStats(
-                    col=col.view(b, h, -1), diag=diag.view(b, h, -1),
                     local=block["loc"].view(b, h, c) if last else None,
                     recent=block["rec"].view(b, h, c) if last else None,
                     span=_spans(block, masks, q0, b, h) if last else None,
+                    columns=layer.columns.view(b, h, t) if done and layer else None,
+                    diagonals=layer.diagonals.view(b, h, t) if done and layer else None,
                 )  # fmt: skip
                 tile(q0, k0, p, stats)
             state = torch.stack([block["l"], block["pz"], block["pk"]]).view(3, b, h, c)

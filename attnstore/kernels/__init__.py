@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BlockState", "CensusKernel", "census_kernel", "disabled"]
+__all__ = ["BlockState", "CensusKernel", "LayerMasses", "census_kernel", "disabled"]
 
 _SOURCE: Final = Path(__file__).with_name("census.c")
 #: compiler flag sets, tried in order (the first that builds is kept)
@@ -119,13 +119,16 @@ class CensusKernel:
         fn = lib.census_tile
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64,
-                       ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]  # fmt: skip
+                       ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr]  # fmt: skip
         fn.restype = None
         self._fn = fn
 
-    def block(self, n: int, r: int, levels: tuple[float, ...]) -> BlockState:
-        """Fresh row state for a block of ``r`` rows of ``n`` (document, head) slices."""
-        return BlockState(n, r, levels)
+    def block(
+        self, n: int, r: int, levels: tuple[float, ...], layer: LayerMasses | None = None
+    ) -> BlockState:
+        """Fresh row state for a block of ``r`` rows of ``n`` (document, head) slices; its tiles'
+        column and diagonal masses are added to ``layer`` when given."""
+        return BlockState(n, r, levels, layer)
 
     def tile(
         self, z: torch.Tensor, heads: int, lengths: torch.Tensor, q0: int, k0: int,
@@ -152,8 +155,23 @@ class CensusKernel:
             f64, f64 + step, f64 + 2 * step, state.zmax.data_ptr(), f64 + 3 * step,
             f64 + 4 * step, f64 + 5 * step, col.data_ptr(), diag.data_ptr(),
             len(state.levels), state.level_values.data_ptr(), state.span.data_ptr(),
+            0 if state.layer is None else state.layer.length,
+            None if state.layer is None else state.layer.columns.data_ptr(),
+            None if state.layer is None else state.layer.diagonals.data_ptr(),
         )  # fmt: skip
         return col, diag
+
+
+class LayerMasses:
+    """A layer's column and diagonal masses, float64 ``[N, T]`` (``diagonals[n, d]``: Σ over rows
+    of the weight at offset ``d = q − k``), summed over every tile of the layer."""
+
+    def __init__(self, n: int, length: int) -> None:
+        import torch
+
+        self.length = length
+        self.columns = torch.zeros((n, length), dtype=torch.float64)
+        self.diagonals = torch.zeros((n, length), dtype=torch.float64)
 
 
 class BlockState:
@@ -161,9 +179,14 @@ class BlockState:
     ``pk``, ``pz``, ``loc``, ``rec``, ``mass`` (rows of :attr:`rows`), float32 ``zmax``, and per
     span level the found offset ``span`` (int64 ``[levels, N, R]``, −1: not yet)."""
 
-    def __init__(self, n: int, r: int, levels: tuple[float, ...]) -> None:
+    def __init__(
+        self, n: int, r: int, levels: tuple[float, ...], layer: LayerMasses | None = None
+    ) -> None:
         import torch
 
+        if layer is not None and layer.columns.shape[0] != n:
+            raise ValueError(f"a block of {n} slices for a layer of {layer.columns.shape[0]}")
+        self.layer = layer
         self.shape = (n, r)
         self.levels = levels
         self.level_values = torch.tensor(levels or (0.0,), dtype=torch.float64)

@@ -13,7 +13,8 @@
  *
  * (each tile's part summed in float32, as the torch path sums). Rows with q >= q_min (the sparsity
  * table's queries) also give col[n, c] = their sum of p (column masses) and diag[n, R - 1 - r + c]
- * (column j of diag holds offset d = q0 + R - 1 - k0 - j), both float32, overwritten per tile, and
+ * (column j of diag holds offset d = q0 + R - 1 - k0 - j), both float32, overwritten per tile and
+ * then added to the layer's float64 columns[n, k] and diagonals[n, d] (each [N, T]) when T > 0, and
  * search their span: for each level j not found yet (span[j, i] < 0) and within this tile's
  * reach, the row's float64 sum from its last visible key down finds the largest key k at which
  * mass[i] plus that sum reaches levels[j]: span[j, i] = q - k. Where a row was searched its
@@ -62,7 +63,8 @@ void census_tile(
     double *restrict l, double *restrict pk, double *restrict pz, float *restrict zmax,
     double *restrict loc, double *restrict rec, double *restrict mass,
     float *restrict col, float *restrict diag,
-    int64_t n_levels, const double *restrict levels, int64_t *restrict span)
+    int64_t n_levels, const double *restrict levels, int64_t *restrict span,
+    int64_t T, double *restrict columns, double *restrict diagonals)
 {
     const int64_t W = R + K - 1;
     memset(col, 0, (size_t)(N * K) * sizeof(float));
@@ -122,5 +124,19 @@ void census_tile(
         for (int64_t c = visible; c < K; c++) zr[c] = 0.0f;
         l[i] += sl; pk[i] += spk; pz[i] += spz; zmax[i] = zm; loc[i] += sloc; rec[i] += srec;
         mass[i] += row_mass >= 0.0 ? row_mass : (double)sl;
+    }
+    if (T <= 0) return;
+    for (int64_t n = 0; n < N; n++) { /* the layer's masses, float64 [N, T] */
+        const float *restrict cn = col + n * K;
+        const float *restrict dn = diag + n * W;
+        double *restrict cl = columns + n * T + k0;
+        double *restrict dl = diagonals + n * T;
+        int64_t kk = K < T - k0 ? K : T - k0;
+        for (int64_t c = 0; c < kk; c++) cl[c] += cn[c];
+        const int64_t top = q0 + R - 1 - k0; /* column j of diag: offset top - j */
+        for (int64_t j = 0; j < W; j++) {
+            int64_t d = top - j;
+            if (d >= 0 && d < T) dl[d] += dn[j];
+        }
     }
 }

@@ -350,10 +350,10 @@ class Sparsity:
     def tile_stats(
         self, layer: int, q0: int, k0: int, probs: torch.Tensor, stats: TileStats | None
     ) -> None:
-        """:meth:`tile` with what the compiled census pass already measured on the tile
-        (:class:`attnstore.scores.TileStats`: column, diagonal and window masses, and each
-        row's span at the block's last tile), so only the first keys and the needle rows are
-        read from ``probs`` here. ``stats`` None: :meth:`tile`."""
+        """:meth:`tile` with what the compiled census pass already measured
+        (:class:`attnstore.scores.TileStats`: window masses and spans of a block of rows at its
+        last tile, the layer's column and diagonal masses at its last tile), so only the first
+        keys and the needle rows are read from ``probs`` here. ``stats`` None: :meth:`tile`."""
         import torch
 
         if stats is None:
@@ -366,21 +366,15 @@ class Sparsity:
         q1 = q0 + n_rows
         if state.block != q0:
             state.block, state.runs, state.answers = q0, {}, {}
-        top = q1 - 1 - k0  # the offset d of the stats' diagonal column 0
         with torch.no_grad():
             for doc in self._docs:
                 i, lo, hi = doc.index, max(q0, 1), min(q1, doc.n)
-                if lo < hi and k0 < hi:
-                    keys = min(n_keys, hi - k0)
-                    state.cols[i][:, k0 : k0 + keys] += stats.col[i, :, :keys]
-                    first, last = max(0, top - (doc.n - 1)), min(n_rows + n_keys - 2, top)
-                    if first <= last:  # columns first … last: d from top − first down
-                        state.diags[i][:, top - last : top - first + 1] += stats.diag[
-                            i, :, first : last + 1
-                        ].flip(-1)
-                    if k0 < STREAM_SINK:
-                        p = probs[i, :, lo - q0 : hi - q0, :keys]
-                        self._first_keys(state, doc, p, lo, k0)
+                if lo < hi and k0 < min(hi, STREAM_SINK):
+                    p = probs[i, :, lo - q0 : hi - q0, : min(n_keys, hi - k0)]
+                    self._first_keys(state, doc, p, lo, k0)
+                if stats.columns is not None and stats.diagonals is not None and doc.n >= 2:
+                    state.cols[i] += stats.columns[i, :, : doc.n]
+                    state.diags[i] += stats.diagonals[i, :, : doc.n]
                 if doc.answers:
                     self._retrieval_tile(state, doc, q0, k0, probs)
                 if stats.local is not None and stats.recent is not None:  # the block's last tile
