@@ -127,3 +127,13 @@ def test_no_import_cycle() -> None:
     assert "attnstore.store.reader" in graph["attnstore.store"]
     assert _cycles(graph) == []
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+
+
+def test_table_names_opening_reads_are_the_schemas_names() -> None:
+    """Opening a store names the tables from :mod:`attnstore.layout` (without importing the
+    schemas); the names and the plug-in folder are those of the schemas' modules."""
+    from attnstore import index, layout
+    from attnstore.analyses import tables as plugin_tables
+
+    assert layout.BUILTIN_TABLES == index.TABLES
+    assert layout.ANALYSES == plugin_tables.ANALYSES_DIR
