@@ -30,6 +30,8 @@ from typing import Any, Final, TypedDict
 from attnstore.errors import FormatVersionError, StoreNotFoundError
 
 __all__ = [
+    "ANALYSES",
+    "BUILTIN_TABLES",
     "COMPAT_KEYS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -60,6 +62,14 @@ TABLES_DIR: Final = "tables"
 OVERVIEWS: Final = "overviews"
 COMMITS: Final = "commits"
 WRITERS: Final = "writers"
+#: The folder of plug-in table registrations (:mod:`attnstore.analyses.tables`).
+ANALYSES: Final = "analyses"
+#: The built-in tables, by name (their schemas: :data:`attnstore.index.SCHEMAS`, in this order).
+#: Named here so that opening a store does not import the schemas.
+BUILTIN_TABLES: Final = (
+    "docs", "tokens", "heads", "words", "syntax", "syntax_baseline", "probes", "probe_scores",
+    "sparsity", "needles", "overviews",
+)  # fmt: skip
 #: Batches per segment/part folder (``<kkkkk>`` above).
 FOLDER_FANOUT: Final = 1024
 PACKING: Final = "tril-rowmajor"

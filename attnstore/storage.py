@@ -4,7 +4,9 @@ Table and matrix code never opens a path itself. It asks a :class:`Storage` for
 
 - a Zarr store for one array (``zarr_store``), so arrays use zarr's own storage abstraction;
 - a Delta table URI plus ``storage_options`` (``table_uri``), handed to delta-rs as they are;
-- small whole-file reads and atomic writes (the manifest, writer files) and listings.
+- small whole-file reads and atomic writes (the manifest, writer files) and listings;
+- byte ranges of one file (:class:`RangeReads`: a file's tail and ranges in it), which the
+  zarr-free segment reader (:mod:`attnstore.store.shards`) reads shards with.
 
 :class:`LocalStorage` is the implementation for a folder on a local disk, :class:`ObjectStorage`
 for an ``s3://``, ``gs://`` or ``az://`` root (zarr's ``ObjectStore`` over obstore, delta-rs storage
@@ -24,15 +26,16 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "LocalStorage",
     "Location",
     "ObjectStorage",
+    "RangeReads",
     "Storage",
     "is_url",
     "location_text",
@@ -109,6 +112,24 @@ class Storage(Protocol):
         ...
 
 
+@runtime_checkable
+class RangeReads(Protocol):
+    """Whole files and byte ranges of them, as a :class:`Storage` may read them (both storages
+    here do; a storage without ranges has its segments read through zarr)."""
+
+    def read_bytes(self, rel: str) -> bytes: ...
+
+    def read_tail(self, rel: str, n: int) -> tuple[int, bytes]:
+        """The size of file ``rel`` and its last ``n`` bytes (all of it when it is shorter);
+        ``FileNotFoundError`` when it does not exist."""
+        ...
+
+    def read_ranges(self, rel: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Bytes ``start … end − 1`` of file ``rel`` for each ``(start, end)`` (fewer where the
+        file ends first)."""
+        ...
+
+
 class LocalStorage:
     """A store folder on a local disk. Atomic writes: temporary name, fsync, rename."""
 
@@ -146,6 +167,15 @@ class LocalStorage:
 
     def read_bytes(self, rel: str) -> bytes:
         return (self.path / rel).read_bytes()
+
+    def read_tail(self, rel: str, n: int) -> tuple[int, bytes]:
+        with open(self.path / rel, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            return size, os.pread(fh.fileno(), min(n, size), max(0, size - n))
+
+    def read_ranges(self, rel: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        with open(self.path / rel, "rb") as fh:
+            return [os.pread(fh.fileno(), end - start, start) for start, end in ranges]
 
     def _durable_temp(self, rel: str, data: bytes) -> tuple[Path, Path]:
         """``data`` fsync'ed under a temporary name beside ``rel``; (temporary, final) paths."""
@@ -464,6 +494,34 @@ class ObjectStorage:
             with self.arrow_filesystem().open_input_stream(self._arrow_key(rel)) as fh:
                 return bytes(fh.read())
         return bytes(obstore.get(self._object_store(), rel.strip("/")).bytes())
+
+    def read_tail(self, rel: str, n: int) -> tuple[int, bytes]:
+        """One GET of a suffix range (its answer carries the object's size)."""
+        import obstore
+
+        if self._forked():
+            with self.arrow_filesystem().open_input_file(self._arrow_key(rel)) as fh:
+                size = fh.size()
+                return size, bytes(fh.read_at(min(n, size), max(0, size - n)))
+        got = obstore.get(self._object_store(), rel.strip("/"), options={"range": {"suffix": n}})
+        return int(got.meta["size"]), bytes(got.bytes())
+
+    def read_ranges(self, rel: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Ranges close together are fetched by one GET (obstore coalesces them)."""
+        import obstore
+
+        if not ranges:
+            return []
+        if self._forked():
+            with self.arrow_filesystem().open_input_file(self._arrow_key(rel)) as fh:
+                return [bytes(fh.read_at(end - start, start)) for start, end in ranges]
+        got = obstore.get_ranges(
+            self._object_store(),
+            rel.strip("/"),
+            starts=[start for start, _ in ranges],
+            ends=[end for _, end in ranges],
+        )
+        return [bytes(b) for b in got]
 
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         import obstore

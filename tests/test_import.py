@@ -23,22 +23,36 @@ def test_cli_help_without_heavy_imports() -> None:
 
 
 #: What reading one matrix must not load: delta-rs, Arrow datasets and pandas (the docs lookup
-#: reads Parquet directly), and the extraction stack.
-NOT_FOR_A_MATRIX = ("deltalake", "pandas", "pyarrow.dataset", "torch", "transformers", "duckdb")
+#: reads Parquet directly), the extraction stack, zarr (segments are read without it,
+#: attnstore.store.shards), and the table schemas and analyses (issue 18: a fresh process's first
+#: read).
+NOT_FOR_A_MATRIX = (
+    "deltalake", "pandas", "pyarrow.dataset", "torch", "transformers", "duckdb", "zarr",
+    "attnstore.index", "attnstore.analyses",
+)  # fmt: skip
 
 
 def _modules_after_one_matrix(path: Path) -> list[str]:
+    """Modules of :data:`NOT_FOR_A_MATRIX` loaded by a whole matrix and a few rows of another; then
+    whether zarr is loaded after an overview (in stores with them) as well."""
     code = (
         "import sys, attnstore\n"
         f"store = attnstore.open({str(path)!r})\n"
-        "assert store.matrix(1, store.manifest['layers'][0], store.manifest['heads'][0]).ndim == 2\n"
+        "layer, head = store.manifest['layers'][0], store.manifest['heads'][0]\n"
+        "assert store.matrix(1, layer, head).ndim == 2\n"
+        "assert store.matrix(1, layer, store.manifest['heads'][-1], rows=slice(1, 3)).shape[0] == 2\n"
         f"print(sorted(m for m in {NOT_FOR_A_MATRIX!r} if m in sys.modules))\n"
+        "if store.manifest.get('overview'):\n"
+        "    assert store.overview(1, layer, head).ndim == 2\n"
+        "print('zarr' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return ast.literal_eval(out.stdout.strip())  # type: ignore[no-any-return]
+    loaded, zarr_after_overview = out.stdout.split("\n")[:2]
+    assert zarr_after_overview == "False"
+    return ast.literal_eval(loaded)  # type: ignore[no-any-return]
 
 
-def test_reading_a_matrix_loads_no_delta_rs_pandas_or_torch(tmp_path: Path) -> None:
+def test_reading_a_matrix_loads_no_delta_rs_pandas_torch_or_zarr(tmp_path: Path) -> None:
     from attnstore.compact import compact
     from tests.synthetic import write_synthetic_store
 
@@ -127,3 +141,13 @@ def test_no_import_cycle() -> None:
     assert "attnstore.store.reader" in graph["attnstore.store"]
     assert _cycles(graph) == []
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+
+
+def test_table_names_opening_reads_are_the_schemas_names() -> None:
+    """Opening a store names the tables from :mod:`attnstore.layout` (without importing the
+    schemas); the names and the plug-in folder are those of the schemas' modules."""
+    from attnstore import index, layout
+    from attnstore.analyses import tables as plugin_tables
+
+    assert layout.BUILTIN_TABLES == index.TABLES
+    assert layout.ANALYSES == plugin_tables.ANALYSES_DIR

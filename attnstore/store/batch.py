@@ -1,4 +1,9 @@
-"""A batch ready to commit (:class:`Segment`), and how the buffered batches become table rows."""
+"""A batch ready to commit (:class:`Segment`), and how the buffered batches become table rows.
+
+The table schemas (:mod:`attnstore.index`, :mod:`attnstore.analyses.tables`) are imported when a
+batch is built, not with :class:`Segment`: ``attnstore.store`` names it, and opening a store to read
+a matrix needs neither.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from attnstore import index
-from attnstore.analyses import tables as plugin_tables
 from attnstore.errors import StoreWriteError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from attnstore.analyses.tables import TableSpec
 
 __all__ = ["Segment", "batch_table", "concat_columns"]
 
@@ -38,11 +43,12 @@ class Segment:
     annotation: dict[str, Any] = field(default_factory=dict)
 
 
-def batch_table(
-    name: str, parts: list[Any], specs: Mapping[str, plugin_tables.TableSpec]
-) -> pa.Table:
+def batch_table(name: str, parts: list[Any], specs: Mapping[str, TableSpec]) -> pa.Table:
     """One table's rows of the flushed batches: built-in columns, or analyses' tables (plug-in
     tables by their ``specs``)."""
+    from attnstore import index
+    from attnstore.analyses import tables as plugin_tables
+
     if not any(isinstance(p, pa.Table) for p in parts):
         return index.table_from_columns(name, concat_columns(parts))
     spec = specs.get(name)

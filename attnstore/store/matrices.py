@@ -1,11 +1,13 @@
 """One document's matrices read from a store: the read path of ``matrix()`` and its kin.
 
 :class:`MatrixReader` is the half of :class:`~attnstore.store.Store` that reads one document: its
-``docs`` row (:mod:`attnstore.store.locations`, a cached point read), its segment (a cached Zarr
-array, :mod:`attnstore.store.segments`) and the chunks holding the rows asked for, decoded by the
-store's codec and unpacked (:mod:`attnstore.packing`). It loads neither delta-rs nor an Arrow
-dataset: a fresh process that opens a store and reads one matrix imports zarr, numpy and
-``pyarrow.parquet``, and that is all.
+``docs`` row (:mod:`attnstore.store.locations`, a cached point read), its segment (a cached array)
+and the chunks holding the rows asked for, decoded by the store's codec and unpacked
+(:mod:`attnstore.packing`). Segments and overview arrays are read without zarr
+(:mod:`attnstore.store.shards`) when their metadata is what attnstore writes, and through zarr
+(:func:`~attnstore.store.segments.open_segment`, imported then) otherwise. It loads neither delta-rs
+nor an Arrow dataset: a fresh process that opens a store and reads one matrix imports numpy,
+``pyarrow.parquet``, numcodecs' Blosc and google_crc32c, and that is all.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from attnstore.packing import packed_size, row_index, unpack, unpack_logits, unp
 from attnstore.paths import inside, local_files_inside
 from attnstore.rows import DocRows, RowSelection, RowsNotStoredError
 from attnstore.store.locations import Location, find_doc, location_of
-from attnstore.store.segments import open_segment
+from attnstore.store.shards import open_sharded
 
 if TYPE_CHECKING:
     from attnstore.codecs import Codec
@@ -111,7 +113,11 @@ class MatrixReader:
                 return arr
         rel = inside(self.storage, folder, segment, source="tables/docs", what="segment")
         local_files_inside(self.storage, rel, source="tables/docs", what="segment")
-        arr = open_segment(self.storage.zarr_store(rel, read_only=True), rel)
+        arr = open_sharded(self.storage, rel)
+        if arr is None:  # metadata outside what attnstore writes, or a storage without ranges
+            from attnstore.store.segments import open_segment
+
+            arr = open_segment(self.storage.zarr_store(rel, read_only=True), rel)
         with self._lock:
             self._arrays[key] = arr
             while len(self._arrays) > ARRAYS_CACHED:

@@ -20,10 +20,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from attnstore import index
-from attnstore.analyses import tables as plugin_tables
 from attnstore.codecs import Codec, get_codec
-from attnstore.layout import COMMITS, SEGMENTS, Manifest, parse_format_version, read_json
+from attnstore.layout import (
+    ANALYSES,
+    BUILTIN_TABLES,
+    COMMITS,
+    SEGMENTS,
+    Manifest,
+    parse_format_version,
+    read_json,
+)
 from attnstore.paths import inside, relative_name
 from attnstore.rows import RowSelection
 from attnstore.storage import Storage, is_url, open_storage
@@ -95,16 +101,13 @@ class Store(MatrixReader):
     def refresh(self) -> None:
         """Take a new snapshot (to see batches committed since opening)."""
         self._datasets: dict[str, pads.Dataset] = {}
-        #: every table of this store: the built-in ones, then plug-in tables (analyses)
-        self.schemas: dict[str, pa.Schema] = plugin_tables.schemas(
-            None if self.read_only else self.storage
-        )
+        names = self._table_names()
         self._locations = OrderedDict()
         self._overview_rows = OrderedDict()
         if self.read_only:
             folder = Path(self.storage.root) / COMMITS
-            names = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
-            self._commits: list[dict[str, Any]] = [read_json(folder / n) for n in names]
+            records = sorted(p.name for p in folder.glob("*.json")) if folder.is_dir() else []
+            self._commits: list[dict[str, Any]] = [read_json(folder / n) for n in records]
             self._files = {
                 name: [
                     TableFile(
@@ -116,15 +119,42 @@ class Store(MatrixReader):
                     for c in self._commits
                     if c["tables"].get(name)
                 ]
-                for name in index.TABLES
+                for name in names
             }
             self._hidden: dict[str, set[int]] = {}
             return
-        tables, self._hidden = snapshot(self.storage, names=tuple(self.schemas))
+        tables, self._hidden = snapshot(self.storage, names=names)
         self._versions = {name: log.version for name, log in tables.items()}
         # The snapshot as plain data: reads below never call delta-rs, so a Store works in
         # forked DataLoader workers (delta-rs' runtime does not survive a fork).
         self._files = {name: files_of(self.storage, name, log) for name, log in tables.items()}
+
+    def _table_names(self) -> tuple[str, ...]:
+        """The tables to snapshot: the built-in ones, then the store's plug-in tables.
+
+        Plug-in tables' registrations (``analyses/*.json``) are read, and checked, when the store
+        has any; a store without them opens without importing the schemas (:attr:`schemas`).
+        """
+        self._schemas: dict[str, pa.Schema] | None = None
+        if self.read_only:
+            return BUILTIN_TABLES
+        # the files attnstore.analyses.tables.registered reads (it lists the same folder)
+        listed = self.storage.list(ANALYSES)
+        if not any(f.endswith(".json") and not f.startswith(".") for f in listed):
+            return BUILTIN_TABLES
+        from attnstore.analyses import tables as plugin_tables
+
+        self._schemas = plugin_tables.schemas(self.storage)
+        return tuple(self._schemas)
+
+    @property
+    def schemas(self) -> dict[str, pa.Schema]:
+        """Every table of this store: the built-in ones, then plug-in tables (analyses)."""
+        if self._schemas is None:
+            from attnstore import index
+
+            self._schemas = dict(index.SCHEMAS)
+        return self._schemas
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -13,15 +13,19 @@ read (``Store.matrix`` and friends, ``attnstore verify``, the viewer):
 - **Decompression bombs.** A Blosc frame declares in its 16-byte header how many bytes it inflates
   to. :class:`GuardedBloscCodec` compares that figure with the size of one chunk of the array (its
   own chunk shape times the item size, from ``zarr.json``) *before* Blosc allocates anything, and
-  refuses a frame that declares more. It replaces zarr's ``blosc`` codec for reading and writing
-  alike (encoding is unchanged).
+  refuses a frame that declares more (:func:`~attnstore.store.shards.check_blosc_frame`, which the
+  zarr-free reader applies too). It replaces zarr's ``blosc`` codec for reading and writing alike
+  (encoding is unchanged).
 - **Damaged metadata.** A ``zarr.json`` that does not parse as an array becomes one
   :class:`~attnstore.errors.DamagedStoreError` line naming the file.
+
+``Store.matrix`` and its kin read the arrays of this module without zarr when their metadata is
+exactly what is written here (:mod:`attnstore.store.shards`: a fresh process then never imports
+zarr); :func:`open_segment` opens everything else.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -30,42 +34,31 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.registry import fully_qualified_name, register_codec
 
 from attnstore.errors import DamagedStoreError
+from attnstore.store.shards import BLOSC_HEADER, DecompressionBombError, check_blosc_frame
 
 if TYPE_CHECKING:
     from attnstore.codecs import Codec
     from attnstore.storage import Storage
 
-__all__ = ["CHUNK", "GuardedBloscCodec", "open_segment", "write_overviews", "write_segment"]
+__all__ = [
+    "CHUNK",
+    "DecompressionBombError",
+    "GuardedBloscCodec",
+    "open_segment",
+    "write_overviews",
+    "write_segment",
+]
 
 #: Inner chunk length along the packed axis: 64 Ki values (128 KiB as uint16). One T=512 matrix
 #: (131,328 values) spans 3 chunks, so one read decompresses at most ~400 KiB.
 CHUNK: Final = 1 << 16
 
-#: Size of the Blosc 1 frame header; ``nbytes`` (uint32, little-endian) sits at offset 4.
-_HEADER: Final = 16
-
-
-class DecompressionBombError(DamagedStoreError):
-    """A compressed chunk that declares more decoded bytes than its array's chunk holds."""
-
-
 class GuardedBloscCodec(BloscCodec):
     """zarr's Blosc codec, refusing frames that declare more than one chunk of decoded bytes."""
 
     def _decode_sync(self, chunk_bytes: Any, chunk_spec: Any) -> Any:
-        limit = int(np.prod(chunk_spec.shape, dtype=np.int64)) * chunk_spec.dtype.item_size
-        head = chunk_bytes.as_numpy_array()[:_HEADER].tobytes()
-        if len(head) < _HEADER:
-            raise DecompressionBombError(
-                f"A Blosc chunk of {len(head)} bytes is shorter than its 16-byte header."
-            )
-        (declared,) = struct.unpack_from("<I", head, 4)
-        if declared > limit:
-            raise DecompressionBombError(
-                f"A Blosc chunk declares {declared:,} decoded bytes; a chunk of this array "
-                f"{tuple(chunk_spec.shape)} × {chunk_spec.dtype.item_size} B holds {limit:,}. "
-                "Refused before decoding (a damaged or hostile segment)."
-            )
+        head = chunk_bytes.as_numpy_array()[:BLOSC_HEADER]
+        check_blosc_frame(head, tuple(chunk_spec.shape), chunk_spec.dtype.item_size)
         return super()._decode_sync(chunk_bytes, chunk_spec)
 
 

@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from attnstore import index
-from attnstore.layout import WRITERS
+from attnstore.layout import BUILTIN_TABLES, WRITERS
 from attnstore.paths import inside
 from attnstore.store.deltalog import LogNotUnderstood, TableLog, log_path, read_log, table_path
 from attnstore.store.intents import read_state
@@ -77,7 +76,7 @@ def _settle(table: TableLog | DeltaTable, apps: Sequence[str]) -> TableLog:
 
 
 def snapshot(
-    storage: Storage, names: Sequence[str] = index.TABLES, attempts: int = 20
+    storage: Storage, names: Sequence[str] = BUILTIN_TABLES, attempts: int = 20
 ) -> tuple[dict[str, TableLog], dict[str, set[int]]]:
     """Consistent table snapshots, ``docs`` first, plus per table the doc_ids to hide.
 
