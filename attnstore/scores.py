@@ -23,7 +23,9 @@ Growth laws (B documents of T tokens, H heads, d head dimension; no ``[T, T]`` t
 - :func:`online_layer_scores` (queries and keys only, no attention rows): memory one block of
   ``block_bytes`` plus O(B·H·T) for the queries and keys themselves; time O(B·H·T²·(d + c)/2)
   — one ``q·k`` product, one ``exp`` and a few reductions per visible (query, key) element, the
-  same order as the fused attention kernel of the forward pass.
+  same order as the fused attention kernel of the forward pass. On a CPU with a C compiler the
+  ``exp`` and every reduction of a tile are one compiled loop (:mod:`attnstore.kernels`), plus
+  O(B·H·T) float64 for the layer's column and diagonal masses when the sparsity table is read.
 """
 
 from __future__ import annotations
