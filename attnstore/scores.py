@@ -537,10 +537,12 @@ class TileStats:
     last tile, ``k0 = 0``) or the layer (the last block's last tile). Rows outside a document's
     queries (``q = 0``, ``q ≥ n``) contribute nothing."""
 
-    #: at the block's last tile (k0 = 0): ``[doc, head, R]`` float64, Σ p over q − k < 64 and
-    #: q − k < 256 over the block's tiles; else None
+    #: at the block's last tile (k0 = 0): ``[doc, head, R]`` float64 sums over the block's tiles
+    #: of p over q − k < 64, q − k < 256, k < 4 and k < min(128, max(q − 255, 0)); else None
     local: torch.Tensor | None
     recent: torch.Tensor | None
+    sink4: torch.Tensor | None
+    early: torch.Tensor | None
     #: at the block's last tile (k0 = 0), per span level: ``[doc, head, R]`` int64, the smallest
     #: D with Σ_{q-D ≤ k ≤ q} p ≥ level, from the row's float64 sum (−1: not a query); else None
     span: dict[float, torch.Tensor] | None
@@ -588,10 +590,7 @@ def _kernel_pass(
         for q0 in range(0, t, q_block):
             q1 = min(q0 + q_block, t)
             c = q1 - q0
-            qpos = torch.arange(q0, q1)
             block = kernel.block(n, c, span_levels, layer)
-            fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
-            picked = {name: torch.zeros((b, h, c), dtype=f64) for name in fixed}
             pairs = _block_pairs(masks, q0, q1)
             sets = torch.zeros((2, b, c, h))  # Σp over the duplicate and induction keys
             starts = list(reversed(range(0, q1, k_block)))
@@ -606,7 +605,6 @@ def _kernel_pass(
                 torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # s − lse
                 kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, block)
                 p = z  # now the weights
-                _pick(picked, fixed, p, q0, k0)
                 for slot, kind in enumerate(("dup", "ind")):
                     if kind in pairs and cuts[kind][j] > cuts[kind][j + 1]:
                         sel = slice(cuts[kind][j + 1], cuts[kind][j])
@@ -624,6 +622,8 @@ def _kernel_pass(
                 stats = TileStats(
                     local=block["loc"].view(b, h, c) if last else None,
                     recent=block["rec"].view(b, h, c) if last else None,
+                    sink4=block["sink4"].view(b, h, c) if last else None,
+                    early=block["early"].view(b, h, c) if last else None,
                     span=_spans(block, masks, q0, b, h) if last else None,
                     columns=layer.columns.view(b, h, t) if done and layer else None,
                     diagonals=layer.diagonals.view(b, h, t) if done and layer else None,
@@ -631,6 +631,7 @@ def _kernel_pass(
                 tile(q0, k0, p, stats)
             state = torch.stack([block["l"], block["pz"], block["pk"]]).view(3, b, h, c)
             zmax = block.zmax.view(b, h, c).to(f64)
+            picked = {name: block[name].view(b, h, c) for name in ("prev", "self", "sink")}
             _add_block(acc, masks, q0, picked, torch.cat([state, sets.transpose(2, 3)]), zmax)
     finally:
         torch.set_num_threads(threads)

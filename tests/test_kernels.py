@@ -77,6 +77,12 @@ def test_tile_equals_its_torch_reading(
     torch.testing.assert_close(block["loc"], (sp * (d < 64)).sum(-1), **tol)
     torch.testing.assert_close(block["rec"], (sp * (d < 256)).sum(-1), **tol)
     torch.testing.assert_close(col.double(), sp.sum(1), **tol)
+    at = {"prev": k == q - 1, "self": k == q, "sink": k == 0}
+    for name, where in at.items():
+        torch.testing.assert_close(block[name], (p * where).sum(-1), **tol)
+    torch.testing.assert_close(block["sink4"], (sp * (k < 4)).sum(-1), **tol)
+    early = k < (q - 255).clamp(0, 128)  # the stream budget's first keys
+    torch.testing.assert_close(block["early"], (sp * early).sum(-1), **tol)
     top = q0 + r - 1 - k0
     for j in range(r + kw - 1):  # diag column j holds offset top - j
         torch.testing.assert_close(diag[:, j].double(), (sp * (d == top - j)).sum((1, 2)), **tol)

@@ -119,7 +119,8 @@ class CensusKernel:
         fn = lib.census_tile
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64,
-                       ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr]  # fmt: skip
+                       ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                       i64, ptr, ptr, i64, ptr, ptr]  # fmt: skip
         fn.restype = None
         self._fn = fn
 
@@ -152,14 +153,19 @@ class CensusKernel:
         f64, step = state.rows.data_ptr(), n * r * 8
         self._fn(
             z.data_ptr(), n, r, k, heads, lengths.data_ptr(), q0, k0, q_min,
-            f64, f64 + step, f64 + 2 * step, state.zmax.data_ptr(), f64 + 3 * step,
-            f64 + 4 * step, f64 + 5 * step, col.data_ptr(), diag.data_ptr(),
+            f64, f64 + step, f64 + 2 * step, state.zmax.data_ptr(),
+            *(f64 + j * step for j in range(3, len(ROWS))), col.data_ptr(), diag.data_ptr(),
             len(state.levels), state.level_values.data_ptr(), state.span.data_ptr(),
             0 if state.layer is None else state.layer.length,
             None if state.layer is None else state.layer.columns.data_ptr(),
             None if state.layer is None else state.layer.diagonals.data_ptr(),
         )  # fmt: skip
         return col, diag
+
+
+#: the float64 row sums of :class:`BlockState`, in ``census_tile``'s argument order (``zmax``,
+#: float32, comes between ``pz`` and ``loc``)
+ROWS: Final = ("l", "pk", "pz", "loc", "rec", "mass", "prev", "self", "sink", "sink4", "early")
 
 
 class LayerMasses:
@@ -175,9 +181,9 @@ class LayerMasses:
 
 
 class BlockState:
-    """A block's row state for :meth:`CensusKernel.tile` (flat rows ``[N, R]``): float64 ``l``,
-    ``pk``, ``pz``, ``loc``, ``rec``, ``mass`` (rows of :attr:`rows`), float32 ``zmax``, and per
-    span level the found offset ``span`` (int64 ``[levels, N, R]``, −1: not yet)."""
+    """A block's row state for :meth:`CensusKernel.tile` (flat rows ``[N, R]``): the float64 sums
+    of :data:`ROWS` (``state["l"]``), float32 ``zmax``, and per span level the found offset
+    ``span`` (int64 ``[levels, N, R]``, −1: not yet)."""
 
     def __init__(
         self, n: int, r: int, levels: tuple[float, ...], layer: LayerMasses | None = None
@@ -190,7 +196,7 @@ class BlockState:
         self.shape = (n, r)
         self.levels = levels
         self.level_values = torch.tensor(levels or (0.0,), dtype=torch.float64)
-        self.rows = torch.zeros((6, n, r), dtype=torch.float64)
+        self.rows = torch.zeros((len(ROWS), n, r), dtype=torch.float64)
         self.zmax = torch.full((n, r), -math.inf, dtype=torch.float32)
         self.span = torch.full((max(len(levels), 1), n, r), -1, dtype=torch.int64)
         self._col: torch.Tensor | None = None
@@ -207,8 +213,7 @@ class BlockState:
         return self._col, self._diag
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        index = ("l", "pk", "pz", "loc", "rec", "mass").index(name)
-        return self.rows[index]
+        return self.rows[ROWS.index(name)]
 
 
 def census_kernel() -> CensusKernel | None:

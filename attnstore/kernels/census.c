@@ -10,6 +10,8 @@
  *   l[i]   += sum p                  pk[i]   += sum p*k       pz[i] += sum p*max(z, -87)
  *   zmax[i] = max(zmax[i], max z)    mass[i] += sum p (see below)
  *   loc[i] += sum p over q - k < 64  rec[i]  += sum p over q - k < 256
+ *   prev[i], self[i], sink[i] += p at keys q - 1, q and 0 (where the tile holds them)
+ *   sink4[i] += sum p over k < 4     early[i] += sum p over k < min(128, max(q - 255, 0))
  *
  * (each tile's part summed in float32, as the torch path sums). Rows with q >= q_min (the sparsity
  * table's queries) also give col[n, c] = their sum of p (column masses) and diag[n, R - 1 - r + c]
@@ -19,7 +21,7 @@
  * reach, the row's float64 sum from its last visible key down finds the largest key k at which
  * mass[i] plus that sum reaches levels[j]: span[j, i] = q - k. Where a row was searched its
  * float64 sum goes to mass[i] (so the running mass stays exact near a level); elsewhere the
- * float32 sum does. loc and rec only count those rows too.
+ * float32 sum does. loc, rec, sink4 and early only count those rows too.
  *
  * Exactness: e^x by a degree-6 polynomial after range reduction (Cephes' expf, within 2 ulp of
  * the float32 exponential).
@@ -29,6 +31,7 @@
 #include <string.h>
 
 #define EXP_FLOOR (-87.0f)
+#define STREAM_SINK 128
 
 static inline float exp_poly(float x) {
     /* x in [-87, 88]: 2^n * e^r with |r| <= ln(2)/2 */
@@ -62,6 +65,8 @@ void census_tile(
     const int64_t *restrict lengths, int64_t q0, int64_t k0, int64_t q_min,
     double *restrict l, double *restrict pk, double *restrict pz, float *restrict zmax,
     double *restrict loc, double *restrict rec, double *restrict mass,
+    double *restrict prev, double *restrict self, double *restrict sink,
+    double *restrict sink4, double *restrict early,
     float *restrict col, float *restrict diag,
     int64_t n_levels, const double *restrict levels, int64_t *restrict span,
     int64_t T, double *restrict columns, double *restrict diagonals)
@@ -100,6 +105,17 @@ void census_tile(
                     dr[c] += e;
                 }
             }
+            if (k0 < STREAM_SINK) { /* the first keys: StreamingLLM's sinks, the stream budget's */
+                const int64_t m = q - 255 < 0 ? 0 : (q - 255 > STREAM_SINK ? STREAM_SINK : q - 255);
+                const int64_t first = visible < STREAM_SINK - k0 ? visible : STREAM_SINK - k0;
+                double s4 = 0.0, se = 0.0;
+                for (int64_t c = 0; c < first; c++) {
+                    if (k0 + c < 4) s4 += zr[c];
+                    if (k0 + c < m) se += zr[c];
+                }
+                sink4[i] += s4;
+                early[i] += se;
+            }
             for (int64_t j = 0; j < n_levels; j++) {
                 if (span[j * N * R + i] >= 0) continue; /* found in a tile nearer the diagonal */
                 double t = levels[j] - mass[i];
@@ -122,6 +138,11 @@ void census_tile(
             }
         }
         for (int64_t c = visible; c < K; c++) zr[c] = 0.0f;
+        if (visible > 0) { /* the weights at keys q - 1, q and 0 */
+            if (q - 1 >= k0 && q - 1 < k0 + visible) prev[i] += zr[q - 1 - k0];
+            if (q < k0 + visible) self[i] += zr[q - k0];
+            if (k0 == 0) sink[i] += zr[0];
+        }
         l[i] += sl; pk[i] += spk; pz[i] += spz; zmax[i] = zm; loc[i] += sloc; rec[i] += srec;
         mass[i] += row_mass >= 0.0 ? row_mass : (double)sl;
     }

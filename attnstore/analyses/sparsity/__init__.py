@@ -351,9 +351,9 @@ class Sparsity:
         self, layer: int, q0: int, k0: int, probs: torch.Tensor, stats: TileStats | None
     ) -> None:
         """:meth:`tile` with what the compiled census pass already measured
-        (:class:`attnstore.scores.TileStats`: window masses and spans of a block of rows at its
-        last tile, the layer's column and diagonal masses at its last tile), so only the first
-        keys and the needle rows are read from ``probs`` here. ``stats`` None: :meth:`tile`."""
+        (:class:`attnstore.scores.TileStats`: window and first-key masses and spans of a block of
+        rows at its last tile, the layer's column and diagonal masses at its last tile), so only
+        the needle rows are read from ``probs`` here. ``stats`` None: :meth:`tile`."""
         import torch
 
         if stats is None:
@@ -362,24 +362,25 @@ class Sparsity:
         state = self._layers.get(layer)
         if state is None:
             state = self._layers[layer] = self._new_layer(probs.shape[1], probs.device)
-        n_rows, n_keys = probs.shape[2], probs.shape[3]
+        n_rows = probs.shape[2]
         q1 = q0 + n_rows
         if state.block != q0:
             state.block, state.runs, state.answers = q0, {}, {}
         with torch.no_grad():
             for doc in self._docs:
-                i, lo, hi = doc.index, max(q0, 1), min(q1, doc.n)
-                if lo < hi and k0 < min(hi, STREAM_SINK):
-                    p = probs[i, :, lo - q0 : hi - q0, : min(n_keys, hi - k0)]
-                    self._first_keys(state, doc, p, lo, k0)
+                i = doc.index
                 if stats.columns is not None and stats.diagonals is not None and doc.n >= 2:
                     state.cols[i] += stats.columns[i, :, : doc.n]
                     state.diags[i] += stats.diagonals[i, :, : doc.n]
                 if doc.answers:
                     self._retrieval_tile(state, doc, q0, k0, probs)
-                if stats.local is not None and stats.recent is not None:  # the block's last tile
+                if stats.local is not None:  # the block's last tile
+                    assert stats.recent is not None
+                    assert stats.early is not None
+                    assert stats.sink4 is not None
                     state.sums["local64"][i] += stats.local[i].sum(-1)
-                    state.sums["stream"][i] += stats.recent[i].sum(-1)
+                    state.sums["stream"][i] += (stats.recent[i] + stats.early[i]).sum(-1)
+                    state.sums["sink4"][i] += stats.sink4[i].sum(-1)
                 for level, d in (stats.span or {}).items():
                     name = f"span{round(level * 100)}"
                     state.sums[name][i] += d[i].clamp_min(0).sum(-1).to(torch.float64)
