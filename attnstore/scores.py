@@ -380,18 +380,17 @@ def online_layer_scores(
             query, key, allowed, scaling=scaling, softcap=softcap, block_bytes=block_bytes
         )
     lse = lse.float()
+    q_block, k_block = _tile_sides(b, h, t, block_bytes, q_block)
+    compiled = _kernel() if kernel and dev.type == "cpu" and allowed is None and not softcap else None
+    if compiled is not None:  # the loop subtracts lse itself
+        q_f, k_f = query.float() * scaling, key.float()
+        _kernel_pass(compiled, q_f, k_f, lse, masks, acc, q_block, k_block, tile, stats_levels)
+        return acc.result()
     if softcap:  # the cap applies to the logits before lse: no extra column
         q_f, k_f = query.float() * scaling, key.float()
     else:
         q_f = torch.cat([query.float() * scaling, -lse[..., None]], dim=-1)
         k_f = torch.cat([key.float(), key.new_ones((*key.shape[:-1], 1), dtype=torch.float32)], -1)
-    q_block, k_block = _tile_sides(b, h, t, block_bytes, q_block)
-    compiled = _kernel() if kernel and dev.type == "cpu" and allowed is None and not softcap else None
-    if compiled is not None:
-        _kernel_pass(
-            compiled, q_f, k_f, masks, acc, q_block, k_block, tile, stats_levels
-        )
-        return acc.result()
     kpos = torch.arange(t, device=dev)
     weights = torch.stack([torch.ones(t, device=dev), kpos.float()], dim=-1)  # [T, 2]: Σp, Σp·k
     lengths = (masks.n_queries + 1).tolist()  # a document's length (|Q1| = n − 1)
@@ -562,6 +561,7 @@ def _kernel_pass(
     kernel: Any,
     q_f: torch.Tensor,
     k_f: torch.Tensor,
+    lse: torch.Tensor,
     masks: BatchMasks,
     acc: LayerScores,
     q_block: int,
@@ -590,7 +590,8 @@ def _kernel_pass(
         for q0 in range(0, t, q_block):
             q1 = min(q0 + q_block, t)
             c = q1 - q0
-            block = kernel.block(n, c, span_levels, layer)
+            rows_lse = lse[:, :, q0:q1].reshape(n, c)
+            block = kernel.block(n, c, span_levels, layer, rows_lse)
             pairs = _block_pairs(masks, q0, q1)
             sets = torch.zeros((2, b, c, h))  # Σp over the duplicate and induction keys
             starts = list(reversed(range(0, q1, k_block)))
@@ -602,7 +603,7 @@ def _kernel_pass(
             for j, k0 in enumerate(starts):
                 k1 = min(k0 + k_block, q1)
                 z = _tile_buffer(buffers, "z", (b, h, c, k1 - k0), q_f.device)
-                torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # s − lse
+                torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # the logits
                 kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, block)
                 p = z  # now the weights
                 for slot, kind in enumerate(("dup", "ind")):

@@ -50,12 +50,14 @@ def test_tile_equals_its_torch_reading(
     z0 = torch.randn(n, r, kw, generator=gen) * 4 - 3
     z0[z0 < -8] = -200.0  # arguments below the exp floor
     levels = (level / 3, level)
-    block = kernel.block(n, r, levels)
+    lse = torch.randn(n, r, generator=gen) * 5  # the loop subtracts each row's lse itself
+    block = kernel.block(n, r, levels, None, lse)
     # mass already seen nearer the diagonal, below both levels (else the span would be found)
     before = torch.rand(n, r, generator=gen, dtype=torch.float64) * level / 3.1
     block["mass"][:] = before
     block.span[0, :, 1::3] = 5  # found in an earlier tile: kept
-    z = z0.clone()
+    z = z0 + lse[..., None]
+    z0 = z - lse[..., None]  # what the loop sees, rounding included
     col, diag = kernel.tile(z, heads, torch.tensor(lengths), q0, k0, 1, block)
 
     q = torch.arange(q0, q0 + r)[None, :, None]

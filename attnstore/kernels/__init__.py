@@ -118,18 +118,20 @@ class CensusKernel:
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.census_tile
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, i64, i64,
+        fn.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, i64, i64,
                        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                        i64, ptr, ptr, i64, ptr, ptr]  # fmt: skip
         fn.restype = None
         self._fn = fn
 
     def block(
-        self, n: int, r: int, levels: tuple[float, ...], layer: LayerMasses | None = None
-    ) -> BlockState:
-        """Fresh row state for a block of ``r`` rows of ``n`` (document, head) slices; its tiles'
-        column and diagonal masses are added to ``layer`` when given."""
-        return BlockState(n, r, levels, layer)
+        self, n: int, r: int, levels: tuple[float, ...], layer: LayerMasses | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> BlockState:  # fmt: skip
+        """Fresh row state for a block of ``r`` rows of ``n`` (document, head) slices with their
+        log-sum-exp ``lse`` (``[n, r]``; None: 0, the tiles hold ``s − lse``); its tiles' column
+        and diagonal masses are added to ``layer`` when given."""
+        return BlockState(n, r, levels, layer, lse)
 
     def tile(
         self, z: torch.Tensor, heads: int, lengths: torch.Tensor, q0: int, k0: int,
@@ -152,7 +154,7 @@ class CensusKernel:
         col, diag = state.buffers(k)
         f64, step = state.rows.data_ptr(), n * r * 8
         self._fn(
-            z.data_ptr(), n, r, k, heads, lengths.data_ptr(), q0, k0, q_min,
+            z.data_ptr(), state.lse.data_ptr(), n, r, k, heads, lengths.data_ptr(), q0, k0, q_min,
             f64, f64 + step, f64 + 2 * step, state.zmax.data_ptr(),
             *(f64 + j * step for j in range(3, len(ROWS))), col.data_ptr(), diag.data_ptr(),
             len(state.levels), state.level_values.data_ptr(), state.span.data_ptr(),
@@ -163,6 +165,8 @@ class CensusKernel:
         return col, diag
 
 
+#: span levels one block can search (``MAX_LEVELS`` in census.c)
+MAX_LEVELS: Final = 8
 #: the float64 row sums of :class:`BlockState`, in ``census_tile``'s argument order (``zmax``,
 #: float32, comes between ``pz`` and ``loc``)
 ROWS: Final = ("l", "pk", "pz", "loc", "rec", "mass", "prev", "self", "sink", "sink4", "early")
@@ -186,12 +190,20 @@ class BlockState:
     ``span`` (int64 ``[levels, N, R]``, −1: not yet)."""
 
     def __init__(
-        self, n: int, r: int, levels: tuple[float, ...], layer: LayerMasses | None = None
-    ) -> None:
+        self, n: int, r: int, levels: tuple[float, ...], layer: LayerMasses | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         import torch
 
         if layer is not None and layer.columns.shape[0] != n:
             raise ValueError(f"a block of {n} slices for a layer of {layer.columns.shape[0]}")
+        if len(levels) > MAX_LEVELS:
+            raise ValueError(f"at most {MAX_LEVELS} span levels; got {len(levels)}")
+        if lse is None:
+            lse = torch.zeros((n, r), dtype=torch.float32)
+        if lse.shape != (n, r):
+            raise ValueError(f"lse of a block of {n}×{r} rows has shape {tuple(lse.shape)}")
+        self.lse = lse.to(torch.float32).contiguous()
         self.layer = layer
         self.shape = (n, r)
         self.levels = levels

@@ -2,13 +2,13 @@
  * attention weights and every reduction the scores and the sparsity table read.
  *
  * A tile is N = documents x heads slices of R query rows (q = q0 + r) by K keys (k = k0 + c), float32,
- * contiguous. On entry z[n, r, c] = s - lse (the row's logit minus its log-sum-exp); on return it
- * holds the weight p = e^max(z, -87) for visible keys (k <= q, q < length of the slice's document)
+ * contiguous. On entry z[n, r, c] = s, the logit, and lse[i] its row's log-sum-exp; on return it
+ * holds the weight p = e^max(s - lse, -87) for visible keys (k <= q, q < length of the slice's document)
  * and 0 elsewhere. The tiles of a block of rows come from the diagonal down to key 0; the caller
  * keeps the block's row state (flat row index i = n*R + r) and this adds the tile's part:
  *
- *   l[i]   += sum p                  pk[i]   += sum p*k       pz[i] += sum p*max(z, -87)
- *   zmax[i] = max(zmax[i], max z)    mass[i] += sum p (see below)
+ *   l[i]   += sum p                  pk[i]   += sum p*k       pz[i] += sum p*max(s - lse, -87)
+ *   zmax[i] = max(zmax[i], max s - lse)    mass[i] += sum p (see below)
  *   loc[i] += sum p over q - k < 64  rec[i]  += sum p over q - k < 256
  *   prev[i], self[i], sink[i] += p at keys q - 1, q and 0 (where the tile holds them)
  *   sink4[i] += sum p over k < 4     early[i] += sum p over k < min(128, max(q - 255, 0))
@@ -32,6 +32,7 @@
 
 #define EXP_FLOOR (-87.0f)
 #define STREAM_SINK 128
+#define MAX_LEVELS 8
 
 static inline float exp_poly(float x) {
     /* x in [-87, 88]: 2^n * e^r with |r| <= ln(2)/2 */
@@ -51,7 +52,7 @@ static inline float exp_poly(float x) {
 
 /* key c of row zr: its weight e (written back), the row's sums and largest logit */
 #define WEIGHT(c)                                                                   \
-    float v = zr[c];                                                                \
+    float v = zr[c] - shift;                                                        \
     zm = v > zm ? v : zm;                                                           \
     float x = v < EXP_FLOOR ? EXP_FLOOR : (v > 88.0f ? 88.0f : v);                  \
     float e = exp_poly(x);                                                          \
@@ -61,7 +62,7 @@ static inline float exp_poly(float x) {
     spz += e * x;
 
 void census_tile(
-    float *restrict z, int64_t N, int64_t R, int64_t K, int64_t heads,
+    float *restrict z, const float *restrict lse, int64_t N, int64_t R, int64_t K, int64_t heads,
     const int64_t *restrict lengths, int64_t q0, int64_t k0, int64_t q_min,
     double *restrict l, double *restrict pk, double *restrict pz, float *restrict zmax,
     double *restrict loc, double *restrict rec, double *restrict mass,
@@ -82,6 +83,7 @@ void census_tile(
         if (q >= lengths[n / heads] || visible <= 0) visible = 0;
         float sl = 0.0f, spk = 0.0f, spz = 0.0f, sloc = 0.0f, srec = 0.0f;
         float zm = zmax[i];
+        const float shift = lse[i];
         double row_mass = -1.0;
         const int64_t d0 = q - k0; /* offset q - k of key c is d0 - c */
         if (q >= q_min && visible > 0) {
@@ -107,28 +109,36 @@ void census_tile(
             }
             if (k0 < STREAM_SINK) { /* the first keys: StreamingLLM's sinks, the stream budget's */
                 const int64_t m = q - 255 < 0 ? 0 : (q - 255 > STREAM_SINK ? STREAM_SINK : q - 255);
-                const int64_t first = visible < STREAM_SINK - k0 ? visible : STREAM_SINK - k0;
                 double s4 = 0.0, se = 0.0;
-                for (int64_t c = 0; c < first; c++) {
-                    if (k0 + c < 4) s4 += zr[c];
-                    if (k0 + c < m) se += zr[c];
-                }
+                for (int64_t c = 0; c < visible && k0 + c < 4; c++) s4 += zr[c];
+                for (int64_t c = 0; c < visible && k0 + c < m; c++) se += zr[c];
                 sink4[i] += s4;
                 early[i] += se;
             }
-            for (int64_t j = 0; j < n_levels; j++) {
-                if (span[j * N * R + i] >= 0) continue; /* found in a tile nearer the diagonal */
+            /* span: the levels not found yet (in a tile nearer the diagonal) and within this
+             * tile's reach get one scan of the row's float64 sum from its last visible key down;
+             * that whole sum goes to mass (the running mass then stays exact near a level) */
+            double want[MAX_LEVELS];
+            int64_t todo = 0;
+            for (int64_t j = 0; j < n_levels && j < MAX_LEVELS; j++) {
                 double t = levels[j] - mass[i];
-                if (!(t <= (double)sl + 1e-5)) continue; /* not within this tile's reach */
-                /* the row's float64 sum from its last visible key down; the whole sum goes to
-                 * mass (the running mass then stays exact near a level) */
+                want[j] = (span[j * N * R + i] < 0 && t <= (double)sl + 1e-5) ? t : INFINITY;
+                todo += want[j] != INFINITY;
+            }
+            if (todo > 0) {
                 double s = 0.0;
-                int64_t hit = -1;
                 for (int64_t c = visible - 1; c >= 0; c--) {
                     s += zr[c];
-                    if (hit < 0 && s >= t) hit = k0 + c;
+                    if (todo > 0) {
+                        for (int64_t j = 0; j < n_levels && j < MAX_LEVELS; j++) {
+                            if (s >= want[j]) {
+                                span[j * N * R + i] = q - (k0 + c);
+                                want[j] = INFINITY;
+                                todo--;
+                            }
+                        }
+                    }
                 }
-                if (hit >= 0) span[j * N * R + i] = q - hit;
                 row_mass = s;
             }
         } else if (visible > 0) {
