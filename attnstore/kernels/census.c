@@ -33,6 +33,7 @@
 #define EXP_FLOOR (-87.0f)
 #define STREAM_SINK 128
 #define MAX_LEVELS 8
+#define SCAN 16
 
 static inline float exp_poly(float x) {
     /* x in [-87, 88]: 2^n * e^r with |r| <= ln(2)/2 */
@@ -119,25 +120,39 @@ void census_tile(
              * tile's reach get one scan of the row's float64 sum from its last visible key down;
              * that whole sum goes to mass (the running mass then stays exact near a level) */
             double want[MAX_LEVELS];
-            int64_t todo = 0;
+            int todo = 0;
             for (int64_t j = 0; j < n_levels && j < MAX_LEVELS; j++) {
                 double t = levels[j] - mass[i];
                 want[j] = (span[j * N * R + i] < 0 && t <= (double)sl + 1e-5) ? t : INFINITY;
-                todo += want[j] != INFINITY;
+                todo |= want[j] != INFINITY;
             }
             if (todo > 0) {
+                /* by chunks of SCAN keys from the row's end: a chunk's float64 sum, and a
+                 * key-by-key float64 scan only in the chunk where some level is reached */
                 double s = 0.0;
-                for (int64_t c = visible - 1; c >= 0; c--) {
-                    s += zr[c];
-                    if (todo > 0) {
-                        for (int64_t j = 0; j < n_levels && j < MAX_LEVELS; j++) {
-                            if (s >= want[j]) {
-                                span[j * N * R + i] = q - (k0 + c);
-                                want[j] = INFINITY;
-                                todo--;
+                int64_t c = visible;
+                while (c > 0) {
+                    const int64_t lo = c > SCAN ? c - SCAN : 0;
+                    double chunk = 0.0;
+#pragma omp simd reduction(+ : chunk)
+                    for (int64_t x = lo; x < c; x++) chunk += zr[x];
+                    int reach = 0;
+                    for (int64_t j = 0; j < n_levels && j < MAX_LEVELS; j++)
+                        reach |= s + chunk >= want[j];
+                    if (!reach) {
+                        s += chunk;
+                    } else {
+                        for (int64_t x = c - 1; x >= lo; x--) {
+                            s += zr[x];
+                            for (int64_t j = 0; j < n_levels && j < MAX_LEVELS; j++) {
+                                if (s >= want[j]) {
+                                    span[j * N * R + i] = q - (k0 + x);
+                                    want[j] = INFINITY;
+                                }
                             }
                         }
                     }
+                    c = lo;
                 }
                 row_mass = s;
             }
