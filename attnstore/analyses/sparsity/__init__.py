@@ -368,22 +368,21 @@ class Sparsity:
             state.block, state.runs, state.answers = q0, {}, {}
         with torch.no_grad():
             for doc in self._docs:
-                i = doc.index
-                if stats.columns is not None and stats.diagonals is not None and doc.n >= 2:
-                    state.cols[i] += stats.columns[i, :, : doc.n]
-                    state.diags[i] += stats.diagonals[i, :, : doc.n]
                 if doc.answers:
                     self._retrieval_tile(state, doc, q0, k0, probs)
-                if stats.local is not None:  # the block's last tile
-                    assert stats.recent is not None
-                    assert stats.early is not None
-                    assert stats.sink4 is not None
-                    state.sums["local64"][i] += stats.local[i].sum(-1)
-                    state.sums["stream"][i] += (stats.recent[i] + stats.early[i]).sum(-1)
-                    state.sums["sink4"][i] += stats.sink4[i].sum(-1)
-                for level, d in (stats.span or {}).items():
-                    name = f"span{round(level * 100)}"
-                    state.sums[name][i] += d[i].clamp_min(0).sum(-1).to(torch.float64)
+                if stats.columns is not None and stats.diagonals is not None and doc.n >= 2:
+                    state.cols[doc.index] += stats.columns[doc.index, :, : doc.n]
+                    state.diags[doc.index] += stats.diagonals[doc.index, :, : doc.n]
+            sums = state.sums  # rows outside a document's queries hold 0 in the stats
+            if stats.local is not None:  # the block's last tile
+                assert stats.recent is not None
+                assert stats.early is not None
+                assert stats.sink4 is not None
+                sums["local64"] += stats.local.sum(-1)
+                sums["stream"] += (stats.recent + stats.early).sum(-1)
+                sums["sink4"] += stats.sink4.sum(-1)
+            for level, d in (stats.span or {}).items():
+                sums[f"span{round(level * 100)}"] += d.clamp_min(0).sum(-1).to(torch.float64)
             if k0 == 0:
                 self._close_block(state)
                 if q1 >= self._length:
