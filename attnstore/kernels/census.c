@@ -51,10 +51,6 @@ static inline float exp_poly(float x) {
     return p * s.f;
 }
 
-static inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
-    return x < lo ? lo : (x > hi ? hi : x);
-}
-
 /* key c of row zr: its weight e (written back), the row's sums and largest logit */
 #define WEIGHT(c)                                                                   \
     float v = zr[c] - shift;                                                        \
@@ -94,31 +90,24 @@ void census_tile(
         if (q >= q_min && visible > 0) {
             float *restrict cr = col + n * K;
             float *restrict dr = diag + n * W + (R - 1 - r);
-            /* keys by offset d = d0 - c: c < c256 (d >= 256), c256 <= c < c64 (64 <= d < 256),
-             * c64 <= c (d < 64, within both windows) */
-            const int64_t c256 = clamp64(d0 - 255, 0, visible);
-            const int64_t c64 = clamp64(d0 - 63, c256, visible);
+            if (d0 - (visible - 1) < 256) { /* some key within the windows: near the diagonal */
+#pragma omp simd reduction(+ : sl, spk, spz, sloc, srec) reduction(max : zm)
+                for (int64_t c = 0; c < visible; c++) {
+                    WEIGHT(c)
+                    int32_t d = (int32_t)(d0 - c);
+                    sloc += d < 64 ? e : 0.0f;
+                    srec += d < 256 ? e : 0.0f;
+                    cr[c] += e;
+                    dr[c] += e;
+                }
+            } else {
 #pragma omp simd reduction(+ : sl, spk, spz) reduction(max : zm)
-            for (int64_t c = 0; c < c256; c++) {
-                WEIGHT(c)
-                cr[c] += e;
-                dr[c] += e;
+                for (int64_t c = 0; c < visible; c++) {
+                    WEIGHT(c)
+                    cr[c] += e;
+                    dr[c] += e;
+                }
             }
-#pragma omp simd reduction(+ : sl, spk, spz, srec) reduction(max : zm)
-            for (int64_t c = c256; c < c64; c++) {
-                WEIGHT(c)
-                srec += e;
-                cr[c] += e;
-                dr[c] += e;
-            }
-#pragma omp simd reduction(+ : sl, spk, spz, sloc) reduction(max : zm)
-            for (int64_t c = c64; c < visible; c++) {
-                WEIGHT(c)
-                sloc += e;
-                cr[c] += e;
-                dr[c] += e;
-            }
-            srec += sloc;
             if (k0 < STREAM_SINK) { /* the first keys: StreamingLLM's sinks, the stream budget's */
                 const int64_t m = q - 255 < 0 ? 0 : (q - 255 > STREAM_SINK ? STREAM_SINK : q - 255);
                 double s4 = 0.0, se = 0.0;
