@@ -8,11 +8,11 @@ forward pass on a CPU. ``census.c`` does all of it in one loop per row: it is co
 system's C compiler (``$CC`` or ``cc``) the first time it is needed and cached under
 ``$ATTNSTORE_CACHE`` (default ``~/.cache/attnstore/kernels``), keyed by the source, the compiler
 flags and the CPU, and loaded with :mod:`ctypes` (no Python headers, no torch extension build:
-about a second to compile). Where no compiler works, or ``ATTNSTORE_KERNELS=off`` is set, it is
-not used and the torch path runs: same results within float32 rounding, slower.
+under a second to compile). Where no compiler works, or ``ATTNSTORE_KERNELS=off`` is set, it is
+not used and the torch path runs: same results within float32 rounding, about twice the CPU time.
 
-The loop runs on one thread per call (ctypes releases the GIL); the ``q·k`` products around it
-keep torch's threads.
+The loop runs on the calling thread; the census pass around it runs torch on one thread too
+(:func:`attnstore.scores.online_layer_scores`: an idle OpenMP worker would spin beside it).
 """
 
 from __future__ import annotations
