@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -74,6 +74,8 @@ WEIGHT_COLUMN: Final[dict[str, str]] = {
 
 #: Largest number of (doc, query, key) pairs of a key set enumerated at once.
 PAIR_CHUNK: Final = 1 << 22
+#: Most (doc, query, key) pairs a batch keeps between layers (3 int64 each: 96 MiB).
+PAIR_CACHE: Final = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class BatchMasks:
     start: torch.Tensor  # [doc, q_pos] int64: index in ``order`` of x_q's first occurrence
     rank: torch.Tensor  # [doc, q_pos] int64: |D(q)|, earlier occurrences of x_q (0 on padding)
     n_ind_keys: torch.Tensor  # [doc, q_pos] int64: |I(q)| (0 on padding)
+    #: a block's key-sorted pairs (:func:`_block_pairs`), the same for every layer of the batch:
+    #: kept while they hold at most :data:`PAIR_CACHE` pairs in all
+    pair_cache: dict[tuple[int, int], Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 #: ``exp`` arguments are clamped to this floor before the exponential. Below it ``e^z`` is a float32
@@ -445,9 +450,13 @@ def _block_pairs(
     masks: BatchMasks, q0: int, q1: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The duplicate and induction (doc, row in the block, key) pairs of rows ``q0 … q1 - 1``,
-    sorted by key (each tile takes its keys' run by binary search)."""
+    sorted by key (each tile takes its keys' run by binary search); computed once per batch
+    while the batch's cached pairs stay under :data:`PAIR_CACHE` (every layer asks again)."""
     import torch
 
+    cached = masks.pair_cache.get((q0, q1))
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
     pairs = {}
     for kind in ("dup", "ind"):
         found = list(key_pairs(masks, kind, q0, q1, max_pairs=1 << 62))
@@ -455,6 +464,9 @@ def _block_pairs(
             doc, q, k = found[0]
             order = torch.argsort(k, stable=True)
             pairs[kind] = (doc[order], q[order] - q0, k[order])
+    held = sum(len(v[0]) for entry in masks.pair_cache.values() for v in entry.values())
+    if held + sum(len(v[0]) for v in pairs.values()) <= PAIR_CACHE:
+        masks.pair_cache[(q0, q1)] = pairs
     return pairs
 
 
