@@ -405,12 +405,15 @@ def online_layer_scores(
         q1 = min(q0 + q_block, t)
         c = q1 - q0
         qpos = torch.arange(q0, q1, device=dev)
-        state = torch.zeros((5, b, h, c), device=dev)  # l, a = Σp·z, Σp·k, dup, ind
+        state = torch.zeros((3, b, h, c), device=dev)  # l, a = Σp·z, Σp·k
         zmax = torch.full((b, h, c), -math.inf, device=dev)
         fixed = {"prev": (qpos - 1).clamp_min(0), "self": qpos, "sink": torch.zeros_like(qpos)}
         picked = {name: torch.zeros((b, h, c), device=dev) for name in fixed}
         pairs = _block_pairs(masks, q0, q1)
-        for k0 in reversed(range(0, q1, k_block)):
+        sets = torch.zeros((2, b, c, h), device=dev)  # Σp over the duplicate and induction keys
+        starts = list(reversed(range(0, q1, k_block)))
+        cuts = _pair_cuts(pairs, q1, starts)
+        for j, k0 in enumerate(starts):
             k1 = min(k0 + k_block, q1)
             qt, kt = q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT
             z = _tile_buffer(buffers, "z", (b, h, c, k1 - k0), dev)
@@ -434,15 +437,14 @@ def online_layer_scores(
             state[0] += sums[..., 0]
             state[2] += sums[..., 1]
             state[1] += (p.reshape(-1, 1, kw) @ z.reshape(-1, kw, 1)).view(b, h, c)
-            for slot, kind in ((3, "dup"), (4, "ind")):
-                _add_pairs(state[slot], pairs.get(kind), p, k0)
+            _add_pairs(sets, pairs, cuts, j, p, k0)
             if tile is not None:
                 for i, n in short:  # rows past a document's length carry no weight
                     if n < q1:
                         p[i, :, max(n - q0, 0) :] = 0.0
                 tile(q0, k0, p) if stats_levels is None else tile(q0, k0, p, None)
             del z, p
-        _add_block(acc, masks, q0, picked, state, zmax)
+        _add_block(acc, masks, q0, picked, torch.cat([state, sets.transpose(2, 3)]), zmax)
     return acc.result()
 
 
@@ -470,29 +472,35 @@ def _block_pairs(
     return pairs
 
 
+def _pair_cuts(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], q1: int, starts: list[int]
+) -> dict[str, list[int]]:
+    """Where each tile's keys begin in the key-sorted pairs of a block (rows ending at ``q1``,
+    tiles starting at ``starts``, from the diagonal down): tile ``j`` holds pairs
+    ``cuts[j + 1] … cuts[j]``."""
+    import torch
+
+    return {
+        kind: torch.searchsorted(at[2], torch.tensor([q1, *starts], device=at[2].device)).tolist()
+        for kind, at in pairs.items()
+    }
+
+
 def _add_pairs(
-    total: torch.Tensor,
-    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    sets: torch.Tensor,
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    cuts: dict[str, list[int]],
+    j: int,
     p: torch.Tensor,
     k0: int,
 ) -> None:
-    """Add to ``total`` ``[doc, head, C]`` the weights of tile ``p`` (keys ``k0 …``) at the pairs
-    of one key set whose key lies in the tile."""
-    import torch
-
-    if pairs is None:
-        return
-    b, h, c, kw = p.shape
-    doc, row, key_at = pairs
-    lo = int(torch.searchsorted(key_at, k0))
-    hi = int(torch.searchsorted(key_at, k0 + kw))
-    if hi > lo:
-        sel = slice(lo, hi)
-        part = torch.zeros((b, c, h), dtype=p.dtype, device=p.device)
-        part.index_put_(
-            (doc[sel], row[sel]), p[doc[sel], :, row[sel], key_at[sel] - k0], accumulate=True
-        )
-        total += part.transpose(1, 2)
+    """Add to ``sets`` ``[2, doc, C, head]`` the weights of tile ``j`` (``p``, keys ``k0 …``) at
+    the duplicate and induction pairs whose key lies in it."""
+    for slot, kind in enumerate(("dup", "ind")):
+        if kind in pairs and cuts[kind][j] > cuts[kind][j + 1]:
+            sel = slice(cuts[kind][j + 1], cuts[kind][j])
+            doc, row, key_at = (x[sel] for x in pairs[kind])
+            sets[slot].index_put_((doc, row), p[doc, :, row, key_at - k0], accumulate=True)
 
 
 def _pick(
@@ -607,24 +615,14 @@ def _kernel_pass(
             pairs = _block_pairs(masks, q0, q1)
             sets = torch.zeros((2, b, c, h))  # Σp over the duplicate and induction keys
             starts = list(reversed(range(0, q1, k_block)))
-            # tile j (keys starts[j] … its end) holds the key-sorted pairs cuts[j + 1] … cuts[j]
-            cuts = {
-                kind: torch.searchsorted(at[2], torch.tensor([q1, *starts])).tolist()
-                for kind, at in pairs.items()
-            }
+            cuts = _pair_cuts(pairs, q1, starts)
             for j, k0 in enumerate(starts):
                 k1 = min(k0 + k_block, q1)
                 z = _tile_buffer(buffers, "z", (b, h, c, k1 - k0), q_f.device)
                 torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # the logits
                 kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, block)
                 p = z  # now the weights
-                for slot, kind in enumerate(("dup", "ind")):
-                    if kind in pairs and cuts[kind][j] > cuts[kind][j + 1]:
-                        sel = slice(cuts[kind][j + 1], cuts[kind][j])
-                        doc, row, key_at = (x[sel] for x in pairs[kind])
-                        sets[slot].index_put_(
-                            (doc, row), p[doc, :, row, key_at - k0], accumulate=True
-                        )
+                _add_pairs(sets, pairs, cuts, j, p, k0)
                 if tile is None:
                     continue
                 if levels is None:
