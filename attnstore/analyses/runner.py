@@ -167,14 +167,10 @@ class AnalysisRunner:
     def stats_levels(self) -> tuple[float, ...] | None:
         """The span levels the active analyses read from the census pass's tile statistics
         (``tile_stats`` and ``span_levels``), or None when none reads them."""
-        levels = {
-            float(x)
-            for a in self._active
-            if callable(getattr(a, "tile_stats", None))
-            for x in getattr(a, "span_levels", ())
-        }
-        wants = any(callable(getattr(a, "tile_stats", None)) for a in self._active)
-        return tuple(sorted(levels)) if wants else None
+        readers = [a for a in self._active if callable(getattr(a, "tile_stats", None))]
+        if not readers:
+            return None
+        return tuple(sorted({float(x) for a in readers for x in getattr(a, "span_levels", ())}))
 
     def end(self) -> dict[str, pa.Table]:
         """Every active analysis's checked tables of this batch, by table name."""

@@ -252,13 +252,9 @@ class Sparsity:
         """
         import torch
 
-        state = self._layers.get(layer)
-        if state is None:
-            state = self._layers[layer] = self._new_layer(probs.shape[1], probs.device)
+        state = self._block_state(layer, q0, probs)
         n_rows, n_keys = probs.shape[2], probs.shape[3]
         q1 = q0 + n_rows
-        if state.block != q0:
-            state.block, state.runs, state.answers = q0, {}, {}
         with torch.no_grad():
             for doc in self._docs:
                 lo, hi = max(q0, 1), min(q1, doc.n)
@@ -268,10 +264,25 @@ class Sparsity:
                     self._tile(state, doc, p, lo, k0)
                 if doc.answers:
                     self._retrieval_tile(state, doc, q0, k0, probs)
-            if k0 == 0:
-                self._close_block(state)
-                if q1 >= self._length:
-                    self._finish(layer)
+            self._tile_done(state, layer, k0, q1)
+
+    def _block_state(self, layer: int, q0: int, probs: torch.Tensor) -> _Layer:
+        """The layer's state for a tile of the block of rows from ``q0`` (a new block resets the
+        block's running state)."""
+        state = self._layers.get(layer)
+        if state is None:
+            state = self._layers[layer] = self._new_layer(probs.shape[1], probs.device)
+        if state.block != q0:
+            state.block, state.runs, state.answers = q0, {}, {}
+        return state
+
+    def _tile_done(self, state: _Layer, layer: int, k0: int, q1: int) -> None:
+        """After a tile: the block's last one (``k0 = 0``) closes the block, the layer's last
+        block (rows up to ``q1`` = the batch's length) the layer."""
+        if k0 == 0:
+            self._close_block(state)
+            if q1 >= self._length:
+                self._finish(layer)
 
     def _tile(self, state: _Layer, doc: _Doc, p: torch.Tensor, lo: int, k0: int) -> None:
         import torch
@@ -359,13 +370,7 @@ class Sparsity:
         if stats is None:
             self.tile(layer, q0, k0, probs)
             return
-        state = self._layers.get(layer)
-        if state is None:
-            state = self._layers[layer] = self._new_layer(probs.shape[1], probs.device)
-        n_rows = probs.shape[2]
-        q1 = q0 + n_rows
-        if state.block != q0:
-            state.block, state.runs, state.answers = q0, {}, {}
+        state = self._block_state(layer, q0, probs)
         with torch.no_grad():
             for doc in self._docs:
                 if doc.answers:
@@ -383,10 +388,7 @@ class Sparsity:
                 sums["sink4"] += stats.sink4.sum(-1)
             for level, d in (stats.span or {}).items():
                 sums[f"span{round(level * 100)}"] += d.clamp_min(0).sum(-1).to(torch.float64)
-            if k0 == 0:
-                self._close_block(state)
-                if q1 >= self._length:
-                    self._finish(layer)
+            self._tile_done(state, layer, k0, q0 + probs.shape[2])
 
     def _skew(self, n_heads: int, n_rows: int, n_keys: int, device: Any) -> torch.Tensor:
         """The zeroed float32 buffer of :meth:`_tile`'s skewed copy for one tile shape, reused
