@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final, TypedDict
 
@@ -43,6 +44,7 @@ __all__ = [
     "new_writer_id",
     "read_json",
     "read_manifest",
+    "registrations",
 ]
 
 FORMAT_NAME: Final = "attnstore"
@@ -131,6 +133,11 @@ class Manifest(_ManifestRequired, total=False):
     rows: str
     #: since 2.1; absent means none. N of ``--overview N`` (pooled N × N views per head).
     overview: int
+
+
+def registrations(listing: Iterable[str]) -> list[str]:
+    """The plug-in table registration files among the names of the ``analyses`` folder."""
+    return [f for f in listing if f.endswith(".json") and not f.startswith(".")]
 
 
 def manifest_value(manifest: Manifest, key: str) -> Any:

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from attnstore import index
 from attnstore.errors import AnalysisError, DamagedStoreError
-from attnstore.layout import FORMAT_VERSION
+from attnstore.layout import ANALYSES, FORMAT_VERSION, registrations
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: The store folder holding one registration file per plug-in table.
-ANALYSES_DIR: Final = "analyses"
+ANALYSES_DIR: Final = ANALYSES
 #: Column types a plug-in table may use (the ones Delta Lake and DuckDB store as they are).
 TYPES: Final = (
     "bool", "int8", "int16", "int32", "int64", "float", "double", "string", "binary",
@@ -136,25 +136,24 @@ def _rel(name: str) -> str:
 def registered(storage: Storage) -> dict[str, TableSpec]:
     """The plug-in tables registered in the store (none in stores written before plug-ins)."""
     out: dict[str, TableSpec] = {}
-    for file in storage.list(ANALYSES_DIR):
-        if file.endswith(".json") and not file.startswith("."):
-            rel = f"{ANALYSES_DIR}/{file}"
-            try:  # store metadata is untrusted: a name becomes a folder and a SQL view
-                spec = TableSpec.from_json(json.loads(storage.read_bytes(rel)))
-                ok = (
-                    _NAME.match(spec.name) is not None
-                    and spec.name == file.removesuffix(".json")
-                    and spec.name not in index.SCHEMAS
-                    and set(spec.sorted_by) <= set(spec.schema.names)
-                )
-            except (ValueError, KeyError, TypeError) as err:
-                raise DamagedStoreError(f"{rel}: not a table registration ({err}).") from None
-            if not ok:
-                raise DamagedStoreError(
-                    f"{rel}: table name {spec.name!r} is not [a-z][a-z0-9_]* named like its file, "
-                    "or is a built-in table's; refused."
-                )
-            out[spec.name] = spec
+    for file in registrations(storage.list(ANALYSES_DIR)):
+        rel = f"{ANALYSES_DIR}/{file}"
+        try:  # store metadata is untrusted: a name becomes a folder and a SQL view
+            spec = TableSpec.from_json(json.loads(storage.read_bytes(rel)))
+            ok = (
+                _NAME.match(spec.name) is not None
+                and spec.name == file.removesuffix(".json")
+                and spec.name not in index.SCHEMAS
+                and set(spec.sorted_by) <= set(spec.schema.names)
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise DamagedStoreError(f"{rel}: not a table registration ({err}).") from None
+        if not ok:
+            raise DamagedStoreError(
+                f"{rel}: table name {spec.name!r} is not [a-z][a-z0-9_]* named like its file, "
+                "or is a built-in table's; refused."
+            )
+        out[spec.name] = spec
     return out
 
 

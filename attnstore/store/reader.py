@@ -29,6 +29,7 @@ from attnstore.layout import (
     Manifest,
     parse_format_version,
     read_json,
+    registrations,
 )
 from attnstore.paths import inside, relative_name
 from attnstore.rows import RowSelection
@@ -138,9 +139,7 @@ class Store(MatrixReader):
         self._schemas: dict[str, pa.Schema] | None = None
         if self.read_only:
             return BUILTIN_TABLES
-        # the files attnstore.analyses.tables.registered reads (it lists the same folder)
-        listed = self.storage.list(ANALYSES)
-        if not any(f.endswith(".json") and not f.startswith(".") for f in listed):
+        if not registrations(self.storage.list(ANALYSES)):
             return BUILTIN_TABLES
         from attnstore.analyses import tables as plugin_tables
 
