@@ -349,7 +349,7 @@ class ShardedArray:
         _check_crc(table_bytes, tail[-_CRC:], key, "the shard index")
         table = np.frombuffer(table_bytes, "<u8").reshape(n, 2)
         body = size - index_size
-        wanted: list[tuple[tuple[int, ...], int, int]] = []
+        wanted: list[tuple[tuple[int, ...], tuple[int, ...], int, int]] = []
         for chunk in chunks:
             local = tuple(c - s * p for c, s, p in zip(chunk, coords, per, strict=True))
             offset, nbytes = (int(x) for x in table[int(np.ravel_multi_index(local, per))])
@@ -361,16 +361,15 @@ class ShardedArray:
                     f"{offset + nbytes:,}, expected {_CRC} bytes or more within the {body:,} "
                     "bytes before the index",
                 )  # fmt: skip
-            wanted.append((chunk, offset, nbytes))
+            wanted.append((chunk, local, offset, nbytes))
         if not wanted:
             return
         if whole:
-            blobs = [data[o : o + b] for _, o, b in wanted]
+            blobs = [data[o : o + b] for _, _, o, b in wanted]
         else:
-            got_ranges = self.storage.read_ranges(key, [(o, o + b) for _, o, b in wanted])
+            got_ranges = self.storage.read_ranges(key, [(o, o + b) for _, _, o, b in wanted])
             blobs = [np.frombuffer(b, np.uint8) for b in got_ranges]
-        for (chunk, _, nbytes), blob in zip(wanted, blobs, strict=True):
-            local = tuple(c - s * p for c, s, p in zip(chunk, coords, per, strict=True))
+        for (chunk, local, _, nbytes), blob in zip(wanted, blobs, strict=True):
             where = f"{key} chunk {local}"
             if len(blob) != nbytes:
                 raise _damaged(where, f"{len(blob):,} bytes came, the index says {nbytes:,}")
