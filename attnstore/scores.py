@@ -622,7 +622,9 @@ def _kernel_pass(
                 torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # the logits
                 kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, block)
                 p = z  # now the weights
-                _add_pairs(sets, pairs, cuts, j, p, k0)
+                for slot, kind in enumerate(("dup", "ind")):
+                    if kind in pairs and cuts[kind][j] > cuts[kind][j + 1]:
+                        kernel.pairs(p, k0, pairs[kind], cuts[kind][j + 1], cuts[kind][j], sets[slot])
                 if tile is None:
                     continue
                 if levels is None:

@@ -99,3 +99,47 @@ def test_tile_equals_its_torch_reading(
         # a row whose float64 sum sits within rounding of the level may go either way
         close = ((suffix - value).abs() < 1e-9).any(-1)
         assert torch.equal(block.span[lv][~close], want[~close])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    docs=st.integers(1, 3),
+    heads=st.integers(1, 4),
+    r=st.integers(1, 20),
+    kw=st.integers(1, 30),
+    k0=st.integers(0, 50),
+    n_pairs=st.integers(0, 60),
+    seed=st.integers(0, 2**31),
+)
+def test_pairs_equal_their_torch_reading(
+    docs: int, heads: int, r: int, kw: int, k0: int, n_pairs: int, seed: int
+) -> None:
+    """census_pairs adds a tile's weights at (doc, row, key) pairs, repeats included, for every
+    head: what index_put_ with accumulate reads from the same tile."""
+    kernel = kernels.census_kernel()
+    assert kernel is not None
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.rand(docs, heads, r, kw, generator=gen)
+    doc = torch.randint(0, docs, (n_pairs,), generator=gen)
+    row = torch.randint(0, r, (n_pairs,), generator=gen)
+    key = torch.randint(k0, k0 + kw, (n_pairs,), generator=gen)
+    lo = int(torch.randint(0, n_pairs + 1, (1,), generator=gen))
+    sets = torch.rand(docs, r, heads, generator=gen)
+    want = sets.clone()
+    sel = slice(lo, n_pairs)
+    want.index_put_((doc[sel], row[sel]), p[doc[sel], :, row[sel], key[sel] - k0], accumulate=True)
+    kernel.pairs(p, k0, (doc, row, key), lo, n_pairs, sets)
+    torch.testing.assert_close(sets, want, rtol=1e-6, atol=1e-6)
+
+
+def test_pairs_outside_the_tile_are_refused() -> None:
+    kernel = kernels.census_kernel()
+    assert kernel is not None
+    p, sets = torch.rand(2, 3, 4, 5), torch.zeros(2, 4, 3)
+    at = (torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([10, 15]))  # key 15 ≥ k0 + 5
+    with pytest.raises(ValueError, match="1 pairs outside the tile"):
+        kernel.pairs(p, 10, at, 0, 2, sets)
+    with pytest.raises(ValueError, match="pairs 0…3"):
+        kernel.pairs(p, 10, at, 0, 3, sets)
+    with pytest.raises(ValueError, match="sets"):
+        kernel.pairs(p, 10, at, 0, 1, torch.zeros(2, 3, 4))

@@ -141,15 +141,20 @@ void census_tile(
                         reach |= s + chunk >= want[j];
                     if (!reach) {
                         s += chunk;
-                    } else {
-                        for (int64_t x = c - 1; x >= lo; x--) {
-                            s += zr[x];
-                            for (int64_t j = 0; j < n_levels && j < MAX_LEVELS; j++) {
-                                if (s >= want[j]) {
-                                    span[j * N * R + i] = q - (k0 + x);
-                                    want[j] = INFINITY;
-                                }
-                            }
+                    } else { /* this chunk's float64 sums from its end, key by key (each one
+                              * is s plus the keys x .. c - 1: non-decreasing as x goes down) */
+                        double run[SCAN];
+                        const int64_t len = c - lo;
+                        for (int64_t x = len - 1; x >= 0; x--) {
+                            s += zr[lo + x];
+                            run[x] = s;
+                        }
+                        for (int64_t j = 0; j < n_levels && j < MAX_LEVELS; j++) {
+                            if (run[0] < want[j]) continue; /* not reached in this chunk */
+                            int64_t at = 0; /* the keys whose sum reaches: x = 0 .. at - 1 */
+                            for (int64_t x = 0; x < len; x++) at += run[x] >= want[j];
+                            span[j * N * R + i] = q - (k0 + lo + at - 1);
+                            want[j] = INFINITY;
                         }
                     }
                     c = lo;
@@ -185,4 +190,27 @@ void census_tile(
             if (d >= 0 && d < T) dl[d] += dn[j];
         }
     }
+}
+
+/* The weights of a tile at (document, row, key) pairs, for every head: sets[(b * R + r) * heads + x]
+ * += z[((b * heads + x) * R + r) * K + key - k0] for pairs lo .. hi - 1 (the duplicate or the
+ * induction key set of a block's rows; each tile's run of the key-sorted pairs). sets is float32
+ * [B, R, heads]. A pair outside the tile or past B documents is not read: returns how many. */
+int64_t census_pairs(
+    const float *restrict z, int64_t B, int64_t R, int64_t K, int64_t heads, int64_t k0,
+    const int64_t *restrict doc, const int64_t *restrict row, const int64_t *restrict key,
+    int64_t lo, int64_t hi, float *restrict sets)
+{
+    int64_t bad = 0;
+    for (int64_t i = lo; i < hi; i++) {
+        const int64_t b = doc[i], r = row[i], c = key[i] - k0;
+        if (b < 0 || b >= B || r < 0 || r >= R || c < 0 || c >= K) {
+            bad++;
+            continue;
+        }
+        const float *restrict zp = z + ((b * heads) * R + r) * K + c;
+        float *restrict sp = sets + (b * R + r) * heads;
+        for (int64_t x = 0; x < heads; x++) sp[x] += zp[x * R * K];
+    }
+    return bad;
 }
