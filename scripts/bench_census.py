@@ -14,11 +14,18 @@ Every figure is measured in a fresh process (so its peak is its own): ``bare`` i
 forward (no LM head) with transformers' sdpa attention and no attention weights; ``census-<mode>``
 is ``Extractor.run`` of a scores-only extractor (what ``attnstore extract --scores-only
 --attention <mode>`` runs per batch: forward, capture checks, every score of schemas/scores.md,
-the segment's tables; not the model load, the tokenizer or the store writer). ``cpu_s`` is the
-process CPU time (user + system, all threads) of that call alone; ``peak_rss`` is the process's
-VmHWM after it and ``rss_before`` its RSS before it (model loaded and warmed up on 8 tokens), so
-``peak_rss - rss_before`` is what the call adds. Ratios are census / bare of the same T. Prints
-one JSON object.
+the segment's tables; not the model load, the tokenizer or the store writer). The process first
+runs the same batch once (``--warmup full``, the default: a corpus run's steady state, after its
+first batch has grown the allocator's heap) or an 8-token cut of it (``--warmup short``: the
+first batch of a run), then times it ``--repeat`` times. ``cpu_s`` is the median process CPU time
+(user + system, all threads) of one call (``user_s``/``sys_s`` beside it; every run in
+``cpu_runs``); ``peak_rss`` is the process's VmHWM after the runs and ``rss_before`` its RSS
+before them. Ratios are census / bare of the same T (medians). Prints one JSON object.
+
+The bare forward's system time is mostly page faults (the allocator hands back and re-faults
+the MLP's ~25 MB intermediates every layer: ~1.3 s of an 8.3 s batch of 8 × 512 on the default
+model) and moves by a second between runs of the census too; the medians keep one such run from
+deciding a ratio.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import sys
 CHILD = r"""
 import json, os, resource, sys, time, torch
 what, kind, t, b, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+repeat, warmup = int(sys.argv[6]), sys.argv[7]
 if threads:
     torch.set_num_threads(threads)
 from attnstore.capture import Extractor, LoadedModel, Tokenized, _body, load_model, prepare_model
@@ -98,20 +106,39 @@ else:
     def run(docs):
         ex.run([Tokenized(Document(i, ""), d, len(d)) for i, d in enumerate(docs)])
 
-run([d[:8] for d in docs])  # warm-up (lazy init, thread pools)
+run(docs if warmup == "full" else [d[:8] for d in docs])  # warm-up (lazy init, thread pools)
 rss_before = status("VmRSS")
-c0, w0 = cpu(), time.perf_counter()
-run(docs)
-c1, w1 = cpu(), time.perf_counter()
-print(json.dumps({"what": what, "model": kind, "T": t, "docs": b,
-                  "cpu_s": round(c1 - c0, 3), "wall_s": round(w1 - w0, 3),
+runs = []
+for _ in range(repeat):
+    r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    run(docs)
+    r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    runs.append((r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, w1 - w0))
+mid = sorted(runs, key=lambda x: x[0] + x[1])[(len(runs) - 1) // 2]
+print(json.dumps({"what": what, "model": kind, "T": t, "docs": b, "warmup": warmup,
+                  "cpu_s": round(mid[0] + mid[1], 3), "user_s": round(mid[0], 3),
+                  "sys_s": round(mid[1], 3), "wall_s": round(mid[2], 3),
+                  "cpu_runs": [round(u + s, 3) for u, s, _ in runs],
                   "rss_before": rss_before, "peak_rss": status("VmHWM")}))
 """
 
 
-def _child(what: str, kind: str, t: int, b: int, threads: int) -> dict[str, object]:
+def _child(
+    what: str, kind: str, t: int, b: int, threads: int, repeat: int, warmup: str
+) -> dict[str, object]:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, what, kind, str(t), str(b), str(threads)],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            what,
+            kind,
+            str(t),
+            str(b),
+            str(threads),
+            str(repeat),
+            warmup,
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -145,7 +172,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument(
-        "--attention", default="eager,sdpa,sdpa-online",
+        "--attention",
+        default="eager,sdpa,sdpa-online",
         help="census modes to measure (sdpa-online: --skip-analysis sparsity)",
     )
     parser.add_argument("--default-model", action="store_true", help="also (b), the default model")
@@ -154,13 +182,27 @@ def main() -> None:
         "--default-sizes", default="512x8,8192x1", help="(b): TOKENSxDOCS, comma-separated"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (median)")
+    parser.add_argument(
+        "--warmup",
+        choices=["full", "short"],
+        default="full",
+        help="untimed first run: the same batch (full) or an 8-token cut of it (short)",
+    )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     modes = [m for m in args.attention.split(",") if m]
-    report: dict[str, object] = {"threads": args.threads or "default"}
+    report: dict[str, object] = {
+        "threads": args.threads or "default",
+        "repeat": args.repeat,
+        "warmup": args.warmup,
+    }
+    opts = (args.threads, args.repeat, args.warmup)
     if not args.skip_tiny:
         tiny = []
         for t in (int(x) for x in args.lengths.split(",") if x):
-            rows = [_child(w, "tiny", t, 1, args.threads) for w in ("bare", *modes)]
+            rows = [_child(w, "tiny", t, 1, *opts) for w in ("bare", *modes)]
             tiny.append(_compare(rows, modes))
             print(json.dumps(tiny[-1]), file=sys.stderr)  # progress
         report["tiny_smollm2_shape_2_layers"] = tiny
@@ -168,7 +210,7 @@ def main() -> None:
         default = []
         for size in args.default_sizes.split(","):
             t, b = (int(x) for x in size.split("x"))
-            rows = [_child(w, "default", t, b, args.threads) for w in ("bare", *modes)]
+            rows = [_child(w, "default", t, b, *opts) for w in ("bare", *modes)]
             default.append(_compare(rows, modes))
             print(json.dumps(default[-1]), file=sys.stderr)
         report["default_model"] = default
