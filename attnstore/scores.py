@@ -30,6 +30,7 @@ Growth laws (B documents of T tokens, H heads, d head dimension; no ``[T, T]`` t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -577,6 +578,28 @@ def _kernel() -> Any:
     return census_kernel()
 
 
+def kernel_available() -> bool:
+    """Whether the compiled census pass (:mod:`attnstore.kernels`) runs in this process."""
+    return _kernel() is not None
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged); switched only
+    where they differ, since every switch costs an OpenMP worker's spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _kernel_pass(
     kernel: Any,
     q_f: torch.Tensor,
@@ -604,9 +627,7 @@ def _kernel_pass(
     from attnstore.kernels import LayerMasses
 
     layer = LayerMasses(n, t) if levels is not None and tile is not None else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         for q0 in range(0, t, q_block):
             q1 = min(q0 + q_block, t)
             c = q1 - q0
@@ -624,7 +645,8 @@ def _kernel_pass(
                 p = z  # now the weights
                 for slot, kind in enumerate(("dup", "ind")):
                     if kind in pairs and cuts[kind][j] > cuts[kind][j + 1]:
-                        kernel.pairs(p, k0, pairs[kind], cuts[kind][j + 1], cuts[kind][j], sets[slot])
+                        lo, hi = cuts[kind][j + 1], cuts[kind][j]
+                        kernel.pairs(p, k0, pairs[kind], lo, hi, sets[slot])
                 if tile is None:
                     continue
                 if levels is None:
@@ -646,8 +668,6 @@ def _kernel_pass(
             zmax = block.zmax.view(b, h, c).to(f64)
             picked = {name: block[name].view(b, h, c) for name in ("prev", "self", "sink")}
             _add_block(acc, masks, q0, picked, torch.cat([state, sets.transpose(2, 3)]), zmax)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _spans(block: Any, masks: BatchMasks, q0: int, b: int, h: int) -> dict[float, torch.Tensor]:

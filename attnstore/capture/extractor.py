@@ -423,22 +423,20 @@ class Extractor:
                 for name, values in layer_scores.pop(li).result().items():
                     score_arrays[name][:, li, :] = values
 
-            def online(
+            # the census pass of a layer waits while the layers' queries and keys held stay
+            # under chunk_bytes, then the waiting layers run in one stretch on one thread: each
+            # switch of torch's threads between the forward and the pass costs milliseconds of
+            # CPU (an OpenMP worker spinning down), and on a CPU the pass runs on one thread
+            pending: list[tuple[Any, ...]] = []
+            held = [0]
+            one_thread = dev.type == "cpu" and scores.kernel_available()
+
+            def census(
                 layer: int, query: torch.Tensor, key: torch.Tensor,
                 allowed: torch.Tensor | None, scaling: float, softcap: float | None,
-                lse: torch.Tensor | None = None,
+                lse: torch.Tensor | None,
             ) -> None:  # fmt: skip
-                li = layer_pos.get(layer)
-                if li is None:
-                    return
-                if not all_heads:
-                    query, key = query.index_select(1, head_index), key.index_select(1, head_index)
-                    lse = None if lse is None else lse.index_select(1, head_index)
-                    allowed = (
-                        allowed
-                        if allowed is None or allowed.shape[1] == 1
-                        else allowed.index_select(1, head_index)
-                    )
+                li = layer_pos[layer]
                 # tiles of ~2 MB stay in cache (larger ones cost up to 2× on a CPU); a tile's
                 # logits and their exp are alive at once (plus small temporaries)
                 values = scores.online_layer_scores(
@@ -465,6 +463,35 @@ class Extractor:
                 for name, v in values.items():
                     score_arrays[name][:, li, :] = v
 
+            def flush() -> None:
+                with scores.threads(1 if one_thread else None):
+                    while pending:
+                        census(*pending.pop(0))
+                held[0] = 0
+
+            def online(
+                layer: int, query: torch.Tensor, key: torch.Tensor,
+                allowed: torch.Tensor | None, scaling: float, softcap: float | None,
+                lse: torch.Tensor | None = None,
+            ) -> None:  # fmt: skip
+                if layer_pos.get(layer) is None:
+                    return
+                if not all_heads:
+                    query, key = query.index_select(1, head_index), key.index_select(1, head_index)
+                    lse = None if lse is None else lse.index_select(1, head_index)
+                    allowed = (
+                        allowed
+                        if allowed is None or allowed.shape[1] == 1
+                        else allowed.index_select(1, head_index)
+                    )
+                size = (query.numel() + key.numel()) * query.element_size()
+                if pending and held[0] + size > self.chunk_bytes:
+                    flush()
+                pending.append((layer, query, key, allowed, scaling, softcap, lse))
+                held[0] += size
+                if not one_thread:
+                    flush()
+
             # Scores-only in sdpa mode never materialises attention rows (online softmax).
             use_online = (
                 not self.store_matrices
@@ -477,6 +504,7 @@ class Extractor:
                 layers=self.layers, mode=self.mode, chunk_bytes=self.chunk_bytes,
                 values=self.values, first_use=self._first_use,
             )  # fmt: skip
+            flush()  # the layers still waiting for their census pass
             n_dup = masks.n_duplicate.cpu().numpy()
             n_ind = masks.n_induction.cpu().numpy()
             n_q = masks.n_queries.cpu().numpy()

@@ -280,13 +280,17 @@ def test_scores_only_census(llama_dir: Path, corpus_txt: Path, tmp_path: Path) -
         attnstore.extract(str(census), model=str(llama_dir), corpus=str(corpus_txt), progress=False)
 
 
-@pytest.mark.parametrize("sparsity", [False, True])
+@pytest.mark.parametrize(
+    ("sparsity", "chunk_bytes"), [(False, 4096), (True, 4096), (True, 1 << 28)]
+)
 @pytest.mark.parametrize("arch", ["llama_dir", "gpt2_dir"])
 def test_scores_only_sdpa_uses_online_softmax_and_agrees(
-    arch: str, sparsity: bool, request: pytest.FixtureRequest, corpus_txt: Path
+    arch: str, sparsity: bool, chunk_bytes: int, request: pytest.FixtureRequest, corpus_txt: Path
 ) -> None:
     """Scores (and, with the sparsity analysis on, its table through the tile protocol) from the
-    fused pass equal the eager rows' within float32 rounding."""
+    fused pass equal the eager rows' within float32 rounding, whether each layer's pass runs
+    before the next layer's forward (a small chunk_bytes) or every layer's after the forward;
+    torch's thread count is what it was."""
     import attnstore.scores as scores_mod
 
     folder = request.getfixturevalue(arch)
@@ -307,17 +311,19 @@ def test_scores_only_sdpa_uses_online_softmax_and_agrees(
         mode="sdpa",
         store_matrices=False,
         heads=[1, 3],
-        chunk_bytes=4096,
+        chunk_bytes=chunk_bytes,
         # sparsity reads tiles of the fused pass; nothing needs materialised rows either way
         defaults=("patterns", "sparsity") if sparsity else ("patterns",),
     )
     want_segment = reference.run([reference.tokenize(d) for d in docs])
     want = want_segment.heads
     scores_mod.online_layer_scores = counting  # type: ignore[assignment]
+    threads = torch.get_num_threads()
     try:
         got_segment = census.run([census.tokenize(d) for d in docs])
     finally:
         scores_mod.online_layer_scores = real  # type: ignore[assignment]
+    assert torch.get_num_threads() == threads
     got = got_segment.heads
     assert calls["n"] == loaded.info["n_layers"]  # one online pass per layer, no rows materialised
     sel = np.isin(want["head"], [1, 3])
