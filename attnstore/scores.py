@@ -387,7 +387,7 @@ def online_layer_scores(
         )
     lse = lse.float()
     q_block, k_block = _tile_sides(b, h, t, block_bytes, q_block)
-    compiled = _kernel() if kernel and dev.type == "cpu" and allowed is None and not softcap else None
+    compiled = _kernel() if kernel and kernel_applies(dev, allowed, softcap) else None
     if compiled is not None:  # the loop subtracts lse itself
         q_f, k_f = query.float() * scaling, key.float()
         _kernel_pass(compiled, q_f, k_f, lse, masks, acc, q_block, k_block, tile, stats_levels)
@@ -494,13 +494,19 @@ def _add_pairs(
     j: int,
     p: torch.Tensor,
     k0: int,
+    kernel: Any = None,
 ) -> None:
     """Add to ``sets`` ``[2, doc, C, head]`` the weights of tile ``j`` (``p``, keys ``k0 …``) at
-    the duplicate and induction pairs whose key lies in it."""
+    the duplicate and induction pairs whose key lies in it (through the compiled loop's
+    ``pairs`` when ``kernel`` is given)."""
     for slot, kind in enumerate(("dup", "ind")):
-        if kind in pairs and cuts[kind][j] > cuts[kind][j + 1]:
-            sel = slice(cuts[kind][j + 1], cuts[kind][j])
-            doc, row, key_at = (x[sel] for x in pairs[kind])
+        lo, hi = (cuts[kind][j + 1], cuts[kind][j]) if kind in pairs else (0, 0)
+        if hi <= lo:
+            continue
+        if kernel is not None:
+            kernel.pairs(p, k0, pairs[kind], lo, hi, sets[slot])
+        else:
+            doc, row, key_at = (x[lo:hi] for x in pairs[kind])
             sets[slot].index_put_((doc, row), p[doc, :, row, key_at - k0], accumulate=True)
 
 
@@ -578,9 +584,11 @@ def _kernel() -> Any:
     return census_kernel()
 
 
-def kernel_available() -> bool:
-    """Whether the compiled census pass (:mod:`attnstore.kernels`) runs in this process."""
-    return _kernel() is not None
+def kernel_applies(device: torch.device, allowed: Any, softcap: float | None) -> bool:
+    """Whether :func:`online_layer_scores` runs the compiled pass (:mod:`attnstore.kernels`) for
+    a layer on ``device`` with this mask and soft cap: a CPU, plain causal attention (``allowed``
+    None), no soft cap, and a loop built in this process."""
+    return device.type == "cpu" and allowed is None and not softcap and _kernel() is not None
 
 
 @contextlib.contextmanager
@@ -643,10 +651,7 @@ def _kernel_pass(
                 torch.matmul(q_f[:, :, q0:q1], k_f[:, :, k0:k1].mT, out=z)  # the logits
                 kernel.tile(z.view(n, c, k1 - k0), h, lengths, q0, k0, 1, block)
                 p = z  # now the weights
-                for slot, kind in enumerate(("dup", "ind")):
-                    if kind in pairs and cuts[kind][j] > cuts[kind][j + 1]:
-                        lo, hi = cuts[kind][j + 1], cuts[kind][j]
-                        kernel.pairs(p, k0, pairs[kind], lo, hi, sets[slot])
+                _add_pairs(sets, pairs, cuts, j, p, k0, kernel)
                 if tile is None:
                     continue
                 if levels is None:

@@ -423,14 +423,15 @@ class Extractor:
                 for name, values in layer_scores.pop(li).result().items():
                     score_arrays[name][:, li, :] = values
 
-            # on a CPU the census pass runs on one thread, and switching torch's threads between
+            # the compiled census pass runs on one thread, and switching torch's threads between
             # the forward and the pass per layer costs CPU (OpenMP workers spinning down and
-            # waking: 8 × 512 tokens of the default model, ~0.4 s of 8): a layer's pass waits
+            # waking: 8 × 512 tokens of the default model, ~0.4 s of 8): such a layer's pass waits
             # while the waiting layers' queries and keys stay under chunk_bytes, then they run
-            # in one stretch (a layer over the budget alone runs at once)
+            # in one stretch (a layer over the budget alone runs at once; the torch path, at once)
             pending: list[tuple[Any, ...]] = []
-            held = [0]
-            one_thread = dev.type == "cpu" and scores.kernel_available()
+
+            def held() -> int:  # bytes of the waiting layers' queries and keys
+                return sum((q.numel() + k.numel()) * q.element_size() for _, q, k, *_ in pending)
 
             def census(
                 layer: int, query: torch.Tensor, key: torch.Tensor,
@@ -465,10 +466,11 @@ class Extractor:
                     score_arrays[name][:, li, :] = v
 
             def flush() -> None:
-                with scores.threads(1 if one_thread else None):
-                    while pending:
-                        census(*pending.pop(0))
-                held[0] = 0
+                if pending:
+                    with scores.threads(1):
+                        for waiting in pending:
+                            census(*waiting)
+                    pending.clear()
 
             def online(
                 layer: int, query: torch.Tensor, key: torch.Tensor,
@@ -485,12 +487,15 @@ class Extractor:
                         if allowed is None or allowed.shape[1] == 1
                         else allowed.index_select(1, head_index)
                     )
-                size = (query.numel() + key.numel()) * query.element_size()
-                if held[0] + size > self.chunk_bytes:
+                args = (layer, query, key, allowed, scaling, softcap, lse)
+                if not scores.kernel_applies(query.device, allowed, softcap):
                     flush()  # the waiting layers first
-                pending.append((layer, query, key, allowed, scaling, softcap, lse))
-                held[0] += size
-                if not one_thread or held[0] > self.chunk_bytes:
+                    census(*args)
+                    return
+                if held() + (query.numel() + key.numel()) * query.element_size() > self.chunk_bytes:
+                    flush()  # the waiting layers first
+                pending.append(args)
+                if held() > self.chunk_bytes:
                     flush()
 
             # Scores-only in sdpa mode never materialises attention rows (online softmax).
